@@ -1,0 +1,400 @@
+//! Typed, layered configuration: built-in defaults → an optional TOML file → `SLUICE_…` environment
+//! variables (`__` separates nested keys, e.g. `SLUICE_LIMITS__MAX_LINES=1000`).
+//!
+//! This is the only module that reads the process environment (provider keys are resolved here too).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Everything an operator can set. Every role reads the same settings and uses what it needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Prefix of every queue name and Redis key, so several deployments (or tests) share one broker.
+    pub namespace: String,
+    /// AMQP URL of RabbitMQ.
+    pub amqp_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+    pub api: ApiSettings,
+    pub storage: StorageSettings,
+    pub limits: Limits,
+    pub worker: WorkerSettings,
+    pub aggregator: AggregatorSettings,
+    /// Upstream model providers.
+    pub providers: Vec<ProviderSettings>,
+    /// Tenants and the SHA-256 digests of their API keys.
+    pub tenants: Vec<TenantSettings>,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Address of the public HTTP API.
+    pub listen: SocketAddr,
+    /// Address of `/metrics`, `/livez` and `/readyz` for every role.
+    pub metrics_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum StorageSettings {
+    /// A local directory (created if missing).
+    Local { path: PathBuf },
+    /// Any S3-compatible object store. Credentials come from the usual `AWS_*` environment variables.
+    S3 {
+        bucket: String,
+        #[serde(default)]
+        region: Option<String>,
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        allow_http: bool,
+        #[serde(default)]
+        prefix: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted upload, in bytes (413 above it).
+    pub max_upload_bytes: u64,
+    /// Most request lines in one batch.
+    pub max_lines: u64,
+    /// Longest accepted input line, in bytes.
+    pub max_line_bytes: u64,
+    /// Shortest accepted `completion_window`, e.g. `"60s"`.
+    pub min_completion_window: String,
+    /// Longest accepted `completion_window`, e.g. `"7d"`.
+    pub max_completion_window: String,
+    /// Largest upstream response body kept for one line, in bytes.
+    pub max_response_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Lines called upstream at once by one worker process (also the AMQP prefetch).
+    pub concurrency: u16,
+    /// Upstream attempts per line before it becomes an error row.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `backoff_max_ms`, with jitter.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Longest `Retry-After` honoured before falling back to the cap (seconds).
+    pub max_retry_after_secs: u64,
+    pub connect_timeout_ms: u64,
+    /// Deadline of one upstream call, body included.
+    pub request_timeout_ms: u64,
+    /// Deliveries of one line message before RabbitMQ dead-letters it.
+    pub delivery_limit: u32,
+    /// Lines published by the dispatcher with unconfirmed publisher confirms at once.
+    pub publish_window: usize,
+    /// How long a worker lets in-flight lines finish after SIGTERM.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorSettings {
+    /// Period of the safety-net sweep (expiry, stuck batches, missed events).
+    pub sweep_interval_ms: u64,
+    /// Lifetime of a finalize or dispatch lease; renewed while work goes on.
+    pub lease_ms: u64,
+    /// A batch still `validating` this long after creation gets its dispatch message published again.
+    pub redispatch_after_ms: u64,
+    /// How long finished row data stays in Redis after the result files are written.
+    pub rows_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// OpenAI-style base URL including the version segment, e.g. `http://vllm:8000/v1`.
+    pub base_url: String,
+    /// Name of the environment variable holding the upstream API key (never the key itself).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Models this provider serves; `"*"` serves any model.
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Tenant id: owns every object created with one of its keys.
+    pub id: String,
+    /// Hex SHA-256 digests of the tenant's API keys (`sluice hash-key <key>` prints one).
+    pub api_key_sha256: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `json` (default, for production) or `pretty`.
+    pub format: String,
+    /// `RUST_LOG`-style filter used when `RUST_LOG` is unset.
+    pub filter: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: "sluice".into(),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            api: ApiSettings::default(),
+            storage: StorageSettings::Local {
+                path: "./data".into(),
+            },
+            limits: Limits::default(),
+            worker: WorkerSettings::default(),
+            aggregator: AggregatorSettings::default(),
+            providers: Vec::new(),
+            tenants: Vec::new(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            metrics_listen: ([0, 0, 0, 0], 9090).into(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 200 * 1024 * 1024,
+            max_lines: 50_000,
+            max_line_bytes: 4 * 1024 * 1024,
+            min_completion_window: "60s".into(),
+            max_completion_window: "7d".into(),
+            max_response_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            max_attempts: 5,
+            backoff_base_ms: 500,
+            backoff_max_ms: 30_000,
+            max_retry_after_secs: 120,
+            connect_timeout_ms: 10_000,
+            request_timeout_ms: 600_000,
+            delivery_limit: 5,
+            publish_window: 1_000,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+impl Default for AggregatorSettings {
+    fn default() -> Self {
+        Self {
+            sweep_interval_ms: 2_000,
+            lease_ms: 30_000,
+            redispatch_after_ms: 60_000,
+            rows_ttl_secs: 86_400,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: "json".into(),
+            filter: "info".into(),
+        }
+    }
+}
+
+/// A configuration error, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then `SLUICE_…` environment variables, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let settings: Settings = figment
+            .merge(Env::prefixed("SLUICE_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the relations between values that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.namespace.is_empty()
+            || !self
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad(format!(
+                "namespace {:?} must be non-empty ASCII letters, digits, '-' or '_'",
+                self.namespace
+            ));
+        }
+        let min = parse_window(&self.limits.min_completion_window).ok_or_else(|| {
+            ConfigError::Invalid("limits.min_completion_window is not a duration like 60s".into())
+        })?;
+        let max = parse_window(&self.limits.max_completion_window).ok_or_else(|| {
+            ConfigError::Invalid("limits.max_completion_window is not a duration like 7d".into())
+        })?;
+        if min > max {
+            return bad("limits.min_completion_window exceeds limits.max_completion_window".into());
+        }
+        if self.worker.concurrency == 0
+            || self.worker.max_attempts == 0
+            || self.worker.delivery_limit == 0
+        {
+            return bad("worker.concurrency, worker.max_attempts and worker.delivery_limit must be at least 1".into());
+        }
+        for tenant in &self.tenants {
+            for digest in &tenant.api_key_sha256 {
+                if digest.len() != 64 || hex::decode(digest).is_err() {
+                    return bad(format!(
+                        "tenants[{}].api_key_sha256 holds {:?}, not a hex SHA-256 digest",
+                        tenant.id, digest
+                    ));
+                }
+            }
+        }
+        for provider in &self.providers {
+            if !(provider.base_url.starts_with("http://")
+                || provider.base_url.starts_with("https://"))
+            {
+                return bad(format!(
+                    "providers[{}].base_url must be an http(s) URL",
+                    provider.name
+                ));
+            }
+            if let Some(var) = &provider.api_key_env
+                && std::env::var_os(var).is_none()
+            {
+                return bad(format!(
+                    "providers[{}].api_key_env names {var}, which is not set",
+                    provider.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tenant lookup table: SHA-256 digest of an API key → tenant id.
+    pub fn key_digests(&self) -> HashMap<[u8; 32], String> {
+        let mut map = HashMap::new();
+        for tenant in &self.tenants {
+            for digest in &tenant.api_key_sha256 {
+                if let Ok(bytes) = hex::decode(digest)
+                    && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
+                {
+                    map.insert(arr, tenant.id.clone());
+                }
+            }
+        }
+        map
+    }
+
+    /// Bounds of `completion_window` as durations.
+    pub fn window_bounds(&self) -> (Duration, Duration) {
+        (
+            parse_window(&self.limits.min_completion_window).unwrap_or(Duration::from_secs(60)),
+            parse_window(&self.limits.max_completion_window)
+                .unwrap_or(Duration::from_secs(7 * 86_400)),
+        )
+    }
+}
+
+impl ProviderSettings {
+    /// Whether this provider serves `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == model)
+    }
+
+    /// The upstream key, read from the environment variable the configuration names.
+    pub fn api_key(&self) -> Option<String> {
+        self.api_key_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+    }
+}
+
+/// Hex SHA-256 of an API key, as stored in `tenants[].api_key_sha256`.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Parses a completion window such as `90s`, `30m`, `24h` or `7d`.
+pub fn parse_window(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let unit = s.chars().last()?;
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().ok()?;
+    let secs = match unit {
+        's' => n,
+        'm' => n.checked_mul(60)?,
+        'h' => n.checked_mul(3_600)?,
+        'd' => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_in_every_unit() {
+        assert_eq!(parse_window("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_window("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_window("24h"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_window("7d"), Some(Duration::from_secs(604_800)));
+        assert_eq!(parse_window("0h"), None);
+        assert_eq!(parse_window("24"), None);
+        assert_eq!(parse_window("h"), None);
+        assert_eq!(parse_window("-1h"), None);
+        assert_eq!(parse_window("1w"), None);
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Settings::default().validate().unwrap();
+    }
+}

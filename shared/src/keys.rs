@@ -1,0 +1,95 @@
+//! Every Redis key and RabbitMQ queue name Sluice uses, under the configured namespace.
+//!
+//! A batch's keys share the Redis Cluster hash tag `{<batch id>}`, so the Lua scripts that touch
+//! several of them stay in one slot.
+
+/// Key and queue-name builder for one namespace.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    ns: String,
+}
+
+impl Keys {
+    /// Keys under `namespace`.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            ns: namespace.to_owned(),
+        }
+    }
+
+    /// The namespace itself.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// Hash: the batch object's fields, counters and internal state.
+    pub fn batch_meta(&self, batch: &str) -> String {
+        format!("{}:b:{{{batch}}}:meta", self.ns)
+    }
+    /// Hash: 0-based line index → finished row (`1`/`0` ok flag, then the output line).
+    pub fn batch_rows(&self, batch: &str) -> String {
+        format!("{}:b:{{{batch}}}:rows", self.ns)
+    }
+    /// Hash: line index → deadline (unix ms) of an upstream call in progress.
+    pub fn batch_inflight(&self, batch: &str) -> String {
+        format!("{}:b:{{{batch}}}:inflight", self.ns)
+    }
+    /// String with expiry: the aggregator currently finalizing the batch.
+    pub fn batch_lease(&self, batch: &str) -> String {
+        format!("{}:b:{{{batch}}}:lease", self.ns)
+    }
+    /// String with expiry: the dispatcher currently validating and enqueuing the batch.
+    pub fn batch_dispatch_lease(&self, batch: &str) -> String {
+        format!("{}:b:{{{batch}}}:dispatch", self.ns)
+    }
+    /// Hash: a file object's fields, its tenant and storage path.
+    pub fn file(&self, file: &str) -> String {
+        format!("{}:f:{{{file}}}", self.ns)
+    }
+    /// Sorted set: the tenant's batch ids by creation sequence.
+    pub fn tenant_batches(&self, tenant: &str) -> String {
+        format!("{}:t:{{{tenant}}}:batches", self.ns)
+    }
+    /// Sorted set: the tenant's file ids by creation sequence.
+    pub fn tenant_files(&self, tenant: &str) -> String {
+        format!("{}:t:{{{tenant}}}:files", self.ns)
+    }
+    /// Sorted set: non-terminal batch ids scored by `expires_at` (unix seconds).
+    pub fn active(&self) -> String {
+        format!("{}:active", self.ns)
+    }
+    /// Counter giving every created object a monotonic listing position.
+    pub fn sequence(&self) -> String {
+        format!("{}:seq", self.ns)
+    }
+
+    /// Queue of "validate and enqueue this batch" messages.
+    pub fn control_queue(&self) -> String {
+        format!("{}.control", self.ns)
+    }
+    /// Quorum queue of one message per input line.
+    pub fn items_queue(&self) -> String {
+        format!("{}.items", self.ns)
+    }
+    /// Exchange receiving line messages past their delivery limit.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.ns)
+    }
+    /// Queue of dead-lettered line messages; its consumer writes `processing_failed` rows.
+    pub fn items_dlq(&self) -> String {
+        format!("{}.items.dlq", self.ns)
+    }
+    /// Queue of "this batch may be ready to finalize" events for the aggregator.
+    pub fn finalize_queue(&self) -> String {
+        format!("{}.finalize", self.ns)
+    }
+    /// Every queue of the namespace (tests delete them when done).
+    pub fn all_queues(&self) -> Vec<String> {
+        vec![
+            self.control_queue(),
+            self.items_queue(),
+            self.items_dlq(),
+            self.finalize_queue(),
+        ]
+    }
+}

@@ -1,0 +1,25 @@
+//! Shared pieces of every Sluice role.
+//!
+//! # Layout
+//! - [`config`]: typed, layered settings (defaults → TOML → `SLUICE_…` env).
+//! - [`keys`]: every Redis key and queue name, under a namespace.
+//! - [`domain`]: batch and file objects, statuses and their transition table, rows and queue messages.
+//! - [`store`]: Redis access and the Lua scripts that make row writes idempotent.
+//! - [`queue`]: RabbitMQ topology and confirmed publishing.
+//! - [`storage`]: object storage for input and result files.
+//! - [`metrics`]: every Prometheus series, registered once.
+//! - [`telemetry`], [`shutdown`]: logging and signal handling.
+
+pub mod config;
+pub mod domain;
+pub mod keys;
+pub mod metrics;
+pub mod queue;
+pub mod shutdown;
+pub mod storage;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use keys::Keys;
+pub use store::Store;

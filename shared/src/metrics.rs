@@ -1,0 +1,161 @@
+//! Every Prometheus series Sluice exports, declared and registered once in a private registry.
+//! Labels stay bounded: never a batch id, custom id or tenant.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// The process's metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Finished lines by outcome (`succeeded`, `failed`, `duplicate`, `late`, `dead_lettered`).
+    pub lines: IntCounterVec,
+    /// Upstream call latency by status class (`2xx`, `4xx`, `5xx`, `error`).
+    pub upstream_latency: HistogramVec,
+    /// Upstream answers by status code (or `error` when none came).
+    pub upstream_responses: IntCounterVec,
+    /// Retries scheduled, by reason (`429`, `5xx`, `timeout`, `connect`, …).
+    pub retries: IntCounterVec,
+    /// Lines whose upstream call is in progress in this process.
+    pub inflight: IntGauge,
+    /// Batches that reached a terminal status, by status.
+    pub batches_finished: IntCounterVec,
+    /// Batch dispatch (validate and enqueue) duration.
+    pub dispatch_seconds: HistogramVec,
+    /// Result-file writing duration.
+    pub finalize_seconds: HistogramVec,
+    /// Lines published to the work queue.
+    pub lines_enqueued: IntCounter,
+    /// Bytes received in uploads.
+    pub upload_bytes: IntCounter,
+}
+
+impl Metrics {
+    /// Builds and registers every series.
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("sluice".into()), None).expect("static registry prefix");
+        let lines = IntCounterVec::new(
+            Opts::new("lines_total", "Finished lines by outcome."),
+            &["outcome"],
+        )
+        .expect("static metric");
+        let upstream_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_request_duration_seconds",
+                "Upstream call latency.",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                600.0,
+            ]),
+            &["status_class"],
+        )
+        .expect("static metric");
+        let upstream_responses = IntCounterVec::new(
+            Opts::new(
+                "upstream_responses_total",
+                "Upstream answers by status code.",
+            ),
+            &["code"],
+        )
+        .expect("static metric");
+        let retries = IntCounterVec::new(
+            Opts::new("retries_total", "Upstream retries by reason."),
+            &["reason"],
+        )
+        .expect("static metric");
+        let inflight = IntGauge::new(
+            "inflight_lines",
+            "Lines being called upstream by this process.",
+        )
+        .expect("static metric");
+        let batches_finished = IntCounterVec::new(
+            Opts::new(
+                "batches_finished_total",
+                "Batches that reached a terminal status.",
+            ),
+            &["status"],
+        )
+        .expect("static metric");
+        let dispatch_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "dispatch_duration_seconds",
+                "Validate-and-enqueue duration per batch.",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+            &["result"],
+        )
+        .expect("static metric");
+        let finalize_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "finalize_duration_seconds",
+                "Result-file writing duration per batch.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["status"],
+        )
+        .expect("static metric");
+        let lines_enqueued =
+            IntCounter::new("lines_enqueued_total", "Lines published to the work queue.")
+                .expect("static metric");
+        let upload_bytes = IntCounter::new("upload_bytes_total", "Bytes received in file uploads.")
+            .expect("static metric");
+        for c in [
+            Box::new(lines.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_latency.clone()),
+            Box::new(upstream_responses.clone()),
+            Box::new(retries.clone()),
+            Box::new(inflight.clone()),
+            Box::new(batches_finished.clone()),
+            Box::new(dispatch_seconds.clone()),
+            Box::new(finalize_seconds.clone()),
+            Box::new(lines_enqueued.clone()),
+            Box::new(upload_bytes.clone()),
+        ] {
+            registry
+                .register(c)
+                .expect("each series is registered once");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registers once");
+        Self {
+            registry,
+            lines,
+            upstream_latency,
+            upstream_responses,
+            retries,
+            inflight,
+            batches_finished,
+            dispatch_seconds,
+            finalize_seconds,
+            lines_enqueued,
+            upload_bytes,
+        }
+    }
+
+    /// The text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

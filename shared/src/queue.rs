@@ -1,0 +1,232 @@
+//! RabbitMQ: the queue topology of a namespace and a publisher with confirms.
+//!
+//! Every process declares the whole topology at start (declarations are idempotent), so no role
+//! depends on another having started first.
+
+use std::sync::Arc;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
+use tokio::sync::Mutex;
+
+use crate::keys::Keys;
+
+/// Errors talking to RabbitMQ.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused a message (nack or unroutable)")]
+    NotConfirmed,
+}
+
+type Result<T> = std::result::Result<T, QueueError>;
+
+/// Opens a connection to the broker.
+pub async fn connect(url: &str, name: &str) -> Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(Connection::connect(url, props).await?)
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// Declares every exchange and queue of the namespace on `channel`.
+///
+/// Line messages live in a quorum queue with an explicit delivery limit (RabbitMQ 3.x has no
+/// default) and at-least-once dead-lettering, so a poison line ends up in the DLQ, where it becomes
+/// an error row instead of blocking its batch forever.
+pub async fn declare_topology(channel: &Channel, keys: &Keys, delivery_limit: u32) -> Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let dlx = keys.dead_letter_exchange();
+    channel
+        .exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(keys.items_dlq().as_str().into(), durable, quorum_args())
+        .await?;
+    channel
+        .queue_bind(
+            keys.items_dlq().as_str().into(),
+            dlx.as_str().into(),
+            keys.items_dlq().as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    let mut items = quorum_args();
+    items.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(delivery_limit as i32),
+    );
+    items.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.as_str().into()),
+    );
+    items.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(keys.items_dlq().as_str().into()),
+    );
+    items.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    items.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(keys.items_queue().as_str().into(), durable, items)
+        .await?;
+
+    let mut control = quorum_args();
+    control.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(delivery_limit as i32),
+    );
+    channel
+        .queue_declare(keys.control_queue().as_str().into(), durable, control)
+        .await?;
+    channel
+        .queue_declare(
+            keys.finalize_queue().as_str().into(),
+            durable,
+            quorum_args(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Deletes every queue of the namespace (tests clean up with it).
+pub async fn delete_topology(channel: &Channel, keys: &Keys) -> Result<()> {
+    for q in keys.all_queues() {
+        channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    channel
+        .exchange_delete(
+            keys.dead_letter_exchange().as_str().into(),
+            Default::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Publishes persistent messages with publisher confirms, reconnecting when the broker went away.
+#[derive(Clone)]
+pub struct Publisher {
+    url: String,
+    name: String,
+    keys: Keys,
+    delivery_limit: u32,
+    inner: Arc<Mutex<Option<(Connection, Channel)>>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// Connects, declares the topology and enables confirms.
+    pub async fn connect(url: &str, name: &str, keys: Keys, delivery_limit: u32) -> Result<Self> {
+        let publisher = Self {
+            url: url.to_owned(),
+            name: name.to_owned(),
+            keys,
+            delivery_limit,
+            inner: Arc::new(Mutex::new(None)),
+        };
+        publisher.channel().await?;
+        Ok(publisher)
+    }
+
+    /// The confirm-mode channel, reopened if the connection dropped.
+    pub async fn channel(&self) -> Result<Channel> {
+        let mut guard = self.inner.lock().await;
+        if let Some((conn, ch)) = guard.as_ref()
+            && conn.status().connected()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        let conn = connect(&self.url, &self.name).await?;
+        let ch = conn.create_channel().await?;
+        declare_topology(&ch, &self.keys, self.delivery_limit).await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        *guard = Some((conn, ch.clone()));
+        Ok(ch)
+    }
+
+    /// Whether the broker connection is up.
+    pub async fn is_connected(&self) -> bool {
+        let guard = self.inner.lock().await;
+        guard
+            .as_ref()
+            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
+    }
+
+    /// Sends one persistent message to `queue`; the returned future resolves when the broker confirms.
+    /// Callers pipeline by holding many of these futures at once.
+    pub async fn send(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        payload: &[u8],
+    ) -> Result<PublisherConfirm> {
+        Ok(channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                payload,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?)
+    }
+
+    /// Sends one persistent message and waits for its confirm.
+    pub async fn publish(&self, queue: &str, payload: &[u8]) -> Result<()> {
+        let channel = self.channel().await?;
+        let confirm = self.send(&channel, queue, payload).await?;
+        check_confirm(confirm.await?)
+    }
+}
+
+/// Accepts only a positive confirm of a routed message.
+pub fn check_confirm(confirmation: Confirmation) -> Result<()> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        _ => Err(QueueError::NotConfirmed),
+    }
+}
