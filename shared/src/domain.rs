@@ -358,6 +358,8 @@ pub struct Row {
     pub ok: bool,
     /// The JSONL line (no newline).
     pub line: String,
+    /// The upstream HTTP status, when the upstream answered.
+    pub status_code: Option<u16>,
 }
 
 impl Row {
@@ -390,6 +392,7 @@ impl Row {
         Self {
             ok: (200..300).contains(&status_code),
             line,
+            status_code: Some(status_code),
         }
     }
 
@@ -402,7 +405,11 @@ impl Row {
             "error": {"code": code, "message": message},
         })
         .to_string();
-        Self { ok: false, line }
+        Self {
+            ok: false,
+            line,
+            status_code: None,
+        }
     }
 
     /// The stored form: the ok flag as one byte, then the line.

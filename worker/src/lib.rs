@@ -1,1 +1,108 @@
+//! Sluice's back-end roles.
+//!
+//! - [`dispatcher`]: validates an input file and enqueues one message per line.
+//! - [`work`]: calls the upstream for each line and records its row; dead-lettered lines too.
+//! - [`aggregator`]: writes result files, finishes batches, expires and recovers them.
+//! - [`upstream`]: the HTTP client and the one retry policy.
+//! - [`mock_upstream`]: an OpenAI-compatible stand-in model server for demos, tests and benchmarks.
 
+pub mod aggregator;
+pub mod amqp;
+pub mod dispatcher;
+pub mod lease;
+pub mod lines;
+pub mod mock_upstream;
+pub mod ops;
+pub mod upstream;
+pub mod validate;
+pub mod work;
+
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use sluice_shared::metrics::Metrics;
+use sluice_shared::queue::Publisher;
+use sluice_shared::{Keys, Settings, Store};
+use tokio_util::sync::CancellationToken;
+
+/// Everything a back-end role uses, built once per process and cheap to clone.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub settings: Arc<Settings>,
+    pub keys: Keys,
+    pub store: Store,
+    pub objects: Arc<dyn ObjectStore>,
+    pub publisher: Publisher,
+    pub upstream: upstream::Upstream,
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerContext")
+            .field("namespace", &self.keys.namespace())
+            .finish()
+    }
+}
+
+impl WorkerContext {
+    /// Connects to Redis, the broker and object storage.
+    pub async fn build(settings: Settings, metrics: Metrics) -> anyhow::Result<Self> {
+        let keys = Keys::new(&settings.namespace);
+        let store = Store::connect(&settings.redis_url, &settings.namespace).await?;
+        let objects = sluice_shared::storage::build(&settings.storage)?;
+        let publisher = Publisher::connect(
+            &settings.amqp_url,
+            "sluice-worker-publisher",
+            keys.clone(),
+            settings.worker.delivery_limit,
+        )
+        .await?;
+        let upstream = upstream::Upstream::new(&settings)?;
+        Ok(Self {
+            settings: Arc::new(settings),
+            keys,
+            store,
+            objects,
+            publisher,
+            upstream,
+            metrics,
+        })
+    }
+}
+
+/// Runs the worker role (dispatcher, line worker, dead-letter consumer) until `shutdown`.
+pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let d = {
+        let (ctx, s) = (ctx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let c = ctx.clone();
+            let s2 = s.clone();
+            amqp::supervise("dispatcher", s, move || {
+                dispatcher::run(c.clone(), s2.clone())
+            })
+            .await
+        })
+    };
+    let q = {
+        let (ctx, s) = (ctx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let s2 = s.clone();
+            amqp::supervise("dead-letters", s, move || {
+                work::run_dead_letters(ctx.clone(), s2.clone())
+            })
+            .await
+        })
+    };
+    let s2 = shutdown.clone();
+    let c = ctx.clone();
+    amqp::supervise("worker", shutdown, move || work::run(c.clone(), s2.clone())).await;
+    d.await?;
+    q.await?;
+    Ok(())
+}
+
+/// Runs the aggregator role until `shutdown`.
+pub async fn run_aggregator(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    aggregator::run(ctx, shutdown).await
+}

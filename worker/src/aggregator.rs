@@ -1,0 +1,413 @@
+//! The aggregator: turns finished batches into output and error files and terminal statuses, and
+//! runs the sweep that expires batches and recovers from lost events or dead replicas.
+//!
+//! Several replicas may run at once. Each batch is finalized under a lease, and everything the
+//! finalize writes is derived from the batch id (file paths and file ids), so a replica that dies
+//! mid-finalize leaves nothing half-visible: object stores publish an object only when its upload
+//! completes, and the next replica overwrites the same paths and registers the same ids.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::BasicAckOptions;
+use object_store::buffered::BufWriter;
+use sluice_shared::domain::{
+    BatchEvent, BatchMeta, BatchStatus, Row, StopReason, now_millis, now_secs, result_file_ids,
+};
+use sluice_shared::storage::result_path;
+use sluice_shared::store::Transition;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::WorkerContext;
+use crate::lease::Lease;
+use crate::lines::{LineProbe, RequestLines};
+
+/// Rows read from Redis per round trip while writing result files.
+const ROW_CHUNK: u64 = 1_000;
+
+/// Runs the finalize-event consumer and the sweep until `shutdown`.
+pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let sweep = tokio::spawn(sweep_loop(ctx.clone(), shutdown.clone()));
+    let c = ctx.clone();
+    let s = shutdown.clone();
+    crate::amqp::supervise("aggregator", shutdown.clone(), move || {
+        consume_events(c.clone(), s.clone())
+    })
+    .await;
+    sweep.await?;
+    Ok(())
+}
+
+async fn consume_events(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let conn = sluice_shared::queue::connect(&ctx.settings.amqp_url, "sluice-aggregator").await?;
+    let (channel, mut consumer) =
+        crate::amqp::consume(&conn, &ctx.settings, &ctx.keys.finalize_queue(), 8).await?;
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = consumer.next() => d,
+        };
+        let Some(delivery) = delivery else { break };
+        let delivery = delivery?;
+        let ctx = ctx.clone();
+        tracker.spawn(async move {
+            if let Ok(event) = serde_json::from_slice::<BatchEvent>(&delivery.data)
+                && let Err(e) = finalize_if_ready(&ctx, &event.batch_id).await
+            {
+                // The sweep retries it; the event itself carries nothing more.
+                tracing::warn!(batch_id = %event.batch_id, error = %e, "Finalize failed; the sweep will retry.");
+            }
+            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                tracing::debug!(error = %e, "Could not ack a finalize event.");
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    drop(channel);
+    drop(conn);
+    Ok(())
+}
+
+async fn sweep_loop(ctx: WorkerContext, shutdown: CancellationToken) {
+    let period = Duration::from_millis(ctx.settings.aggregator.sweep_interval_ms);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        if let Err(e) = sweep(&ctx).await {
+            tracing::warn!(error = %e, "Sweep failed.");
+        }
+    }
+}
+
+/// One pass over every non-terminal batch: expire what is due, re-dispatch what is stuck, and
+/// finalize whatever is ready but was missed.
+pub async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
+    let now = now_secs();
+    for (batch_id, expires_at) in ctx.store.active_batches().await? {
+        let Some(meta) = ctx.store.get_batch(&batch_id).await? else {
+            ctx.store.retire_batch(&batch_id, 0).await?;
+            continue;
+        };
+        let status = meta.status();
+        if status.is_some_and(BatchStatus::is_terminal) {
+            ctx.store
+                .retire_batch(&batch_id, ctx.settings.aggregator.rows_ttl_secs)
+                .await?;
+            continue;
+        }
+        if now >= expires_at
+            && ctx
+                .store
+                .mark_stopping(&batch_id, StopReason::Expired)
+                .await?
+        {
+            tracing::info!(%batch_id, "Batch passed its completion window; expiring.");
+        }
+        if status == Some(BatchStatus::Validating) && meta.stopping().is_none() {
+            redispatch_if_stuck(ctx, &batch_id, &meta).await?;
+            continue;
+        }
+        if let Err(e) = finalize_if_ready(ctx, &batch_id).await {
+            tracing::warn!(%batch_id, error = %e, "Finalize failed; retrying on the next sweep.");
+        }
+    }
+    Ok(())
+}
+
+/// A batch still `validating` long after creation lost its control message (the API died before
+/// publishing it, or the message hit its delivery limit): publish it again.
+async fn redispatch_if_stuck(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    meta: &BatchMeta,
+) -> anyhow::Result<()> {
+    let created_ms = meta.int("created_at").unwrap_or(0) * 1000;
+    let last_ms = meta.int("redispatched_at_ms").unwrap_or(created_ms);
+    let after = ctx.settings.aggregator.redispatch_after_ms as i64;
+    if now_millis() - last_ms < after {
+        return Ok(());
+    }
+    let lease_busy = ctx
+        .store
+        .acquire_lease(
+            &ctx.keys.batch_dispatch_lease(batch_id),
+            Duration::from_millis(1),
+        )
+        .await?;
+    if lease_busy.is_none() {
+        return Ok(()); // a dispatcher is on it right now
+    }
+    tracing::info!(%batch_id, "Batch stuck in validating; publishing its dispatch again.");
+    ctx.store
+        .set_batch_fields(
+            batch_id,
+            &[("redispatched_at_ms", now_millis().to_string())],
+        )
+        .await?;
+    let event = serde_json::to_vec(&BatchEvent {
+        batch_id: batch_id.to_owned(),
+    })?;
+    ctx.publisher
+        .publish(&ctx.keys.control_queue(), &event)
+        .await?;
+    Ok(())
+}
+
+/// What a batch needs from the aggregator right now.
+enum Next {
+    Nothing,
+    Complete,
+    Stop(StopReason),
+}
+
+fn next_step(meta: &BatchMeta) -> Next {
+    match (meta.status(), meta.stopping()) {
+        (Some(BatchStatus::Finalizing), _) => Next::Complete,
+        (Some(BatchStatus::InProgress), None) if meta.total().is_some_and(|t| meta.done() >= t) => {
+            Next::Complete
+        }
+        (Some(BatchStatus::Cancelling), _) => Next::Stop(StopReason::Cancelled),
+        (Some(BatchStatus::InProgress | BatchStatus::Validating), Some(reason)) => {
+            Next::Stop(reason)
+        }
+        _ => Next::Nothing,
+    }
+}
+
+/// Finalizes `batch_id` if it is ready and no other replica is on it.
+pub async fn finalize_if_ready(ctx: &WorkerContext, batch_id: &str) -> anyhow::Result<()> {
+    let Some(meta) = ctx.store.get_batch(batch_id).await? else {
+        return Ok(());
+    };
+    if matches!(next_step(&meta), Next::Nothing) {
+        return Ok(());
+    }
+    let ttl = Duration::from_millis(ctx.settings.aggregator.lease_ms);
+    let Some(lease) = Lease::acquire(&ctx.store, ctx.keys.batch_lease(batch_id), ttl).await? else {
+        return Ok(());
+    };
+    let result = finalize_leased(ctx, batch_id, &lease).await;
+    lease.release().await;
+    result
+}
+
+async fn finalize_leased(ctx: &WorkerContext, batch_id: &str, lease: &Lease) -> anyhow::Result<()> {
+    // Read again under the lease: the state may have moved since the unlocked look.
+    let Some(meta) = ctx.store.get_batch(batch_id).await? else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let terminal = match next_step(&meta) {
+        Next::Nothing => return Ok(()),
+        Next::Complete => {
+            if meta.status() == Some(BatchStatus::InProgress)
+                && let Transition::Refused(_) = ctx
+                    .store
+                    .transition(batch_id, BatchStatus::Finalizing, &[])
+                    .await?
+            {
+                return Ok(()); // a cancel or expiry won the race; the next event handles it
+            }
+            BatchStatus::Completed
+        }
+        Next::Stop(reason) => {
+            if meta.get("in_progress_at").is_none() {
+                // Stopped before any line was enqueued: it ends with no lines and no files.
+                return end(
+                    ctx,
+                    batch_id,
+                    &meta,
+                    reason.terminal_status(),
+                    None,
+                    None,
+                    started,
+                )
+                .await;
+            }
+            if ctx.store.live_inflight(batch_id, now_millis()).await? > 0 {
+                return Ok(()); // the last in-flight row write sends another event
+            }
+            if !fill_missing(ctx, batch_id, &meta, reason, lease).await? {
+                return Ok(());
+            }
+            reason.terminal_status()
+        }
+    };
+    let Some(meta) = ctx.store.get_batch(batch_id).await? else {
+        return Ok(());
+    };
+    let Some((output, errors)) = write_files(ctx, batch_id, &meta, lease).await? else {
+        return Ok(());
+    };
+    end(ctx, batch_id, &meta, terminal, output, errors, started).await
+}
+
+async fn end(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    meta: &BatchMeta,
+    terminal: BatchStatus,
+    output: Option<String>,
+    errors: Option<String>,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let mut extra = Vec::new();
+    if let Some(id) = output {
+        extra.push(("output_file_id", id));
+    }
+    if let Some(id) = errors {
+        extra.push(("error_file_id", id));
+    }
+    if meta.total().is_none() {
+        extra.push(("total", "0".to_owned()));
+    }
+    if let Transition::Applied(_) = ctx.store.transition(batch_id, terminal, &extra).await? {
+        ctx.metrics
+            .batches_finished
+            .with_label_values(&[terminal.as_str()])
+            .inc();
+        ctx.metrics
+            .finalize_seconds
+            .with_label_values(&[terminal.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(%batch_id, status = terminal.as_str(), "Batch finished.");
+    }
+    ctx.store
+        .retire_batch(batch_id, ctx.settings.aggregator.rows_ttl_secs)
+        .await?;
+    Ok(())
+}
+
+/// Gives every line without a row the stop reason's error, reading custom ids from the input file.
+/// False if the batch stopped accepting rows meanwhile (another replica finished it).
+async fn fill_missing(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    meta: &BatchMeta,
+    reason: StopReason,
+    lease: &Lease,
+) -> anyhow::Result<bool> {
+    let total = meta.total().unwrap_or(0);
+    if meta.done() >= total {
+        return Ok(true);
+    }
+    let (code, message) = reason.line_error();
+    let input = ctx
+        .store
+        .get_file(meta.get("input_file_id").unwrap_or_default())
+        .await?;
+    let mut lines = match &input {
+        Some(f) => Some(
+            RequestLines::open(
+                &ctx.objects,
+                &object_store::path::Path::from(f.path()),
+                ctx.settings.limits.max_line_bytes as usize,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let mut chunk = Vec::with_capacity(ROW_CHUNK as usize);
+    let mut index = 0u64;
+    while index < total {
+        // The input file may have been deleted since; its lines then get an empty custom_id.
+        let custom_id = match lines.as_mut() {
+            Some(l) => match l.next_line().await? {
+                Some(line) => LineProbe::parse(&line.bytes)
+                    .and_then(|p| p.custom_id())
+                    .unwrap_or_default(),
+                None => String::new(),
+            },
+            None => String::new(),
+        };
+        chunk.push((index, Row::error(&custom_id, code, message)));
+        index += 1;
+        if chunk.len() as u64 >= ROW_CHUNK || index == total {
+            if lease.is_lost() || ctx.store.fill_rows(batch_id, &chunk).await?.is_none() {
+                return Ok(false);
+            }
+            chunk.clear();
+        }
+    }
+    Ok(true)
+}
+
+/// Streams the rows, in input order, into the output and error files and registers them.
+/// Returns the two file ids (None where a file would be empty), or None if the lease was lost.
+async fn write_files(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    meta: &BatchMeta,
+    lease: &Lease,
+) -> anyhow::Result<Option<(Option<String>, Option<String>)>> {
+    let total = meta.total().unwrap_or(0);
+    let (output_id, error_id) = result_file_ids(batch_id);
+    let out_path = result_path(batch_id, "output");
+    let err_path = result_path(batch_id, "errors");
+    let mut out = BufWriter::with_capacity(ctx.objects.clone(), out_path.clone(), 8 * 1024 * 1024);
+    let mut err = BufWriter::with_capacity(ctx.objects.clone(), err_path.clone(), 8 * 1024 * 1024);
+    let (mut out_bytes, mut err_bytes) = (0u64, 0u64);
+    let mut start = 0u64;
+    while start < total {
+        let end = (start + ROW_CHUNK).min(total);
+        let rows = ctx.store.get_rows(batch_id, start..end).await?;
+        for (offset, stored) in rows.iter().enumerate() {
+            let line = start + offset as u64;
+            let (ok, text) = stored.as_deref().and_then(Row::decode).ok_or_else(|| {
+                anyhow::anyhow!("row {line} of {batch_id} is missing at finalize")
+            })?;
+            let (writer, bytes) = if ok {
+                (&mut out, &mut out_bytes)
+            } else {
+                (&mut err, &mut err_bytes)
+            };
+            writer.write_all(text).await?;
+            writer.write_all(b"\n").await?;
+            *bytes += text.len() as u64 + 1;
+        }
+        if lease.is_lost() {
+            out.abort().await.ok();
+            err.abort().await.ok();
+            return Ok(None);
+        }
+        start = end;
+    }
+    let created_at = now_secs();
+    let expires_at = created_at + meta.int("output_expires_after_secs").unwrap_or(30 * 86_400);
+    let mut ids = (None, None);
+    for (writer, bytes, id, path, kind, slot) in [
+        (
+            &mut out, out_bytes, &output_id, &out_path, "output", &mut ids.0,
+        ),
+        (
+            &mut err, err_bytes, &error_id, &err_path, "error", &mut ids.1,
+        ),
+    ] {
+        if bytes == 0 {
+            writer.abort().await.ok();
+            continue;
+        }
+        writer.shutdown().await?;
+        ctx.store
+            .put_file(
+                id,
+                meta.tenant(),
+                &[
+                    ("bytes", bytes.to_string()),
+                    ("created_at", created_at.to_string()),
+                    ("expires_at", expires_at.to_string()),
+                    ("filename", format!("{batch_id}_{kind}.jsonl")),
+                    ("purpose", "batch_output".to_owned()),
+                    ("path", path.to_string()),
+                ],
+            )
+            .await?;
+        *slot = Some(id.clone());
+    }
+    Ok(Some(ids))
+}

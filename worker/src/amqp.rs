@@ -1,0 +1,65 @@
+//! Consumer plumbing shared by the worker roles: connect, declare, consume, and reconnect forever.
+
+use std::future::Future;
+use std::time::Duration;
+
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use sluice_shared::{Keys, Settings, queue};
+use tokio_util::sync::CancellationToken;
+
+/// Opens a channel on `conn` consuming `queue_name` with `prefetch` unacked deliveries at most.
+pub async fn consume(
+    conn: &Connection,
+    settings: &Settings,
+    queue_name: &str,
+    prefetch: u16,
+) -> lapin::Result<(Channel, Consumer)> {
+    let channel = conn.create_channel().await?;
+    queue::declare_topology(
+        &channel,
+        &Keys::new(&settings.namespace),
+        settings.worker.delivery_limit,
+    )
+    .await
+    .map_err(|e| match e {
+        queue::QueueError::Amqp(e) => e,
+        queue::QueueError::NotConfirmed => unreachable!("declaring does not publish"),
+    })?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("{queue_name}-{}", uuid::Uuid::new_v4().simple());
+    let consumer = channel
+        .basic_consume(
+            queue_name.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}
+
+/// Runs `session` again after every failure (broker restart, dropped connection) with capped
+/// backoff, until `shutdown` is cancelled and a session ends cleanly.
+pub async fn supervise<F, Fut>(name: &str, shutdown: CancellationToken, mut session: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session().await {
+            Ok(()) if shutdown.is_cancelled() => return,
+            Ok(()) => tracing::warn!(role = name, "Consumer ended; reconnecting."),
+            Err(e) => tracing::warn!(role = name, error = %e, "Consumer failed; reconnecting."),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}

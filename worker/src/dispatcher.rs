@@ -1,0 +1,343 @@
+//! The dispatcher: on a batch's control message, validates every line of its input file, then
+//! publishes one message per line with pipelined publisher confirms and moves the batch to
+//! `in_progress`.
+//!
+//! Crash safety: the control message is acked only when every line is confirmed by the broker. A
+//! dispatcher killed halfway leaves the message unacked, so another one picks it up and resumes
+//! from the checkpoint `dispatched` (the lowest line not yet confirmed). Lines between the
+//! checkpoint and the crash are published twice; the idempotent row write makes that harmless.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use sluice_shared::domain::{BatchError, BatchEvent, BatchMeta, BatchStatus, ItemMessage};
+use sluice_shared::queue::check_confirm;
+use sluice_shared::store::Transition;
+use tokio_util::sync::CancellationToken;
+
+use crate::WorkerContext;
+use crate::lease::Lease;
+use crate::lines::{LineProbe, RequestLines};
+use crate::validate::Validator;
+
+/// How often the checkpoint is saved, in confirmed lines.
+const CHECKPOINT_EVERY: u64 = 2_000;
+
+/// Consumes control messages until `shutdown`.
+pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let conn = sluice_shared::queue::connect(&ctx.settings.amqp_url, "sluice-dispatcher").await?;
+    let (channel, mut consumer) =
+        crate::amqp::consume(&conn, &ctx.settings, &ctx.keys.control_queue(), 4).await?;
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = consumer.next() => d,
+        };
+        let Some(delivery) = delivery else { break };
+        let delivery = delivery?;
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move { handle(ctx, delivery, shutdown).await });
+    }
+    tracker.close();
+    // Unfinished dispatches stop at their next line and leave their message unacked: closing the
+    // channel hands it back to the broker, and the next dispatcher resumes from the checkpoint.
+    tracker.wait().await;
+    drop(channel);
+    drop(conn);
+    Ok(())
+}
+
+async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationToken) {
+    let Ok(event) = serde_json::from_slice::<BatchEvent>(&delivery.data) else {
+        tracing::error!("Dropping a malformed control message.");
+        ack(&delivery).await;
+        return;
+    };
+    let started = Instant::now();
+    match dispatch(&ctx, &event.batch_id, &shutdown).await {
+        Ok(Dispatched::Done(result)) => {
+            ctx.metrics
+                .dispatch_seconds
+                .with_label_values(&[result])
+                .observe(started.elapsed().as_secs_f64());
+            ack(&delivery).await;
+        }
+        Ok(Dispatched::Interrupted) => {
+            tracing::info!(batch_id = %event.batch_id, "Dispatch interrupted; it resumes on another dispatcher.");
+        }
+        Err(e) => {
+            // Leaving the message unacked would stall this consumer slot; reject it back to the
+            // queue, where the delivery limit bounds how often a broken batch is retried (the
+            // aggregator's sweep re-publishes a dispatch for batches stuck in `validating`).
+            tracing::warn!(batch_id = %event.batch_id, error = %e, "Dispatch failed; requeueing.");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Err(e) = delivery
+                .reject(lapin::options::BasicRejectOptions { requeue: true })
+                .await
+            {
+                tracing::warn!(error = %e, "Could not requeue a control message.");
+            }
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error = %e, "Could not ack a control message; it will be redelivered.");
+    }
+}
+
+enum Dispatched {
+    Done(&'static str),
+    Interrupted,
+}
+
+async fn dispatch(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Dispatched> {
+    let lease_ttl = Duration::from_millis(ctx.settings.aggregator.lease_ms);
+    let Some(lease) = Lease::acquire(
+        &ctx.store,
+        ctx.keys.batch_dispatch_lease(batch_id),
+        lease_ttl,
+    )
+    .await?
+    else {
+        // Someone is dispatching it now; if they die, their own unacked message comes back.
+        return Ok(Dispatched::Done("busy"));
+    };
+    let result = dispatch_leased(ctx, batch_id, shutdown, &lease).await;
+    lease.release().await;
+    result
+}
+
+async fn dispatch_leased(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    shutdown: &CancellationToken,
+    lease: &Lease,
+) -> anyhow::Result<Dispatched> {
+    let Some(meta) = ctx.store.get_batch(batch_id).await? else {
+        return Ok(Dispatched::Done("gone"));
+    };
+    match meta.status() {
+        Some(BatchStatus::Validating) if meta.stopping().is_none() => {
+            if !validate(ctx, batch_id, &meta).await? {
+                return Ok(Dispatched::Done("failed"));
+            }
+        }
+        Some(BatchStatus::InProgress)
+            if meta.stopping().is_none()
+                && meta.int("dispatched").unwrap_or(0) < meta.int("total").unwrap_or(0) => {}
+        _ => return Ok(Dispatched::Done("skipped")),
+    }
+    let Some(meta) = ctx.store.get_batch(batch_id).await? else {
+        return Ok(Dispatched::Done("gone"));
+    };
+    enqueue(ctx, batch_id, &meta, shutdown, lease).await
+}
+
+/// Pass one: checks every line. Fails the batch with every error, or moves it to `in_progress`.
+async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyhow::Result<bool> {
+    let endpoint = meta.get("endpoint").unwrap_or_default().to_owned();
+    let input_id = meta.get("input_file_id").unwrap_or_default().to_owned();
+    let file = ctx
+        .store
+        .get_file(&input_id)
+        .await?
+        .filter(|f| f.tenant() == meta.tenant());
+    let opened = match &file {
+        Some(f) => RequestLines::open(
+            &ctx.objects,
+            &f.path().into(),
+            ctx.settings.limits.max_line_bytes as usize,
+        )
+        .await
+        .ok(),
+        None => None,
+    };
+    let Some(mut lines) = opened else {
+        let error = BatchError {
+            code: "invalid_request".into(),
+            message: format!(
+                "Cannot find file {input_id}, or your organization does not have access to it."
+            ),
+            param: Some("input_file_id".into()),
+            line: None,
+        };
+        fail(ctx, batch_id, vec![error]).await?;
+        return Ok(false);
+    };
+    if file.as_ref().and_then(|f| f.get("purpose")) != Some("batch") {
+        let error = BatchError {
+            code: "invalid_request".into(),
+            message: format!("File {input_id} does not have purpose 'batch'."),
+            param: Some("input_file_id".into()),
+            line: None,
+        };
+        fail(ctx, batch_id, vec![error]).await?;
+        return Ok(false);
+    }
+    let upstream = &ctx.upstream;
+    let serves = |model: &str| upstream.provider_for(model).is_some();
+    let mut validator = Validator::new(&endpoint, ctx.settings.limits.max_lines, &serves);
+    while let Some(line) = lines.next_line().await? {
+        validator.check(&line);
+    }
+    let (errors, total, model) = validator.finish();
+    if !errors.is_empty() {
+        fail(ctx, batch_id, errors).await?;
+        return Ok(false);
+    }
+    let extra = [
+        ("total", total.to_string()),
+        ("model", model.unwrap_or_default()),
+        ("dispatched", "0".to_owned()),
+    ];
+    match ctx
+        .store
+        .transition(batch_id, BatchStatus::InProgress, &extra)
+        .await?
+    {
+        Transition::Applied(_) => Ok(true),
+        // Cancelled or expired while validating: the aggregator ends it with no lines.
+        Transition::Refused(_) => Ok(false),
+    }
+}
+
+async fn fail(ctx: &WorkerContext, batch_id: &str, errors: Vec<BatchError>) -> anyhow::Result<()> {
+    let errors = serde_json::json!({"object": "list", "data": errors}).to_string();
+    if let Transition::Applied(_) = ctx
+        .store
+        .transition(batch_id, BatchStatus::Failed, &[("errors", errors)])
+        .await?
+    {
+        ctx.metrics
+            .batches_finished
+            .with_label_values(&["failed"])
+            .inc();
+        ctx.store
+            .retire_batch(batch_id, ctx.settings.aggregator.rows_ttl_secs)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Pass two: publishes every line from the checkpoint on, keeping a window of confirms in flight.
+async fn enqueue(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    meta: &BatchMeta,
+    shutdown: &CancellationToken,
+    lease: &Lease,
+) -> anyhow::Result<Dispatched> {
+    let input = ctx
+        .store
+        .get_file(meta.get("input_file_id").unwrap_or_default())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("input file vanished during dispatch"))?;
+    let total = meta.total().unwrap_or(0);
+    let start = meta.int("dispatched").unwrap_or(0).max(0) as u64;
+    let mut lines = RequestLines::open(
+        &ctx.objects,
+        &object_store::path::Path::from(input.path()),
+        ctx.settings.limits.max_line_bytes as usize,
+    )
+    .await?;
+    let channel = ctx.publisher.channel().await?;
+    let queue = ctx.keys.items_queue();
+    let window = ctx.settings.worker.publish_window.max(1);
+    let mut pending = FuturesUnordered::new();
+    let mut outstanding = BTreeSet::new();
+    let mut saved = start;
+    let mut confirmed_since_save = 0u64;
+
+    let mut next_line = lines.next_line().await?;
+    loop {
+        // Refill the window, then wait for one confirm; this keeps `window` publishes in flight.
+        while pending.len() < window {
+            let Some(line) = next_line.take() else { break };
+            next_line = None;
+            if line.index >= start && line.index < total {
+                let probe = LineProbe::parse(&line.bytes)
+                    .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?;
+                let msg = ItemMessage {
+                    b: batch_id.into(),
+                    l: line.index,
+                    c: probe.custom_id().unwrap_or_default().into(),
+                    body: probe
+                        .body
+                        .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?,
+                };
+                let payload = serde_json::to_vec(&msg)?;
+                let confirm = ctx.publisher.send(&channel, &queue, &payload).await?;
+                let index = line.index;
+                outstanding.insert(index);
+                pending.push(async move { (index, confirm.await) });
+            }
+            if shutdown.is_cancelled() || lease.is_lost() {
+                break;
+            }
+            next_line = lines.next_line().await?;
+        }
+        let Some((index, result)) = pending.next().await else {
+            break;
+        };
+        check_confirm(result?)?;
+        outstanding.remove(&index);
+        ctx.metrics.lines_enqueued.inc();
+        confirmed_since_save += 1;
+        if confirmed_since_save >= CHECKPOINT_EVERY {
+            confirmed_since_save = 0;
+            saved = checkpoint(
+                ctx,
+                batch_id,
+                &outstanding,
+                next_line.as_ref().map(|l| l.index),
+                total,
+                saved,
+            )
+            .await?;
+        }
+        if (shutdown.is_cancelled() || lease.is_lost()) && pending.is_empty() {
+            return Ok(Dispatched::Interrupted);
+        }
+    }
+    if shutdown.is_cancelled() || lease.is_lost() {
+        return Ok(Dispatched::Interrupted);
+    }
+    ctx.store
+        .set_batch_fields(batch_id, &[("dispatched", total.to_string())])
+        .await?;
+    Ok(Dispatched::Done("enqueued"))
+}
+
+/// Saves the lowest line not yet confirmed, so a resumed dispatch starts there.
+async fn checkpoint(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    outstanding: &BTreeSet<u64>,
+    next_unsent: Option<u64>,
+    total: u64,
+    saved: u64,
+) -> anyhow::Result<u64> {
+    let low = outstanding
+        .first()
+        .copied()
+        .or(next_unsent)
+        .unwrap_or(total);
+    if low > saved {
+        ctx.store
+            .set_batch_fields(batch_id, &[("dispatched", low.to_string())])
+            .await?;
+    }
+    Ok(low.max(saved))
+}

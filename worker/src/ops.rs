@@ -1,0 +1,53 @@
+//! The operations endpoint every role serves on its own port: `/metrics`, `/livez`, `/readyz`.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use sluice_shared::Store;
+use sluice_shared::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+struct Ops {
+    metrics: Metrics,
+    store: Store,
+}
+
+/// Serves the operations endpoint on `addr` until `shutdown`; returns the bound port.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    store: Store,
+    shutdown: CancellationToken,
+) -> anyhow::Result<u16> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let port = listener.local_addr()?.port();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(o): State<Ops>| async move { o.metrics.render() }),
+        )
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(o): State<Ops>| async move {
+                match o.store.ping().await {
+                    Ok(()) => (StatusCode::OK, "ready"),
+                    Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable"),
+                }
+            }),
+        )
+        .with_state(Ops { metrics, store });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "Operations endpoint stopped.");
+        }
+    });
+    Ok(port)
+}
