@@ -1,0 +1,290 @@
+//! `sluice-bench`: end-to-end figures for BENCHMARKS.md, measured against real RabbitMQ and Redis.
+//!
+//! It starts `sluice api`, `sluice worker` (×N) and `sluice aggregator` as separate release
+//! processes (so their memory can be read from /proc) and an in-process mock upstream, then:
+//! 1. uploads a large JSONL file (upload MB/s, API peak RSS growth),
+//! 2. runs it as one batch (validate-and-enqueue lines/s, end-to-end lines/s),
+//! 3. runs small batches back to back (created → completed latency p50/p99),
+//! and prints a Markdown table. Run with:
+//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench -- --lines 50000`
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use sluice_shared::Store;
+use sluice_shared::config::{StorageSettings, hash_api_key};
+use sluice_tests::{KEY_A, MODEL, test_settings};
+use sluice_worker::mock_upstream::{MockConfig, MockUpstream};
+use tokio_util::sync::CancellationToken;
+
+struct Args {
+    lines: usize,
+    line_bytes: usize,
+    workers: usize,
+    concurrency: u16,
+    small_batches: usize,
+    latency_ms: u64,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args { lines: 50_000, line_bytes: 200, workers: 1, concurrency: 256, small_batches: 20, latency_ms: 0 };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let v = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--lines" => a.lines = v.parse().expect("--lines N"),
+            "--line-bytes" => a.line_bytes = v.parse().expect("--line-bytes N"),
+            "--workers" => a.workers = v.parse().expect("--workers N"),
+            "--concurrency" => a.concurrency = v.parse().expect("--concurrency N"),
+            "--small-batches" => a.small_batches = v.parse().expect("--small-batches N"),
+            "--latency-ms" => a.latency_ms = v.parse().expect("--latency-ms N"),
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    a
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+}
+
+/// Peak resident set (VmHWM) and current resident set (VmRSS) of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+fn write_input(path: &Path, lines: usize, line_bytes: usize) -> anyhow::Result<u64> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut total = 0u64;
+    for i in 0..lines {
+        let base = json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": ""}]}})
+        .to_string();
+        let pad = line_bytes.saturating_sub(base.len()).max(1);
+        let line = json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(pad)}]}});
+        let s = line.to_string();
+        f.write_all(s.as_bytes())?;
+        f.write_all(b"\n")?;
+        total += s.len() as u64 + 1;
+    }
+    f.flush()?;
+    Ok(total)
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{base}/batches")).bearer_auth(KEY_A).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "API did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn upload(http: &reqwest::Client, base: &str, path: &Path) -> anyhow::Result<String> {
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await?.len();
+    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+    let part = reqwest::multipart::Part::stream_with_length(body, len).file_name("bench.jsonl");
+    let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
+    let resp: Value =
+        http.post(format!("{base}/files")).bearer_auth(KEY_A).multipart(form).send().await?.json().await?;
+    resp["id"].as_str().map(str::to_owned).with_context(|| format!("upload failed: {resp}"))
+}
+
+async fn create(http: &reqwest::Client, base: &str, file: &str) -> anyhow::Result<String> {
+    let resp: Value = http
+        .post(format!("{base}/batches"))
+        .bearer_auth(KEY_A)
+        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    resp["id"].as_str().map(str::to_owned).with_context(|| format!("create failed: {resp}"))
+}
+
+/// Polls Redis directly (cheaper than the API) until the batch leaves `from`; returns its status.
+async fn wait_status(store: &Store, id: &str, done: &[&str], poll: Duration) -> anyhow::Result<String> {
+    loop {
+        if let Some(meta) = store.get_batch(id).await?
+            && let Some(s) = meta.get("status")
+            && done.contains(&s)
+        {
+            return Ok(s.to_owned());
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn sluice_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent().expect("target dir").join("sluice")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args();
+    let stop = CancellationToken::new();
+    let mock = MockUpstream::new(MockConfig { latency_ms: args.latency_ms, ..Default::default() });
+    let upstream = mock.clone().spawn(stop.clone()).await?;
+    let mut settings = test_settings(&upstream);
+    settings.namespace = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let dir = std::env::temp_dir().join(&settings.namespace);
+    settings.storage = StorageSettings::Local { path: dir.join("store") };
+    settings.api.listen = ([127, 0, 0, 1], 18_080).into();
+    settings.worker.concurrency = args.concurrency;
+    settings.worker.request_timeout_ms = 600_000;
+    settings.limits.max_lines = args.lines.max(50_000) as u64;
+    settings.limits.max_upload_bytes = 1 << 30;
+    settings.aggregator.sweep_interval_ms = 2_000;
+    settings.log.filter = "warn".into();
+    settings.tenants[0].api_key_sha256 = vec![hash_api_key(KEY_A)];
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("sluice.toml");
+    std::fs::write(&config, toml::to_string(&settings)?)?;
+
+    let spawn = |role: &str| -> anyhow::Result<Child> {
+        Ok(Command::new(sluice_bin())
+            .arg(role)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", sluice_bin().display()))?)
+    };
+    let mut procs = Procs(Vec::new());
+    procs.0.push(spawn("api")?);
+    let api_pid = procs.0[0].id();
+    procs.0.push(spawn("aggregator")?);
+    let agg_pid = procs.0[1].id();
+    let mut worker_pids = Vec::new();
+    for _ in 0..args.workers {
+        let c = spawn("worker")?;
+        worker_pids.push(c.id());
+        procs.0.push(c);
+    }
+    let http = reqwest::Client::new();
+    let base = "http://127.0.0.1:18080/v1".to_owned();
+    wait_ready(&http, &base).await?;
+    let store = Store::connect(&settings.redis_url, &settings.namespace).await?;
+
+    // 1. Upload.
+    let input = dir.join("input.jsonl");
+    let bytes = write_input(&input, args.lines, args.line_bytes)?;
+    let (_, api_rss_before) = memory_kib(api_pid);
+    let t = Instant::now();
+    let file = upload(&http, &base, &input).await?;
+    let upload_secs = t.elapsed().as_secs_f64();
+    let (api_hwm, _) = memory_kib(api_pid);
+
+    // 2. One big batch.
+    let t = Instant::now();
+    let batch = create(&http, &base, &file).await?;
+    wait_status(&store, &batch, &["in_progress", "failed", "completed"], Duration::from_millis(5)).await?;
+    let validated = t.elapsed().as_secs_f64();
+    let mut enqueued_at = None;
+    let status = loop {
+        let meta = store.get_batch(&batch).await?.context("batch vanished")?;
+        if enqueued_at.is_none() && meta.int("dispatched") == meta.int("total") {
+            enqueued_at = Some(t.elapsed().as_secs_f64());
+        }
+        if let Some(s) = meta.get("status")
+            && matches!(s, "completed" | "failed" | "expired" | "cancelled")
+        {
+            break s.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let e2e = t.elapsed().as_secs_f64();
+    let enqueued = enqueued_at.unwrap_or(e2e);
+
+    // 3. Small batches, one at a time.
+    let small = dir.join("small.jsonl");
+    write_input(&small, 10, 200)?;
+    let mut latencies = Vec::new();
+    for _ in 0..args.small_batches {
+        let file = upload(&http, &base, &small).await?;
+        let t = Instant::now();
+        let id = create(&http, &base, &file).await?;
+        wait_status(&store, &id, &["completed", "failed"], Duration::from_millis(2)).await?;
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+
+    let worker_hwm = worker_pids.iter().map(|p| memory_kib(*p).0).max().unwrap_or(0);
+    let (agg_hwm, _) = memory_kib(agg_pid);
+    let mb = bytes as f64 / 1e6;
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| setup | {} lines, {:.1} MB, {} worker process(es), concurrency {}, upstream latency {} ms |",
+        args.lines, mb, args.workers, args.concurrency, args.latency_ms
+    );
+    println!("| batch status | {status} |");
+    println!("| upload | {upload_secs:.2} s, {:.1} MB/s |", mb / upload_secs);
+    println!(
+        "| API RSS | {:.1} MB before upload, peak {:.1} MB (growth {:.1} MB) |",
+        api_rss_before as f64 / 1024.0,
+        api_hwm as f64 / 1024.0,
+        api_hwm.saturating_sub(api_rss_before) as f64 / 1024.0
+    );
+    println!("| validate (create → in_progress) | {validated:.2} s, {:.0} lines/s |", args.lines as f64 / validated);
+    println!("| validate + enqueue (create → all confirmed) | {enqueued:.2} s, {:.0} lines/s |", args.lines as f64 / enqueued);
+    println!("| end to end (create → completed) | {e2e:.2} s, {:.0} lines/s |", args.lines as f64 / e2e);
+    println!(
+        "| 10-line batch, created → completed ({} runs) | p50 {:.0} ms, p99 {:.0} ms |",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99)
+    );
+    println!("| worker peak RSS | {:.1} MB |", worker_hwm as f64 / 1024.0);
+    println!("| aggregator peak RSS | {:.1} MB |", agg_hwm as f64 / 1024.0);
+    println!("| upstream calls | {} |", mock.stats().calls);
+
+    drop(procs);
+    stop.cancel();
+    if let Ok(conn) = sluice_shared::queue::connect(&settings.amqp_url, "bench-cleanup").await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        sluice_shared::queue::delete_topology(&ch, &sluice_shared::Keys::new(&settings.namespace)).await.ok();
+    }
+    store.purge_namespace().await.ok();
+    std::fs::remove_dir_all(&dir).ok();
+    anyhow::ensure!(status == "completed", "the benchmark batch ended {status}");
+    Ok(())
+}
