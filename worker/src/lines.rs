@@ -30,6 +30,8 @@ pub struct RequestLine {
 pub struct RequestLines {
     chunks: BoxStream<'static, object_store::Result<Bytes>>,
     buf: BytesMut,
+    /// Bytes of `buf` already known to hold no newline, so each byte is scanned once.
+    scanned: usize,
     max_line: usize,
     discarding: bool,
     done: bool,
@@ -64,6 +66,7 @@ impl RequestLines {
         Self {
             chunks,
             buf: BytesMut::new(),
+            scanned: 0,
             max_line,
             discarding: false,
             done: false,
@@ -75,9 +78,11 @@ impl RequestLines {
     /// The next request line, `None` at the end of the file.
     pub async fn next_line(&mut self) -> object_store::Result<Option<RequestLine>> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+            if let Some(found) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                let pos = self.scanned + found;
+                self.scanned = 0;
                 let raw = self.buf.split_to(pos + 1).freeze();
-                let too_long = std::mem::take(&mut self.discarding);
+                let too_long = std::mem::take(&mut self.discarding) || pos > self.max_line;
                 if let Some(line) = self.emit(raw.slice(..pos), too_long) {
                     return Ok(Some(line));
                 }
@@ -88,12 +93,14 @@ impl RequestLines {
                 self.discarding = true;
                 self.buf.clear();
             }
+            self.scanned = self.buf.len();
             if self.done {
                 if self.buf.is_empty() && !self.discarding {
                     return Ok(None);
                 }
                 let raw = self.buf.split().freeze();
-                let too_long = std::mem::take(&mut self.discarding);
+                self.scanned = 0;
+                let too_long = std::mem::take(&mut self.discarding) || raw.len() > self.max_line;
                 if let Some(line) = self.emit(raw, too_long) {
                     return Ok(Some(line));
                 }
