@@ -1,1 +1,93 @@
+//! The Sluice HTTP API: OpenAI-compatible Files and Batches endpoints under `/v1`.
+//!
+//! # Layout
+//! - [`Application`]: connects to Redis, RabbitMQ and object storage, binds, serves until told to stop.
+//! - [`router`]: the route table, usable without a socket (`oneshot` tests).
+//! - [`state`]: the handles handlers share.
+//! - [`error`]: [`ApiError`], the only error response, in OpenAI's envelope.
+//! - [`auth`]: API key → [`auth::Tenant`].
+//! - [`extract`]: extractors whose rejections are [`ApiError`]s.
+//! - [`routes`]: the handlers.
+//!
+//! The API only records and announces work: batches are validated, run and finalized by the
+//! worker roles, which it reaches through Redis and the broker alone.
 
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use sluice_shared::metrics::Metrics;
+use sluice_shared::queue::Publisher;
+use sluice_shared::{Keys, Settings, Store};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod state;
+
+pub use error::ApiError;
+pub use routes::router;
+pub use state::AppState;
+
+/// The API role, bound and ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    router: axum::Router,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Connects to Redis, the broker and object storage, and binds `settings.api.listen`
+    /// (port 0 picks a free port; see [`Application::port`]).
+    pub async fn build(settings: Settings, metrics: Metrics) -> anyhow::Result<Self> {
+        let store = Store::connect(&settings.redis_url, &settings.namespace)
+            .await
+            .context("Failed to connect to Redis")?;
+        let publisher = Publisher::connect(
+            &settings.amqp_url,
+            "sluice-api",
+            Keys::new(&settings.namespace),
+            settings.worker.delivery_limit,
+        )
+        .await
+        .context("Failed to connect to the message broker")?;
+        let files = sluice_shared::storage::build(&settings.storage)
+            .context("Failed to set up object storage")?;
+        let listener = TcpListener::bind(settings.api.listen)
+            .await
+            .with_context(|| format!("Failed to bind the API to {}", settings.api.listen))?;
+        let addr = listener
+            .local_addr()
+            .context("Failed to read the API's bound address")?;
+        let state = AppState::new(settings, store, publisher, files, metrics);
+        Ok(Self {
+            listener,
+            addr,
+            router: router(state),
+        })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.addr, "API listening.");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("The API server failed")
+    }
+}

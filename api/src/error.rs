@@ -1,0 +1,341 @@
+//! [`ApiError`], the one error type of the HTTP API, and the only place that turns an error into a
+//! response: the OpenAI envelope `{"error":{"message","type","param","code"}}`.
+//!
+//! The envelope matters to clients: the OpenAI SDKs read `error.code`/`error.param`, and they retry
+//! 408/409/429/5xx unless `x-should-retry: false` says the answer is deterministic.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// Header the OpenAI SDKs obey over their own retry policy.
+pub const SHOULD_RETRY: &str = "x-should-retry";
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed or a parameter is invalid.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    /// 401: the API key is missing or unknown.
+    #[error("{message}")]
+    Unauthenticated { message: &'static str },
+    /// 404: no such object for this tenant, or no such route.
+    #[error("{message}")]
+    NotFound { message: String },
+    /// 405: the route exists, but not with this method.
+    #[error("{message}")]
+    MethodNotAllowed { message: String },
+    /// 409: the object is in a state that forbids the operation.
+    #[error("{message}")]
+    Conflict { message: String },
+    /// 413: an upload above the configured limit.
+    #[error("File is too large: the limit is {limit} bytes.")]
+    FileTooLarge { limit: u64 },
+    /// Any other status produced outside our handlers (middleware, framework), re-wrapped.
+    #[error("{message}")]
+    Status { status: StatusCode, message: String },
+    /// 503: a dependency is down (readiness probe).
+    #[error("{message}")]
+    NotReady { message: String },
+    /// 500: our fault. The client sees an opaque message; the source is logged.
+    #[error("The server had an error while processing your request.")]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Marks a response whose body already is the envelope, so [`ensure_envelope`] leaves it alone.
+#[derive(Debug, Clone, Copy)]
+struct Enveloped;
+
+/// The source of a 5xx, carried to [`ensure_envelope`] so that logging happens inside the request
+/// span and `into_response` stays free of side effects.
+#[derive(Debug, Clone)]
+struct ServerErrorSource(Arc<anyhow::Error>);
+
+impl ApiError {
+    /// 400 `invalid_value` on `param`.
+    pub fn invalid_value(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code: Some("invalid_value"),
+        }
+    }
+
+    /// 400 `invalid_type` on `param`, worded like OpenAI's.
+    pub fn invalid_type(param: &str, expected: &str, got: &Value) -> Self {
+        Self::InvalidRequest {
+            message: format!(
+                "Invalid type for '{param}': expected {expected}, but got {} instead.",
+                json_type_name(got)
+            ),
+            param: Some(param.to_owned()),
+            code: Some("invalid_type"),
+        }
+    }
+
+    /// 400 `missing_required_parameter` on `param`.
+    pub fn missing(param: &str) -> Self {
+        Self::InvalidRequest {
+            message: format!("Missing required parameter: '{param}'."),
+            param: Some(param.to_owned()),
+            code: Some("missing_required_parameter"),
+        }
+    }
+
+    /// 400 with neither param nor code.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    /// 404 for a file id the caller cannot see.
+    pub fn file_not_found(id: &str) -> Self {
+        Self::NotFound {
+            message: format!("No such File object: {id}"),
+        }
+    }
+
+    /// 404 for a batch id the caller cannot see.
+    pub fn batch_not_found(id: &str) -> Self {
+        Self::NotFound {
+            message: format!("No batch found with id '{id}'."),
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Status { status, .. } => *status,
+            Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `error` object of the envelope.
+    fn body(&self) -> Value {
+        let (param, code): (Option<&str>, Option<&str>) = match self {
+            Self::InvalidRequest { param, code, .. } => (param.as_deref(), *code),
+            Self::Unauthenticated { .. } => (None, Some("invalid_api_key")),
+            Self::FileTooLarge { .. } => (Some("file"), Some("file_too_large")),
+            _ => (None, None),
+        };
+        let kind = if self.status().is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        json!({
+            "error": {
+                "message": self.to_string(),
+                "type": kind,
+                "param": param,
+                "code": code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, Json(self.body())).into_response();
+        // A 4xx other than 429 will fail the same way again; without this the SDK retries 409s.
+        if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+        }
+        response.extensions_mut().insert(Enveloped);
+        if let Self::Internal(source) = self {
+            response
+                .extensions_mut()
+                .insert(ServerErrorSource(Arc::new(source)));
+        }
+        response
+    }
+}
+
+/// Middleware (via `map_response`): logs the source of our 5xx, and re-wraps any error response
+/// that did not come from [`ApiError`] (framework 405s, body-limit 413s…) in the envelope.
+pub async fn ensure_envelope(mut response: Response) -> Response {
+    if let Some(ServerErrorSource(source)) = response.extensions_mut().remove::<ServerErrorSource>()
+    {
+        // `{:#}` prints the whole context chain on one line.
+        tracing::error!(error = %format_args!("{source:#}"), "Request failed.");
+    }
+    let status = response.status();
+    if status.as_u16() < 400 || response.extensions().get::<Enveloped>().is_some() {
+        return response;
+    }
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "The request body is too large.".to_owned(),
+        StatusCode::METHOD_NOT_ALLOWED => "Method not allowed for this URL.".to_owned(),
+        _ => status
+            .canonical_reason()
+            .map_or_else(|| format!("HTTP {status}"), |r| format!("{r}.")),
+    };
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let mut wrapped = ApiError::Status { status, message }.into_response();
+    if let Some(allow) = allow {
+        wrapped.headers_mut().insert(header::ALLOW, allow);
+    }
+    wrapped
+}
+
+/// "an array", "a string"…: how OpenAI names a JSON value's type in messages.
+pub fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a decimal",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::bad_request(rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request(format!("Invalid query string: {}", rejection.body_text()))
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::Status {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                message: "The request body is too large.".into(),
+            },
+            _ => Self::bad_request(format!(
+                "Could not read the request body: {}",
+                rejection.body_text()
+            )),
+        }
+    }
+}
+
+impl From<MultipartRejection> for ApiError {
+    fn from(rejection: MultipartRejection) -> Self {
+        Self::bad_request(format!(
+            "Expected a multipart/form-data body: {}",
+            rejection.body_text()
+        ))
+    }
+}
+
+impl From<MultipartError> for ApiError {
+    fn from(error: MultipartError) -> Self {
+        Self::bad_request(format!(
+            "Could not read the multipart body: {}",
+            error.body_text()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn parts(error: ApiError) -> (StatusCode, Option<String>, Value) {
+        let response = error.into_response();
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(SHOULD_RETRY)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, retry, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_error_has_the_four_envelope_keys() {
+        for error in [
+            ApiError::missing("purpose"),
+            ApiError::Unauthenticated { message: "x" },
+            ApiError::batch_not_found("batch_1"),
+            ApiError::Conflict {
+                message: "no".into(),
+            },
+            ApiError::FileTooLarge { limit: 10 },
+            ApiError::Internal(anyhow::anyhow!("redis down")),
+        ] {
+            let (_, _, body) = parts(error).await;
+            let inner = body["error"].as_object().unwrap();
+            for key in ["message", "type", "param", "code"] {
+                assert!(inner.contains_key(key), "{key} missing in {body}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn conflicts_are_not_retried_but_server_errors_are() {
+        let (status, retry, body) = parts(ApiError::Conflict {
+            message: "Cannot cancel a batch with status 'completed'.".into(),
+        })
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(retry.as_deref(), Some("false"));
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], Value::Null);
+
+        let (status, retry, body) =
+            parts(ApiError::Internal(anyhow::anyhow!("secret detail"))).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(retry, None);
+        assert_eq!(body["error"]["type"], "server_error");
+        assert!(!body.to_string().contains("secret detail"));
+    }
+
+    #[tokio::test]
+    async fn file_too_large_names_the_limit_and_the_file_param() {
+        let (status, _, body) = parts(ApiError::FileTooLarge { limit: 1024 }).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            body["error"],
+            json!({"message": "File is too large: the limit is 1024 bytes.",
+                   "type": "invalid_request_error", "param": "file", "code": "file_too_large"})
+        );
+    }
+
+    #[tokio::test]
+    async fn foreign_error_responses_are_rewrapped() {
+        let raw = (StatusCode::METHOD_NOT_ALLOWED, "plain text").into_response();
+        let response = ensure_envelope(raw).await;
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[SHOULD_RETRY], "false");
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+}

@@ -1,0 +1,63 @@
+//! [`AppState`]: the handles every request handler shares. Cloning it is cheap (handles and `Arc`s).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use sluice_shared::metrics::Metrics;
+use sluice_shared::queue::Publisher;
+use sluice_shared::{Keys, Settings, Store};
+
+/// Shared state of the API router.
+#[derive(Clone)]
+pub struct AppState {
+    /// The settings the process started with.
+    pub settings: Arc<Settings>,
+    /// Redis: file and batch records.
+    pub store: Store,
+    /// RabbitMQ: control and finalize events.
+    pub publisher: Publisher,
+    /// Object storage holding file contents.
+    pub files: Arc<dyn ObjectStore>,
+    /// Prometheus series.
+    pub metrics: Metrics,
+    /// SHA-256 of an API key → tenant id, computed once instead of per request.
+    pub(crate) api_keys: Arc<HashMap<[u8; 32], String>>,
+}
+
+impl AppState {
+    /// Assembles the state from already connected handles.
+    pub fn new(
+        settings: Settings,
+        store: Store,
+        publisher: Publisher,
+        files: Arc<dyn ObjectStore>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            api_keys: Arc::new(settings.key_digests()),
+            settings: Arc::new(settings),
+            store,
+            publisher,
+            files,
+            metrics,
+        }
+    }
+
+    /// Key builder of the store's namespace.
+    pub fn keys(&self) -> &Keys {
+        self.store.keys()
+    }
+}
+
+impl std::fmt::Debug for AppState {
+    // Key digests stay out of logs, and the settings are long; the namespace identifies the state.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("namespace", &self.settings.namespace)
+            .field("store", &self.store)
+            .field("publisher", &self.publisher)
+            .field("files", &self.files.to_string())
+            .finish_non_exhaustive()
+    }
+}
