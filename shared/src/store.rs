@@ -123,7 +123,7 @@ static TRANSITION: LazyLock<Script> = LazyLock::new(|| {
 local st = redis.call('HMGET', KEYS[1], 'status', 'stopping')
 if not st[1] then return {'gone', ''} end
 local to = ARGV[1]
-if (to == 'in_progress' or to == 'finalizing') and st[2] then return {'refused', st[1]} end
+if (to == 'in_progress' or to == 'finalizing' or to == 'cancelling') and st[2] then return {'refused', st[1]} end
 local from_ok = false
 for allowed in string.gmatch(ARGV[2], '[^,]+') do
   if st[1] == allowed then from_ok = true end

@@ -321,7 +321,10 @@ pub async fn cancel(
         Transition::Applied(_) => {
             announce(&state, &state.keys().finalize_queue(), &batch_id).await;
         }
-        Transition::Refused(Some(BatchStatus::Cancelling | BatchStatus::Cancelled)) => {}
+        // Already stopping: cancelled twice, or expiring (the expiry wins; it ends the same way).
+        Transition::Refused(Some(
+            BatchStatus::Cancelling | BatchStatus::Cancelled | BatchStatus::Validating | BatchStatus::InProgress,
+        )) => {}
         Transition::Refused(Some(status)) => return Err(cannot_cancel(status)),
         Transition::Refused(None) => return Err(ApiError::batch_not_found(&batch_id)),
     }
