@@ -10,7 +10,11 @@ use sluice_worker::{WorkerContext, ops};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Self-hosted OpenAI-compatible Batch API")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Self-hosted OpenAI-compatible Batch API"
+)]
 struct Cli {
     /// TOML configuration file (values from SLUICE_… environment variables override it).
     #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
@@ -71,8 +75,18 @@ async fn main() -> anyhow::Result<()> {
             run_backend(settings, metrics, stop, true, true).await?;
             api.await?
         }
-        Role::MockUpstream { listen, latency_ms, fail_rate, fail_status } => {
-            let config = MockConfig { latency_ms, fail_rate, fail_status, ..Default::default() };
+        Role::MockUpstream {
+            listen,
+            latency_ms,
+            fail_rate,
+            fail_status,
+        } => {
+            let config = MockConfig {
+                latency_ms,
+                fail_rate,
+                fail_status,
+                ..Default::default()
+            };
             let listener = tokio::net::TcpListener::bind(&listen).await?;
             tracing::info!(%listen, "Mock upstream listening.");
             Ok(MockUpstream::new(config).serve(listener, stop).await?)
@@ -81,18 +95,36 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run_api(settings: Settings, metrics: Metrics, stop: CancellationToken) -> anyhow::Result<()> {
+async fn run_api(
+    settings: Settings,
+    metrics: Metrics,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let app = sluice_api::Application::build(settings, metrics).await?;
     tracing::info!(port = app.port(), "API listening.");
     app.run_until_stopped(stop).await
 }
 
-async fn run_backend(settings: Settings, metrics: Metrics, stop: CancellationToken, worker: bool, aggregator: bool) -> anyhow::Result<()> {
+async fn run_backend(
+    settings: Settings,
+    metrics: Metrics,
+    stop: CancellationToken,
+    worker: bool,
+    aggregator: bool,
+) -> anyhow::Result<()> {
     let ops_addr = settings.api.metrics_listen;
     let ctx = WorkerContext::build(settings, metrics.clone()).await?;
-    let port = ops::serve(ops_addr, metrics, ctx.store.clone(), stop.clone()).await?;
+    let port = ops::serve(
+        ops_addr,
+        metrics,
+        ctx.store.clone(),
+        ctx.publisher.clone(),
+        stop.clone(),
+    )
+    .await?;
     tracing::info!(port, worker, aggregator, "Back-end roles starting.");
-    let agg = aggregator.then(|| tokio::spawn(sluice_worker::run_aggregator(ctx.clone(), stop.clone())));
+    let agg =
+        aggregator.then(|| tokio::spawn(sluice_worker::run_aggregator(ctx.clone(), stop.clone())));
     if worker {
         sluice_worker::run_worker(ctx, stop).await?;
     }
@@ -104,7 +136,12 @@ async fn run_backend(settings: Settings, metrics: Metrics, stop: CancellationTok
 
 /// Starts a mock upstream serving every model and, when no tenant is configured, a demo tenant.
 async fn add_demo(settings: &mut Settings, stop: CancellationToken) -> anyhow::Result<()> {
-    let base_url = MockUpstream::new(MockConfig { latency_ms: 20, ..Default::default() }).spawn(stop).await?;
+    let base_url = MockUpstream::new(MockConfig {
+        latency_ms: 20,
+        ..Default::default()
+    })
+    .spawn(stop)
+    .await?;
     settings.providers.push(ProviderSettings {
         name: "demo".into(),
         base_url,
@@ -112,7 +149,10 @@ async fn add_demo(settings: &mut Settings, stop: CancellationToken) -> anyhow::R
         models: vec!["*".into()],
     });
     if settings.tenants.is_empty() {
-        settings.tenants.push(TenantSettings { id: "demo".into(), api_key_sha256: vec![hash_api_key("sk-demo")] });
+        settings.tenants.push(TenantSettings {
+            id: "demo".into(),
+            api_key_sha256: vec![hash_api_key("sk-demo")],
+        });
     }
     eprintln!(
         "Sluice demo: API on {} (key sk-demo), mock upstream serving every model. See README.md to submit a batch.",

@@ -8,12 +8,14 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use sluice_shared::Store;
 use sluice_shared::metrics::Metrics;
+use sluice_shared::queue::Publisher;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 struct Ops {
     metrics: Metrics,
     store: Store,
+    publisher: Publisher,
 }
 
 /// Serves the operations endpoint on `addr` until `shutdown`; returns the bound port.
@@ -34,13 +36,21 @@ pub async fn serve(
         .route(
             "/readyz",
             get(|State(o): State<Ops>| async move {
-                match o.store.ping().await {
-                    Ok(()) => (StatusCode::OK, "ready"),
-                    Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable"),
+                if o.store.ping().await.is_err() {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable");
                 }
+                // Reconnects when the broker came back, so readiness recovers on its own.
+                if o.publisher.channel().await.is_err() {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable");
+                }
+                (StatusCode::OK, "ready")
             }),
         )
-        .with_state(Ops { metrics, store });
+        .with_state(Ops {
+            metrics,
+            store,
+            publisher,
+        });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
