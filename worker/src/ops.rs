@@ -19,10 +19,13 @@ struct Ops {
 }
 
 /// Serves the operations endpoint on `addr` until `shutdown`; returns the bound port.
+/// Readiness needs both Redis and the broker; liveness checks nothing but the process, so a
+/// dependency blip never restarts pods.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     store: Store,
+    publisher: Publisher,
     shutdown: CancellationToken,
 ) -> anyhow::Result<u16> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
