@@ -5,7 +5,9 @@
 //! 1. uploads a large JSONL file (upload MB/s, API peak RSS growth),
 //! 2. runs it as one batch (validate-and-enqueue lines/s, end-to-end lines/s),
 //! 3. runs small batches back to back (created → completed latency p50/p99),
+//!
 //! and prints a Markdown table. Run with:
+//!
 //! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench -- --lines 50000`
 
 use std::io::Write;
@@ -178,14 +180,14 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&config, toml::to_string(&settings)?)?;
 
     let spawn = |role: &str| -> anyhow::Result<Child> {
-        Ok(Command::new(sluice_bin())
+        Command::new(sluice_bin())
             .arg(role)
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting {}", sluice_bin().display()))?)
+            .with_context(|| format!("starting {}", sluice_bin().display()))
     };
     let mut procs = Procs(Vec::new());
     procs.0.push(spawn("api")?);
