@@ -33,7 +33,14 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { lines: 50_000, line_bytes: 200, workers: 1, concurrency: 256, small_batches: 20, latency_ms: 0 };
+    let mut a = Args {
+        lines: 50_000,
+        line_bytes: 200,
+        workers: 1,
+        concurrency: 256,
+        small_batches: 20,
+        latency_ms: 0,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -99,12 +106,19 @@ fn write_input(path: &Path, lines: usize, line_bytes: usize) -> anyhow::Result<u
 async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        if let Ok(r) = http.get(format!("{base}/batches")).bearer_auth(KEY_A).send().await
+        if let Ok(r) = http
+            .get(format!("{base}/batches"))
+            .bearer_auth(KEY_A)
+            .send()
+            .await
             && r.status().is_success()
         {
             return Ok(());
         }
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "API did not start");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "API did not start"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -114,10 +128,21 @@ async fn upload(http: &reqwest::Client, base: &str, path: &Path) -> anyhow::Resu
     let len = file.metadata().await?.len();
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
     let part = reqwest::multipart::Part::stream_with_length(body, len).file_name("bench.jsonl");
-    let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
-    let resp: Value =
-        http.post(format!("{base}/files")).bearer_auth(KEY_A).multipart(form).send().await?.json().await?;
-    resp["id"].as_str().map(str::to_owned).with_context(|| format!("upload failed: {resp}"))
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part("file", part);
+    let resp: Value = http
+        .post(format!("{base}/files"))
+        .bearer_auth(KEY_A)
+        .multipart(form)
+        .send()
+        .await?
+        .json()
+        .await?;
+    resp["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("upload failed: {resp}"))
 }
 
 async fn create(http: &reqwest::Client, base: &str, file: &str) -> anyhow::Result<String> {
@@ -129,11 +154,19 @@ async fn create(http: &reqwest::Client, base: &str, file: &str) -> anyhow::Resul
         .await?
         .json()
         .await?;
-    resp["id"].as_str().map(str::to_owned).with_context(|| format!("create failed: {resp}"))
+    resp["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("create failed: {resp}"))
 }
 
 /// Polls Redis directly (cheaper than the API) until the batch leaves `from`; returns its status.
-async fn wait_status(store: &Store, id: &str, done: &[&str], poll: Duration) -> anyhow::Result<String> {
+async fn wait_status(
+    store: &Store,
+    id: &str,
+    done: &[&str],
+    poll: Duration,
+) -> anyhow::Result<String> {
     loop {
         if let Some(meta) = store.get_batch(id).await?
             && let Some(s) = meta.get("status")
@@ -161,12 +194,17 @@ fn sluice_bin() -> PathBuf {
 async fn main() -> anyhow::Result<()> {
     let args = parse_args();
     let stop = CancellationToken::new();
-    let mock = MockUpstream::new(MockConfig { latency_ms: args.latency_ms, ..Default::default() });
+    let mock = MockUpstream::new(MockConfig {
+        latency_ms: args.latency_ms,
+        ..Default::default()
+    });
     let upstream = mock.clone().spawn(stop.clone()).await?;
     let mut settings = test_settings(&upstream);
     settings.namespace = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let dir = std::env::temp_dir().join(&settings.namespace);
-    settings.storage = StorageSettings::Local { path: dir.join("store") };
+    settings.storage = StorageSettings::Local {
+        path: dir.join("store"),
+    };
     settings.api.listen = ([127, 0, 0, 1], 18_080).into();
     settings.worker.concurrency = args.concurrency;
     settings.worker.request_timeout_ms = 600_000;
@@ -217,7 +255,13 @@ async fn main() -> anyhow::Result<()> {
     // 2. One big batch.
     let t = Instant::now();
     let batch = create(&http, &base, &file).await?;
-    wait_status(&store, &batch, &["in_progress", "failed", "completed"], Duration::from_millis(5)).await?;
+    wait_status(
+        &store,
+        &batch,
+        &["in_progress", "failed", "completed"],
+        Duration::from_millis(5),
+    )
+    .await?;
     let validated = t.elapsed().as_secs_f64();
     let mut enqueued_at = None;
     let status = loop {
@@ -243,12 +287,22 @@ async fn main() -> anyhow::Result<()> {
         let file = upload(&http, &base, &small).await?;
         let t = Instant::now();
         let id = create(&http, &base, &file).await?;
-        wait_status(&store, &id, &["completed", "failed"], Duration::from_millis(2)).await?;
+        wait_status(
+            &store,
+            &id,
+            &["completed", "failed"],
+            Duration::from_millis(2),
+        )
+        .await?;
         latencies.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     latencies.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
 
-    let worker_hwm = worker_pids.iter().map(|p| memory_kib(*p).0).max().unwrap_or(0);
+    let worker_hwm = worker_pids
+        .iter()
+        .map(|p| memory_kib(*p).0)
+        .max()
+        .unwrap_or(0);
     let (agg_hwm, _) = memory_kib(agg_pid);
     let mb = bytes as f64 / 1e6;
     println!("| figure | value |");
@@ -258,16 +312,28 @@ async fn main() -> anyhow::Result<()> {
         args.lines, mb, args.workers, args.concurrency, args.latency_ms
     );
     println!("| batch status | {status} |");
-    println!("| upload | {upload_secs:.2} s, {:.1} MB/s |", mb / upload_secs);
+    println!(
+        "| upload | {upload_secs:.2} s, {:.1} MB/s |",
+        mb / upload_secs
+    );
     println!(
         "| API RSS | {:.1} MB before upload, peak {:.1} MB (growth {:.1} MB) |",
         api_rss_before as f64 / 1024.0,
         api_hwm as f64 / 1024.0,
         api_hwm.saturating_sub(api_rss_before) as f64 / 1024.0
     );
-    println!("| validate (create → in_progress) | {validated:.2} s, {:.0} lines/s |", args.lines as f64 / validated);
-    println!("| validate + enqueue (create → all confirmed) | {enqueued:.2} s, {:.0} lines/s |", args.lines as f64 / enqueued);
-    println!("| end to end (create → completed) | {e2e:.2} s, {:.0} lines/s |", args.lines as f64 / e2e);
+    println!(
+        "| validate (create → in_progress) | {validated:.2} s, {:.0} lines/s |",
+        args.lines as f64 / validated
+    );
+    println!(
+        "| validate + enqueue (create → all confirmed) | {enqueued:.2} s, {:.0} lines/s |",
+        args.lines as f64 / enqueued
+    );
+    println!(
+        "| end to end (create → completed) | {e2e:.2} s, {:.0} lines/s |",
+        args.lines as f64 / e2e
+    );
     println!(
         "| 10-line batch, created → completed ({} runs) | p50 {:.0} ms, p99 {:.0} ms |",
         latencies.len(),
@@ -275,7 +341,10 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.99)
     );
     println!("| worker peak RSS | {:.1} MB |", worker_hwm as f64 / 1024.0);
-    println!("| aggregator peak RSS | {:.1} MB |", agg_hwm as f64 / 1024.0);
+    println!(
+        "| aggregator peak RSS | {:.1} MB |",
+        agg_hwm as f64 / 1024.0
+    );
     println!("| upstream calls | {} |", mock.stats().calls);
 
     drop(procs);
@@ -283,7 +352,9 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(conn) = sluice_shared::queue::connect(&settings.amqp_url, "bench-cleanup").await
         && let Ok(ch) = conn.create_channel().await
     {
-        sluice_shared::queue::delete_topology(&ch, &sluice_shared::Keys::new(&settings.namespace)).await.ok();
+        sluice_shared::queue::delete_topology(&ch, &sluice_shared::Keys::new(&settings.namespace))
+            .await
+            .ok();
     }
     store.purge_namespace().await.ok();
     std::fs::remove_dir_all(&dir).ok();
