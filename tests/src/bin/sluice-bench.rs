@@ -348,6 +348,32 @@ async fn main() -> anyhow::Result<()> {
     println!("| upstream calls | {} |", mock.stats().calls);
 
     drop(procs);
+    let base = baselines(&settings, args.lines, args.line_bytes).await?;
+    let broker_rate =
+        args.lines as f64 / (args.lines as f64 / base.publish + args.lines as f64 / base.consume);
+    println!(
+        "| baseline: RabbitMQ confirm-publish, quorum, {} B messages, 1000 in flight | {:.0} msg/s |",
+        args.line_bytes, base.publish
+    );
+    println!(
+        "| baseline: RabbitMQ consume, prefetch 500, acks pipelined | {:.0} msg/s |",
+        base.consume
+    );
+    println!(
+        "| baseline: publish then consume (N / (t_publish + t_consume)) | {broker_rate:.0} msg/s |"
+    );
+    println!(
+        "| baseline: Redis EVALSHA (HSETNX + HINCRBY), 64 in flight | {:.0} calls/s |",
+        base.redis
+    );
+    println!(
+        "| end to end as a fraction of publish-and-consume | {:.0} % |",
+        100.0 * args.lines as f64 / e2e / broker_rate
+    );
+    println!(
+        "| validate + enqueue as a fraction of confirm-publish | {:.0} % |",
+        100.0 * args.lines as f64 / enqueued / base.publish
+    );
     stop.cancel();
     if let Ok(conn) = sluice_shared::queue::connect(&settings.amqp_url, "bench-cleanup").await
         && let Ok(ch) = conn.create_channel().await
@@ -360,4 +386,138 @@ async fn main() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir).ok();
     anyhow::ensure!(status == "completed", "the benchmark batch ended {status}");
     Ok(())
+}
+
+/// Raw rates of the broker and Redis on this machine, for reading the figures above as fractions.
+struct Baselines {
+    publish: f64,
+    consume: f64,
+    redis: f64,
+}
+
+async fn baselines(
+    settings: &sluice_shared::Settings,
+    n: usize,
+    size: usize,
+) -> anyhow::Result<Baselines> {
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let conn = sluice_shared::queue::connect(&settings.amqp_url, "bench-baseline").await?;
+    let ch = conn.create_channel().await?;
+    let queue = format!("{}.baseline", settings.namespace);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await?;
+    ch.confirm_select(Default::default()).await?;
+    let payload = vec![b'x'; size];
+    let props = lapin::BasicProperties::default().with_delivery_mode(2);
+    let t = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for _ in 0..n {
+        if pending.len() >= 1_000 {
+            let confirm: lapin::Result<lapin::Confirmation> =
+                pending.next().await.expect("pending confirm");
+            anyhow::ensure!(confirm?.is_ack(), "broker nacked a baseline message");
+        }
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                Default::default(),
+                &payload,
+                props.clone(),
+            )
+            .await?;
+        pending.push(confirm);
+    }
+    while let Some(confirm) = pending.next().await {
+        anyhow::ensure!(confirm?.is_ack(), "broker nacked a baseline message");
+    }
+    let publish = n as f64 / t.elapsed().as_secs_f64();
+
+    let consume_ch = conn.create_channel().await?;
+    consume_ch
+        .basic_qos(500, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consume_ch
+        .basic_consume(
+            queue.as_str().into(),
+            "baseline".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let t = Instant::now();
+    let mut acks = FuturesUnordered::new();
+    let mut got = 0;
+    while got < n {
+        tokio::select! {
+            Some(done) = acks.next(), if !acks.is_empty() => { let r: lapin::Result<bool> = done; r?; }
+            d = consumer.next() => {
+                let d = d.context("consumer ended")??;
+                got += 1;
+                acks.push(async move { d.ack(BasicAckOptions::default()).await });
+            }
+        }
+    }
+    while let Some(done) = acks.next().await {
+        done?;
+    }
+    let consume = n as f64 / t.elapsed().as_secs_f64();
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+
+    let store = Store::connect(&settings.redis_url, &settings.namespace).await?;
+    let script = redis::Script::new(
+        "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then redis.call('HINCRBY', KEYS[2], 'n', 1) end return 1",
+    );
+    let rows = format!("{}:baseline:rows", settings.namespace);
+    let counter = format!("{}:baseline:meta", settings.namespace);
+    let row = "x".repeat(size);
+    let t = Instant::now();
+    let mut calls = FuturesUnordered::new();
+    for i in 0..n {
+        if calls.len() >= 64 {
+            let r: redis::RedisResult<i64> = calls.next().await.expect("pending call");
+            r?;
+        }
+        let mut conn = store.conn();
+        let (script, rows, counter, row) =
+            (script.clone(), rows.clone(), counter.clone(), row.clone());
+        calls.push(async move {
+            script
+                .key(&rows)
+                .key(&counter)
+                .arg(i)
+                .arg(&row)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        });
+    }
+    while let Some(r) = calls.next().await {
+        r?;
+    }
+    let redis_rate = n as f64 / t.elapsed().as_secs_f64();
+    Ok(Baselines {
+        publish,
+        consume,
+        redis: redis_rate,
+    })
 }
