@@ -36,6 +36,8 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
+    store: Store,
+    publisher: Publisher,
 }
 
 impl std::fmt::Debug for Application {
@@ -69,12 +71,24 @@ impl Application {
         let addr = listener
             .local_addr()
             .context("Failed to read the API's bound address")?;
-        let state = AppState::new(settings, store, publisher, files, metrics);
+        let state = AppState::new(settings, store.clone(), publisher.clone(), files, metrics);
         Ok(Self {
             listener,
             addr,
             router: router(state),
+            store,
+            publisher,
         })
+    }
+
+    /// The API's Redis handle (for the operations endpoint's readiness).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The API's broker publisher (for the operations endpoint's readiness).
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
     /// The bound port.

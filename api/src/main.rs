@@ -64,14 +64,19 @@ async fn main() -> anyhow::Result<()> {
     shutdown::install(stop.clone());
     let metrics = Metrics::new();
     match cli.role {
-        Role::Api => run_api(settings, metrics, stop).await,
+        Role::Api => run_api(settings, metrics, stop, true).await,
         Role::Worker => run_backend(settings, metrics, stop, true, false).await,
         Role::Aggregator => run_backend(settings, metrics, stop, false, true).await,
         Role::All { demo } => {
             if demo {
                 add_demo(&mut settings, stop.clone()).await?;
             }
-            let api = tokio::spawn(run_api(settings.clone(), metrics.clone(), stop.clone()));
+            let api = tokio::spawn(run_api(
+                settings.clone(),
+                metrics.clone(),
+                stop.clone(),
+                false,
+            ));
             run_backend(settings, metrics, stop, true, true).await?;
             api.await?
         }
@@ -95,13 +100,20 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Runs the API; `with_ops` also serves `/metrics`, `/livez` and `/readyz` on the metrics port
+/// (in `all`, the back end serves them for the whole process).
 async fn run_api(
     settings: Settings,
     metrics: Metrics,
     stop: CancellationToken,
+    with_ops: bool,
 ) -> anyhow::Result<()> {
-    let app = sluice_api::Application::build(settings, metrics).await?;
-    tracing::info!(port = app.port(), "API listening.");
+    let ops_addr = settings.api.metrics_listen;
+    let app = sluice_api::Application::build(settings, metrics.clone()).await?;
+    if with_ops {
+        let (store, publisher) = (app.store().clone(), app.publisher().clone());
+        ops::serve(ops_addr, metrics, store, publisher, stop.clone()).await?;
+    }
     app.run_until_stopped(stop).await
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -227,6 +227,21 @@ impl Default for LogSettings {
     }
 }
 
+/// Top-level keys of [`Settings`], the only ones read from `SLUICE_…` variables.
+const SETTINGS_KEYS: &[&str] = &[
+    "namespace",
+    "amqp_url",
+    "redis_url",
+    "api",
+    "storage",
+    "limits",
+    "worker",
+    "aggregator",
+    "providers",
+    "tenants",
+    "log",
+];
+
 /// A configuration error, naming the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -239,7 +254,9 @@ pub enum ConfigError {
 impl Settings {
     /// Loads defaults, then `file` if given, then `SLUICE_…` environment variables, and validates the result.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        // No serialized-defaults layer: `#[serde(default)]` fills gaps, and a defaults layer would
+        // leak fields of the default variant into another (`storage.path` into `kind = "s3"`).
+        let mut figment = Figment::new();
         if let Some(file) = file {
             if !file.exists() {
                 return Err(ConfigError::Invalid(format!(
@@ -250,7 +267,16 @@ impl Settings {
             figment = figment.merge(Toml::file(file));
         }
         let settings: Settings = figment
-            .merge(Env::prefixed("SLUICE_").split("__"))
+            .merge(
+                // Only variables naming a setting: Kubernetes injects `SLUICE_API_PORT`-style
+                // service variables, and `SLUICE_CONFIG` names the file itself.
+                Env::prefixed("SLUICE_")
+                    .filter(|key| {
+                        let top = key.as_str().split("__").next().unwrap_or_default();
+                        SETTINGS_KEYS.iter().any(|k| top.eq_ignore_ascii_case(k))
+                    })
+                    .split("__"),
+            )
             .extract()
             .map_err(Box::new)?;
         settings.validate()?;
@@ -377,6 +403,7 @@ pub fn parse_window(s: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail closures return figment::Error by design
 mod tests {
     use super::*;
 
@@ -391,6 +418,37 @@ mod tests {
         assert_eq!(parse_window("h"), None);
         assert_eq!(parse_window("-1h"), None);
         assert_eq!(parse_window("1w"), None);
+    }
+
+    #[test]
+    fn s3_storage_loads_from_a_file_and_stray_variables_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "s.toml",
+                "[storage]\nkind = \"s3\"\nbucket = \"b\"\n[worker]\nconcurrency = 7\n",
+            )?;
+            jail.set_env("SLUICE_API_PORT", "tcp://10.0.0.1:80");
+            jail.set_env("SLUICE_CONFIG", "s.toml");
+            jail.set_env("SLUICE_LIMITS__MAX_LINES", "12");
+            let s = Settings::load(Some(Path::new("s.toml"))).map_err(|e| e.to_string())?;
+            assert!(matches!(s.storage, StorageSettings::S3 { ref bucket, .. } if bucket == "b"));
+            assert_eq!(s.worker.concurrency, 7);
+            assert_eq!(s.limits.max_lines, 12);
+            assert_eq!(s.namespace, "sluice");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("s.toml", "[worker]\nconcurency = 7\n")?;
+            let err = Settings::load(Some(Path::new("s.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("concurency"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

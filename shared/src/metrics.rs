@@ -10,7 +10,9 @@ use prometheus::{
 #[derive(Clone, Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// Finished lines by outcome (`succeeded`, `failed`, `duplicate`, `late`, `dead_lettered`).
+    process: Registry,
+    /// Finished lines by outcome (`succeeded`, `failed`, `dead_lettered`: rows written; `duplicate`,
+    /// `late`, `skipped`, `orphan`: messages that needed no row from this worker).
     pub lines: IntCounterVec,
     /// Upstream call latency by status class (`2xx`, `4xx`, `5xx`, `error`).
     pub upstream_latency: HistogramVec,
@@ -123,14 +125,43 @@ impl Metrics {
                 .register(c)
                 .expect("each series is registered once");
         }
+        // Process series keep their standard `process_*` names, so they live outside the prefix.
+        let process = Registry::new();
         #[cfg(target_os = "linux")]
-        registry
+        process
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("process collector registers once");
+        // Label values known in advance exist from the start at 0, so rate() sees their first event.
+        for outcome in [
+            "succeeded",
+            "failed",
+            "duplicate",
+            "late",
+            "skipped",
+            "orphan",
+            "dead_lettered",
+        ] {
+            lines.with_label_values(&[outcome]);
+        }
+        for reason in [
+            "429",
+            "408",
+            "409",
+            "5xx",
+            "timeout",
+            "connect",
+            "transport",
+        ] {
+            retries.with_label_values(&[reason]);
+        }
+        for status in ["completed", "failed", "expired", "cancelled"] {
+            batches_finished.with_label_values(&[status]);
+        }
         Self {
             registry,
+            process,
             lines,
             upstream_latency,
             upstream_responses,
@@ -144,11 +175,17 @@ impl Metrics {
         }
     }
 
+    /// Content type of [`Metrics::render`].
+    pub const CONTENT_TYPE: &'static str = "text/plain; version=0.0.4; charset=utf-8";
+
     /// The text exposition of every series.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(
+                &[self.registry.gather(), self.process.gather()].concat(),
+                &mut buf,
+            )
             .expect("encoding to a Vec cannot fail");
         String::from_utf8(buf).unwrap_or_default()
     }

@@ -33,7 +33,12 @@ pub async fn serve(
     let app = Router::new()
         .route(
             "/metrics",
-            get(|State(o): State<Ops>| async move { o.metrics.render() }),
+            get(|State(o): State<Ops>| async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, Metrics::CONTENT_TYPE)],
+                    o.metrics.render(),
+                )
+            }),
         )
         .route("/livez", get(|| async { "ok" }))
         .route(
