@@ -239,8 +239,10 @@ pub async fn create(
         .create_batch(&batch_id, tenant.id(), expires_at, &fields)
         .await
         .context("Failed to store a new batch")?;
-    announce(&state, &state.keys().control_queue(), &batch_id).await;
+    // Read back before announcing: once the dispatcher has the event it may fail or start the
+    // batch at once, and the create answer must show the batch as created (`validating`).
     let meta = reload(&state, &batch_id).await?;
+    announce(&state, &state.keys().control_queue(), &batch_id).await;
     Ok(Json(meta.to_object()))
 }
 
