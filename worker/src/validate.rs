@@ -154,7 +154,10 @@ impl<'a> Validator<'a> {
         if probe.stream.as_ref().and_then(Value::as_bool) == Some(true) {
             return Err(err(
                 "streaming_unsupported",
-                "Streaming is not supported in the Batch API.".into(),
+                format!(
+                    "{}: Streaming is not supported in the Batch API.",
+                    endpoint_title(self.endpoint)
+                ),
                 Some("body.stream"),
                 n,
             ));
@@ -244,6 +247,18 @@ impl<'a> Validator<'a> {
             ));
         }
         (self.errors, self.lines, self.model.map(|(m, _)| m))
+    }
+}
+
+/// How OpenAI names an endpoint in its messages.
+fn endpoint_title(endpoint: &str) -> &'static str {
+    match endpoint {
+        "/v1/chat/completions" => "Chat Completions",
+        "/v1/embeddings" => "Embeddings",
+        "/v1/completions" => "Completions",
+        "/v1/responses" => "Responses",
+        "/v1/moderations" => "Moderations",
+        _ => "This endpoint",
     }
 }
 
