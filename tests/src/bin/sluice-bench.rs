@@ -264,19 +264,33 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let validated = t.elapsed().as_secs_f64();
     let mut enqueued_at = None;
+    let mut rows_done_at = None;
+    // Worker and aggregator RSS (MB) as the batch passes 25, 50, 75 and 100 % of its rows.
+    let mut rss_by_quarter: Vec<(u64, f64, f64)> = Vec::new();
+    let rss_mb = |pid: u32| memory_kib(pid).1 as f64 / 1024.0;
     let status = loop {
         let meta = store.get_batch(&batch).await?.context("batch vanished")?;
         if enqueued_at.is_none() && meta.int("dispatched") == meta.int("total") {
             enqueued_at = Some(t.elapsed().as_secs_f64());
+        }
+        let total = meta.total().unwrap_or(u64::MAX).max(1);
+        let quarter = meta.done() * 4 / total;
+        if quarter > rss_by_quarter.len() as u64 {
+            let worker = worker_pids.iter().map(|p| rss_mb(*p)).fold(0.0, f64::max);
+            rss_by_quarter.push((quarter * 25, worker, rss_mb(agg_pid)));
+        }
+        if rows_done_at.is_none() && meta.done() >= total {
+            rows_done_at = Some(Instant::now());
         }
         if let Some(s) = meta.get("status")
             && matches!(s, "completed" | "failed" | "expired" | "cancelled")
         {
             break s.to_owned();
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let e2e = t.elapsed().as_secs_f64();
+    let finalize = rows_done_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
     let enqueued = enqueued_at.unwrap_or(e2e);
 
     // 3. Small batches, one at a time.
@@ -339,6 +353,18 @@ async fn main() -> anyhow::Result<()> {
         latencies.len(),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99)
+    );
+    println!(
+        "| finalize (last row written → completed, {} rows) | {:.3} s |",
+        args.lines, finalize
+    );
+    let quarters: Vec<String> = rss_by_quarter
+        .iter()
+        .map(|(pct, w, a)| format!("{pct} %: {w:.1} / {a:.1}"))
+        .collect();
+    println!(
+        "| worker / aggregator RSS (MB) during the batch | {} |",
+        quarters.join("; ")
     );
     println!("| worker peak RSS | {:.1} MB |", worker_hwm as f64 / 1024.0);
     println!(
