@@ -112,6 +112,15 @@ pub async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
             redispatch_if_stuck(ctx, &batch_id, &meta).await?;
             continue;
         }
+        if status == Some(BatchStatus::InProgress)
+            && meta.stopping().is_none()
+            && meta.int("dispatched").unwrap_or(0) < meta.int("total").unwrap_or(0)
+        {
+            // A dispatcher died mid-enqueue. Its control message came back while its lease was
+            // still alive, so the next dispatcher found the batch busy and dropped the message:
+            // nothing else would ever publish the remaining lines.
+            redispatch_if_stuck(ctx, &batch_id, &meta).await?;
+        }
         if let Err(e) = finalize_if_ready(ctx, &batch_id).await {
             tracing::warn!(%batch_id, error = %e, "Finalize failed; retrying on the next sweep.");
         }
@@ -120,7 +129,9 @@ pub async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
 }
 
 /// A batch still `validating` long after creation lost its control message (the API died before
-/// publishing it, or the message hit its delivery limit): publish it again.
+/// publishing it, or the message hit its delivery limit), and a batch `in_progress` whose lines are
+/// not all enqueued lost its dispatcher: publish the dispatch again once no dispatcher holds the
+/// batch's lease (the dispatcher resumes from the `dispatched` checkpoint).
 async fn redispatch_if_stuck(
     ctx: &WorkerContext,
     batch_id: &str,
@@ -142,7 +153,7 @@ async fn redispatch_if_stuck(
     if lease_busy.is_none() {
         return Ok(()); // a dispatcher is on it right now
     }
-    tracing::info!(%batch_id, "Batch stuck in validating; publishing its dispatch again.");
+    tracing::info!(%batch_id, "Batch dispatch stuck; publishing its dispatch again.");
     ctx.store
         .set_batch_fields(
             batch_id,

@@ -111,7 +111,8 @@ async fn dispatch(
     )
     .await?
     else {
-        // Someone is dispatching it now; if they die, their own unacked message comes back.
+        // Someone is dispatching it now (or died holding the lease, which then expires and the
+        // aggregator's sweep publishes the dispatch again).
         return Ok(Dispatched::Done("busy"));
     };
     let result = dispatch_leased(ctx, batch_id, shutdown, &lease).await;
