@@ -1,0 +1,220 @@
+//! Worker processes killed or stopped mid-batch (reliability scenarios F1, F2 and a dispatcher
+//! crash during enqueue): every line still ends exactly once and the batch completes.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_tests::*;
+
+/// Worker processes of one test. If the test panics before `cleanup`, the processes still alive
+/// are killed, so a failing test does not leave workers consuming forever.
+#[derive(Default)]
+pub(crate) struct Workers {
+    alive: Vec<u32>,
+}
+
+impl Workers {
+    pub(crate) fn spawn(&mut self, app: &mut TestApp) -> u32 {
+        let pid = app.spawn_worker_process();
+        self.alive.push(pid);
+        pid
+    }
+
+    /// Signals a worker and waits for it to exit.
+    pub(crate) fn signal(&mut self, app: &mut TestApp, pid: u32, signal: &str) {
+        app.signal_process(pid, signal);
+        self.alive.retain(|p| *p != pid);
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Only on panic: otherwise `cleanup` has killed and reaped them (their pids may be reused).
+        if std::thread::panicking() {
+            for pid in &self.alive {
+                // Best effort: the test is failing anyway.
+                std::process::Command::new("kill")
+                    .arg("-KILL")
+                    .arg(pid.to_string())
+                    .status()
+                    .ok();
+            }
+        }
+    }
+}
+
+/// `n` chat lines `req-0…` whose upstream answer takes `delay_ms`, keyed by custom id.
+fn delayed_lines(n: usize, delay_ms: u64) -> (Vec<Value>, Vec<String>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("req-{i}")).collect();
+    let lines = ids
+        .iter()
+        .map(|id| chat_line_with_mock(id, json!({"delay_ms": delay_ms})))
+        .collect();
+    (lines, ids)
+}
+
+fn completed(batch: &Value) -> u64 {
+    batch["request_counts"]["completed"].as_u64().unwrap_or(0)
+}
+
+/// Checks the finished batch: completed, every line exactly once and successful, counts agree.
+async fn assert_all_succeeded_once(app: &TestApp, batch: &Value, expected: &[String]) {
+    assert_eq!(batch["status"], "completed", "{batch:#}");
+    let (output, errors) = app.results(KEY_A, batch).await;
+    assert_exactly_once(&output, &errors, expected);
+    assert!(
+        errors.is_empty(),
+        "no line should fail: {:?}",
+        &errors[..errors.len().min(3)]
+    );
+    assert_eq!(batch["request_counts"]["total"], expected.len());
+    assert_eq!(batch["request_counts"]["completed"], expected.len());
+    assert_eq!(batch["request_counts"]["failed"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
+    let options = AppOptions {
+        worker: false,
+        ..AppOptions::default()
+    };
+    let mut app = spawn_app_with(options, |_| {}).await;
+    let mut workers = Workers::default();
+    let (lines, expected) = delayed_lines(2_000, 10);
+    let id = app.submit(KEY_A, &lines).await;
+    let victim = workers.spawn(&mut app);
+    workers.spawn(&mut app);
+    app.wait_for(KEY_A, &id, Duration::from_secs(30), |b| completed(b) >= 300)
+        .await;
+
+    workers.signal(&mut app, victim, "KILL");
+    let at_kill = app.get_batch(KEY_A, &id).await;
+    workers.spawn(&mut app);
+    let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(30)).await;
+
+    assert!(
+        completed(&at_kill) < 2_000,
+        "the kill came too late to matter: {at_kill:#}"
+    );
+    assert_all_succeeded_once(&app, &batch, &expected).await;
+    // Only the lines the victim had in flight may have been called twice.
+    let stats = app.upstream_stats();
+    let concurrency = u64::from(app.settings.worker.concurrency);
+    assert_eq!(stats.per_key.len(), 2_000);
+    assert!(
+        stats.calls <= 2_000 + concurrency,
+        "{} upstream calls for 2000 lines and one kill of a worker with {concurrency} in flight",
+        stats.calls
+    );
+    let twice: Vec<(&String, usize)> = stats
+        .per_key
+        .iter()
+        .map(|(k, t)| (k, t.len()))
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(
+        twice.iter().all(|(_, n)| *n == 2),
+        "a line was called more than twice: {twice:?}"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dispatcher_killed_mid_enqueue_is_resumed_and_every_line_ends_exactly_once() {
+    let options = AppOptions {
+        worker: false,
+        ..AppOptions::default()
+    };
+    let mut app = spawn_app_with(options, |s| {
+        s.worker.publish_window = 50;
+        // A dead dispatcher's lease must run out before anyone resumes its batch; keep that short.
+        s.aggregator.lease_ms = 1_500;
+        s.aggregator.redispatch_after_ms = 1_000;
+    })
+    .await;
+    let mut workers = Workers::default();
+    let total: i64 = 5_000;
+    let lines = chat_lines(total as usize);
+    let expected: Vec<String> = (0..total).map(|i| format!("req-{i}")).collect();
+    let id = app.submit(KEY_A, &lines).await;
+    let dispatcher = workers.spawn(&mut app);
+    // Kill it right after its first checkpoint (every 2,000 confirmed lines), mid-enqueue.
+    let started = Instant::now();
+    loop {
+        let meta = app
+            .store
+            .get_batch(&id)
+            .await
+            .expect("redis")
+            .expect("batch exists");
+        if meta.int("dispatched").unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no checkpoint: {meta:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    workers.signal(&mut app, dispatcher, "KILL");
+    let at_kill = app
+        .store
+        .get_batch(&id)
+        .await
+        .expect("redis")
+        .expect("batch exists");
+    workers.spawn(&mut app);
+    let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(40)).await;
+
+    assert_eq!(at_kill.get("status"), Some("in_progress"));
+    let dispatched = at_kill.int("dispatched").unwrap_or(0);
+    assert!(
+        dispatched < total,
+        "the kill came after the enqueue finished: {at_kill:?}"
+    );
+    assert_all_succeeded_once(&app, &batch, &expected).await;
+    assert!(app.upstream_stats().calls >= total as u64);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_stopped_with_sigterm_finishes_its_lines_within_the_grace_and_the_batch_completes()
+{
+    let options = AppOptions {
+        worker: false,
+        ..AppOptions::default()
+    };
+    let mut app = spawn_app_with(options, |_| {}).await;
+    let mut workers = Workers::default();
+    let (lines, expected) = delayed_lines(2_000, 10);
+    let id = app.submit(KEY_A, &lines).await;
+    let worker = workers.spawn(&mut app);
+    app.wait_for(KEY_A, &id, Duration::from_secs(30), |b| completed(b) >= 300)
+        .await;
+
+    let signalled = Instant::now();
+    workers.signal(&mut app, worker, "TERM");
+    let exit_took = signalled.elapsed();
+    let at_exit = app.get_batch(KEY_A, &id).await;
+    let calls_at_exit = app.upstream_stats().calls;
+    workers.spawn(&mut app);
+    let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(30)).await;
+
+    let grace = Duration::from_millis(app.settings.worker.shutdown_grace_ms);
+    assert!(
+        exit_took < grace,
+        "the worker took {exit_took:?} to exit (grace {grace:?})"
+    );
+    assert!(
+        completed(&at_exit) < 2_000,
+        "the stop came too late to matter: {at_exit:#}"
+    );
+    // Whatever the stopped worker called upstream it finished and recorded before exiting.
+    assert_eq!(completed(&at_exit), calls_at_exit, "{at_exit:#}");
+    assert_all_succeeded_once(&app, &batch, &expected).await;
+    let stats = app.upstream_stats();
+    assert_eq!(stats.calls, 2_000, "a graceful stop causes no second call");
+    assert!(stats.per_key.values().all(|t| t.len() == 1));
+    app.cleanup().await;
+}
