@@ -47,6 +47,16 @@ pub enum ApiError {
     /// 503: a dependency is down (readiness probe).
     #[error("{message}")]
     NotReady { message: String },
+    /// A deterministic answer with its own status and code (429 `batch_limit_exceeded`, 501
+    /// `not_implemented`, 503 `no_provider_configured`…), optionally listing per-line `errors`.
+    #[error("{message}")]
+    Coded {
+        status: StatusCode,
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+        errors: Option<Value>,
+    },
     /// 500: our fault. The client sees an opaque message; the source is logged.
     #[error("The server had an error while processing your request.")]
     Internal(#[from] anyhow::Error),
@@ -126,6 +136,7 @@ impl ApiError {
             Self::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Status { status, .. } => *status,
             Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Coded { status, .. } => *status,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -136,6 +147,7 @@ impl ApiError {
             Self::InvalidRequest { param, code, .. } => (param.as_deref(), *code),
             Self::Unauthenticated { .. } => (None, Some("invalid_api_key")),
             Self::FileTooLarge { .. } => (Some("file"), Some("file_too_large")),
+            Self::Coded { param, code, .. } => (param.as_deref(), Some(*code)),
             _ => (None, None),
         };
         let kind = if self.status().is_server_error() {
@@ -143,14 +155,22 @@ impl ApiError {
         } else {
             "invalid_request_error"
         };
-        json!({
+        let mut body = json!({
             "error": {
                 "message": self.to_string(),
                 "type": kind,
                 "param": param,
                 "code": code,
             }
-        })
+        });
+        if let Self::Coded {
+            errors: Some(errors),
+            ..
+        } = self
+        {
+            body["error"]["errors"] = errors.clone();
+        }
+        body
     }
 }
 
@@ -159,7 +179,9 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut response = (status, Json(self.body())).into_response();
         // A 4xx other than 429 will fail the same way again; without this the SDK retries 409s.
-        if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+        // A coded 5xx (501, 503 "not configured") is deterministic too.
+        let deterministic = status.is_client_error() || matches!(self, Self::Coded { .. });
+        if deterministic && status != StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()
                 .insert(SHOULD_RETRY, HeaderValue::from_static("false"));

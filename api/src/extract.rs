@@ -38,18 +38,23 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::bad_request(
-                "The request body is empty; a JSON object was expected.",
-            ));
-        }
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            ApiError::bad_request(format!(
-                "We could not parse the JSON body of your request ({e}). The API expects a JSON \
-                 object."
-            ))
-        })
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A request body parsed as JSON, with the API's messages for an empty or malformed body.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "The request body is empty; a JSON object was expected.",
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "We could not parse the JSON body of your request ({e}). The API expects a JSON \
+             object."
+        ))
+    })
 }
 
 /// An optional integer query parameter within `range`, `default` when absent.

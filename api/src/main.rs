@@ -159,11 +159,20 @@ async fn add_demo(settings: &mut Settings, stop: CancellationToken) -> anyhow::R
         base_url,
         api_key_env: None,
         models: vec!["*".into()],
+        endpoints: Vec::new(),
+        batch: true,
+        flavors: vec!["batch".into()],
     });
+    // Task models (extract, summarize, classify) run on the demo upstream too.
+    settings
+        .tasks
+        .model
+        .get_or_insert_with(|| "demo/demo-model".into());
     if settings.tenants.is_empty() {
         settings.tenants.push(TenantSettings {
             id: "demo".into(),
             api_key_sha256: vec![hash_api_key("sk-demo")],
+            completed_as: None,
         });
     }
     eprintln!(

@@ -32,6 +32,8 @@ pub struct Settings {
     pub providers: Vec<ProviderSettings>,
     /// Tenants and the SHA-256 digests of their API keys.
     pub tenants: Vec<TenantSettings>,
+    /// Task models (`extract`, `summarize`, `classify`) and the model that runs them.
+    pub tasks: TaskSettings,
     pub log: LogSettings,
 }
 
@@ -78,6 +80,8 @@ pub struct Limits {
     pub max_completion_window: String,
     /// Largest upstream response body kept for one line, in bytes.
     pub max_response_bytes: u64,
+    /// Batches one tenant may have not yet terminal; one more is refused with 429.
+    pub max_open_batches: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +105,9 @@ pub struct WorkerSettings {
     pub publish_window: usize,
     /// How long a worker lets in-flight lines finish after SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// Whether this worker calls the upstream for lines; `false` makes a dispatch-only worker
+    /// (validation and enqueueing of new batches, and dead letters), e.g. for ingest-heavy pods.
+    pub lines: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,6 +135,19 @@ pub struct ProviderSettings {
     pub api_key_env: Option<String>,
     /// Models this provider serves; `"*"` serves any model.
     pub models: Vec<String>,
+    /// Endpoints this provider supports (e.g. `"/v1/embeddings"`); empty = every supported endpoint.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Whether this provider accepts batch work; a model routed to one that does not gets 501.
+    #[serde(default = "yes")]
+    pub batch: bool,
+    /// Model flavors this provider serves (`["batch"]`: `glm-4.7:batch` routes here as `glm-4.7`).
+    #[serde(default)]
+    pub flavors: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +157,29 @@ pub struct TenantSettings {
     pub id: String,
     /// Hex SHA-256 digests of the tenant's API keys (`sluice hash-key <key>` prints one).
     pub api_key_sha256: Vec<String>,
+    /// Status word this tenant's batch objects use for a completed batch (`"succeeded"` for
+    /// clients written against APIs that say so); `request_counts` then also carries that word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_as: Option<String>,
+}
+
+/// The task models of the batch router and the model that runs them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskSettings {
+    /// Backing model (routed like any model, e.g. `"openai/gpt-4o-mini"`); unset = no task models
+    /// (a batch naming one gets 503).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Prompt template of `extract`; placeholders `{text}`, `{entities}`, `{instructions}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extract_prompt: Option<String>,
+    /// Prompt template of `summarize`; placeholders `{text}`, `{instructions}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summarize_prompt: Option<String>,
+    /// Prompt template of `classify`; placeholders `{text}`, `{labels}`, `{instructions}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classify_prompt: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +206,7 @@ impl Default for Settings {
             aggregator: AggregatorSettings::default(),
             providers: Vec::new(),
             tenants: Vec::new(),
+            tasks: TaskSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -186,6 +230,7 @@ impl Default for Limits {
             min_completion_window: "60s".into(),
             max_completion_window: "7d".into(),
             max_response_bytes: 16 * 1024 * 1024,
+            max_open_batches: 10,
         }
     }
 }
@@ -203,6 +248,7 @@ impl Default for WorkerSettings {
             delivery_limit: 5,
             publish_window: 1_000,
             shutdown_grace_ms: 30_000,
+            lines: true,
         }
     }
 }
@@ -239,6 +285,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "aggregator",
     "providers",
     "tenants",
+    "tasks",
     "log",
 ];
 
@@ -339,7 +386,12 @@ impl Settings {
                     provider.name
                 ));
             }
+            crate::routing::check_provider(provider).map_err(ConfigError::Invalid)?;
         }
+        if self.limits.max_open_batches == 0 {
+            return bad("limits.max_open_batches must be at least 1".into());
+        }
+        crate::routing::check_tasks(&self.tasks).map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -54,6 +54,10 @@ impl Keys {
     pub fn tenant_files(&self, tenant: &str) -> String {
         format!("{}:t:{{{tenant}}}:files", self.ns)
     }
+    /// Set: the tenant's batch ids not yet terminal (the per-owner limit counts it).
+    pub fn tenant_open(&self, tenant: &str) -> String {
+        format!("{}:t:{{{tenant}}}:open", self.ns)
+    }
     /// Sorted set: non-terminal batch ids scored by `expires_at` (unix seconds).
     pub fn active(&self) -> String {
         format!("{}:active", self.ns)

@@ -6,6 +6,7 @@
 //! - [`domain`]: batch and file objects, statuses and their transition table, rows and queue messages.
 //! - [`store`]: Redis access and the Lua scripts that make row writes idempotent.
 //! - [`queue`]: RabbitMQ topology and confirmed publishing.
+//! - [`routing`]: which provider runs a model (prefixes, flavors, task models).
 //! - [`storage`]: object storage for input and result files.
 //! - [`metrics`]: every Prometheus series, registered once.
 //! - [`telemetry`], [`shutdown`]: logging and signal handling.
@@ -14,7 +15,9 @@ pub mod config;
 pub mod domain;
 pub mod keys;
 pub mod metrics;
+pub mod open_batches;
 pub mod queue;
+pub mod routing;
 pub mod shutdown;
 pub mod storage;
 pub mod store;

@@ -502,9 +502,14 @@ impl Store {
         Ok(items.into_iter().map(|(id, s)| (id, s as i64)).collect())
     }
 
-    /// Forgets a terminal batch's working data: out of the sweep, rows and leases expire.
+    /// Forgets a terminal batch's working data: out of the sweep and of its tenant's open
+    /// batches, rows and leases expire.
     pub async fn retire_batch(&self, id: &str, rows_ttl_secs: u64) -> Result<()> {
+        let tenant: Option<String> = self.conn().hget(self.keys.batch_meta(id), "tenant").await?;
         let mut pipe = redis::pipe();
+        if let Some(tenant) = tenant {
+            pipe.srem(self.keys.tenant_open(&tenant), id).ignore();
+        }
         pipe.zrem(self.keys.active(), id)
             .ignore()
             .expire(self.keys.batch_rows(id), rows_ttl_secs as i64)

@@ -36,7 +36,11 @@ pub struct AppOptions {
 
 impl Default for AppOptions {
     fn default() -> Self {
-        Self { worker: true, aggregator: true, mock: MockConfig::default() }
+        Self {
+            worker: true,
+            aggregator: true,
+            mock: MockConfig::default(),
+        }
     }
 }
 
@@ -63,7 +67,10 @@ pub struct TestApp {
 pub fn test_settings(upstream_base: &str) -> Settings {
     let ns = format!("t-{}", uuid::Uuid::new_v4().simple());
     let dir = std::env::temp_dir().join("sluice-tests").join(&ns);
-    let mut s = Settings { namespace: ns, ..Settings::default() };
+    let mut s = Settings {
+        namespace: ns,
+        ..Settings::default()
+    };
     s.api.listen = ([127, 0, 0, 1], 0).into();
     s.api.metrics_listen = ([127, 0, 0, 1], 0).into();
     s.storage = StorageSettings::Local { path: dir };
@@ -77,6 +84,8 @@ pub fn test_settings(upstream_base: &str) -> Settings {
     s.worker.connect_timeout_ms = 1_000;
     s.worker.shutdown_grace_ms = 3_000;
     s.limits.min_completion_window = "1s".into();
+    // Tests create many batches per tenant; the per-owner limit has its own tests.
+    s.limits.max_open_batches = 1_000;
     s.log.format = "pretty".into();
     s.log.filter = "warn".into();
     s.providers = vec![ProviderSettings {
@@ -84,10 +93,21 @@ pub fn test_settings(upstream_base: &str) -> Settings {
         base_url: upstream_base.to_owned(),
         api_key_env: None,
         models: vec![MODEL.into(), "mock-embed".into()],
+        endpoints: Vec::new(),
+        batch: true,
+        flavors: Vec::new(),
     }];
     s.tenants = vec![
-        TenantSettings { id: "tenant-a".into(), api_key_sha256: vec![hash_api_key(KEY_A)] },
-        TenantSettings { id: "tenant-b".into(), api_key_sha256: vec![hash_api_key(KEY_B)] },
+        TenantSettings {
+            id: "tenant-a".into(),
+            api_key_sha256: vec![hash_api_key(KEY_A)],
+            completed_as: None,
+        },
+        TenantSettings {
+            id: "tenant-b".into(),
+            api_key_sha256: vec![hash_api_key(KEY_B)],
+            completed_as: None,
+        },
     ];
     s
 }
@@ -107,7 +127,11 @@ pub async fn spawn_app_with(options: AppOptions, tweak: impl FnOnce(&mut Setting
     }
     let stop = CancellationToken::new();
     let mock = MockUpstream::new(options.mock.clone());
-    let upstream = mock.clone().spawn(stop.clone()).await.expect("mock upstream starts");
+    let upstream = mock
+        .clone()
+        .spawn(stop.clone())
+        .await
+        .expect("mock upstream starts");
     let mut settings = test_settings(&upstream);
     tweak(&mut settings);
     let dir = match &settings.storage {
@@ -115,12 +139,16 @@ pub async fn spawn_app_with(options: AppOptions, tweak: impl FnOnce(&mut Setting
         StorageSettings::S3 { .. } => std::env::temp_dir(),
     };
     let metrics = Metrics::new();
-    let api = sluice_api::Application::build(settings.clone(), metrics.clone()).await.expect("API starts");
+    let api = sluice_api::Application::build(settings.clone(), metrics.clone())
+        .await
+        .expect("API starts");
     let base = format!("http://127.0.0.1:{}/v1", api.port());
     tokio::spawn(api.run_until_stopped(stop.clone()));
     let worker_stop = stop.child_token();
     if options.worker || options.aggregator {
-        let ctx = WorkerContext::build(settings.clone(), metrics).await.expect("back end connects");
+        let ctx = WorkerContext::build(settings.clone(), metrics)
+            .await
+            .expect("back end connects");
         if options.worker {
             tokio::spawn(sluice_worker::run_worker(ctx.clone(), worker_stop.clone()));
         }
@@ -128,7 +156,9 @@ pub async fn spawn_app_with(options: AppOptions, tweak: impl FnOnce(&mut Setting
             tokio::spawn(sluice_worker::run_aggregator(ctx, stop.clone()));
         }
     }
-    let store = Store::connect(&settings.redis_url, &settings.namespace).await.expect("redis");
+    let store = Store::connect(&settings.redis_url, &settings.namespace)
+        .await
+        .expect("redis");
     TestApp {
         settings,
         base,
@@ -173,7 +203,9 @@ pub fn jsonl(lines: &[Value]) -> Vec<u8> {
 
 /// `n` chat lines with custom ids `req-0…`.
 pub fn chat_lines(n: usize) -> Vec<Value> {
-    (0..n).map(|i| chat_line(&format!("req-{i}"), &format!("question {i}"))).collect()
+    (0..n)
+        .map(|i| chat_line(&format!("req-{i}"), &format!("question {i}")))
+        .collect()
 }
 
 impl TestApp {
@@ -184,15 +216,29 @@ impl TestApp {
 
     /// A request builder with `key` as bearer token.
     pub fn req(&self, method: reqwest::Method, path: &str, key: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(key)
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(key)
     }
 
     /// Uploads `content` as `filename` with purpose batch; returns the response.
-    pub async fn upload_raw(&self, key: &str, filename: &str, content: Vec<u8>) -> reqwest::Response {
+    pub async fn upload_raw(
+        &self,
+        key: &str,
+        filename: &str,
+        content: Vec<u8>,
+    ) -> reqwest::Response {
         let form = reqwest::multipart::Form::new()
             .text("purpose", "batch")
-            .part("file", reqwest::multipart::Part::bytes(content).file_name(filename.to_owned()));
-        self.req(reqwest::Method::POST, "/files", key).multipart(form).send().await.expect("upload request")
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(content).file_name(filename.to_owned()),
+            );
+        self.req(reqwest::Method::POST, "/files", key)
+            .multipart(form)
+            .send()
+            .await
+            .expect("upload request")
     }
 
     /// Uploads a JSONL file and returns its id.
@@ -206,7 +252,12 @@ impl TestApp {
 
     /// Creates a batch; returns (status, body).
     pub async fn create_batch_raw(&self, key: &str, body: Value) -> (u16, Value) {
-        let resp = self.req(reqwest::Method::POST, "/batches", key).json(&body).send().await.expect("create");
+        let resp = self
+            .req(reqwest::Method::POST, "/batches", key)
+            .json(&body)
+            .send()
+            .await
+            .expect("create");
         let status = resp.status().as_u16();
         (status, resp.json().await.expect("create answer is JSON"))
     }
@@ -237,7 +288,11 @@ impl TestApp {
 
     /// The batch object as `key` sees it; (status, body).
     pub async fn get_batch_raw(&self, key: &str, id: &str) -> (u16, Value) {
-        let resp = self.req(reqwest::Method::GET, &format!("/batches/{id}"), key).send().await.expect("get");
+        let resp = self
+            .req(reqwest::Method::GET, &format!("/batches/{id}"), key)
+            .send()
+            .await
+            .expect("get");
         let status = resp.status().as_u16();
         (status, resp.json().await.expect("JSON"))
     }
@@ -252,20 +307,32 @@ impl TestApp {
     /// Polls until the batch reaches a terminal status (or `timeout`), returning it.
     pub async fn wait_terminal(&self, key: &str, id: &str, timeout: Duration) -> Value {
         self.wait_for(key, id, timeout, |b| {
-            matches!(b["status"].as_str(), Some("completed" | "failed" | "expired" | "cancelled"))
+            matches!(
+                b["status"].as_str(),
+                Some("completed" | "failed" | "expired" | "cancelled")
+            )
         })
         .await
     }
 
     /// Polls until `done(batch)` holds; panics with the last state after `timeout`.
-    pub async fn wait_for(&self, key: &str, id: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_for(
+        &self,
+        key: &str,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let b = self.get_batch(key, id).await;
             if done(&b) {
                 return b;
             }
-            assert!(start.elapsed() < timeout, "batch {id} did not get there in {timeout:?}: {b:#}");
+            assert!(
+                start.elapsed() < timeout,
+                "batch {id} did not get there in {timeout:?}: {b:#}"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -273,7 +340,11 @@ impl TestApp {
     /// The content of a file as `key` sees it.
     pub async fn file_content(&self, key: &str, file_id: &str) -> String {
         let resp = self
-            .req(reqwest::Method::GET, &format!("/files/{file_id}/content"), key)
+            .req(
+                reqwest::Method::GET,
+                &format!("/files/{file_id}/content"),
+                key,
+            )
             .send()
             .await
             .expect("content");
@@ -315,7 +386,11 @@ impl TestApp {
     pub fn write_config(&self) -> PathBuf {
         std::fs::create_dir_all(&self.dir).expect("test dir");
         let path = self.dir.join("sluice.toml");
-        std::fs::write(&path, toml::to_string(&self.settings).expect("settings serialize")).expect("write config");
+        std::fs::write(
+            &path,
+            toml::to_string(&self.settings).expect("settings serialize"),
+        )
+        .expect("write config");
         path
     }
 
@@ -344,7 +419,11 @@ impl TestApp {
 
     /// Sends `signal` (e.g. "KILL", "TERM") to a child process and waits for it to exit.
     pub fn signal_process(&mut self, pid: u32, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
         assert!(status.success());
         if let Some(child) = self.children.iter_mut().find(|c| c.id() == pid) {
             child.wait().expect("child exits");
@@ -359,10 +438,13 @@ impl TestApp {
         }
         self.stop.cancel();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok(conn) = sluice_shared::queue::connect(&self.settings.amqp_url, "sluice-test-cleanup").await
+        if let Ok(conn) =
+            sluice_shared::queue::connect(&self.settings.amqp_url, "sluice-test-cleanup").await
             && let Ok(ch) = conn.create_channel().await
         {
-            sluice_shared::queue::delete_topology(&ch, &self.keys()).await.ok();
+            sluice_shared::queue::delete_topology(&ch, &self.keys())
+                .await
+                .ok();
         }
         self.store.purge_namespace().await.ok();
         std::fs::remove_dir_all(&self.dir).ok();
@@ -374,7 +456,11 @@ pub fn sluice_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let debug_dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
     let bin = debug_dir.join("sluice");
-    assert!(bin.exists(), "{} is missing: run `cargo build --bins` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        bin.display()
+    );
     bin
 }
 
@@ -382,11 +468,20 @@ pub fn sluice_binary() -> PathBuf {
 pub fn assert_exactly_once(output: &[Value], errors: &[Value], expected: &[String]) {
     let mut seen = std::collections::HashMap::<String, usize>::new();
     for line in output.iter().chain(errors) {
-        *seen.entry(line["custom_id"].as_str().expect("custom_id").to_owned()).or_default() += 1;
+        *seen
+            .entry(line["custom_id"].as_str().expect("custom_id").to_owned())
+            .or_default() += 1;
     }
-    let dup: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).map(|(k, _)| k.clone()).collect();
+    let dup: Vec<_> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| k.clone())
+        .collect();
     assert!(dup.is_empty(), "duplicated lines: {dup:?}");
-    let lost: Vec<_> = expected.iter().filter(|id| !seen.contains_key(*id)).collect();
+    let lost: Vec<_> = expected
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
     assert!(lost.is_empty(), "lost lines: {lost:?}");
     assert_eq!(seen.len(), expected.len(), "unexpected lines present");
 }

@@ -187,8 +187,7 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
         fail(ctx, batch_id, vec![error]).await?;
         return Ok(false);
     }
-    let upstream = &ctx.upstream;
-    let serves = |model: &str| upstream.provider_for(model).is_some();
+    let serves = |model: &str| crate::validate::check_model(&ctx.settings, model, &endpoint);
     let mut validator = Validator::new(&endpoint, ctx.settings.limits.max_lines, &serves);
     while let Some(line) = lines.next_line().await? {
         validator.check(&line);

@@ -4,6 +4,7 @@
 //! - [`work`]: calls the upstream for each line and records its row; dead-lettered lines too.
 //! - [`aggregator`]: writes result files, finishes batches, expires and recovers them.
 //! - [`upstream`]: the HTTP client and the one retry policy.
+//! - [`tasks`]: the task models (`extract`, `summarize`, `classify`) run through a backing model.
 //! - [`mock_upstream`]: an OpenAI-compatible stand-in model server for demos, tests and benchmarks.
 
 pub mod aggregator;
@@ -11,8 +12,10 @@ pub mod amqp;
 pub mod dispatcher;
 pub mod lease;
 pub mod lines;
+pub mod mock_tasks;
 pub mod mock_upstream;
 pub mod ops;
+pub mod tasks;
 pub mod upstream;
 pub mod validate;
 pub mod work;
@@ -94,9 +97,11 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
             .await
         })
     };
-    let s2 = shutdown.clone();
-    let c = ctx.clone();
-    amqp::supervise("worker", shutdown, move || work::run(c.clone(), s2.clone())).await;
+    if ctx.settings.worker.lines {
+        let s2 = shutdown.clone();
+        let c = ctx.clone();
+        amqp::supervise("worker", shutdown, move || work::run(c.clone(), s2.clone())).await;
+    }
     d.await?;
     q.await?;
     Ok(())

@@ -575,7 +575,8 @@ fn chat_answer(body: &Map<String, Value>) -> Value {
         .rev()
         .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
         .or(messages.last());
-    let answer = echo(&content_text(last_user.and_then(|m| m.get("content"))));
+    let answer = crate::mock_tasks::task_answer(messages, |m| content_text(m.get("content")))
+        .unwrap_or_else(|| echo(&content_text(last_user.and_then(|m| m.get("content")))));
     let completion_tokens = words(&answer);
     json!({
         "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),

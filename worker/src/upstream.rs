@@ -12,15 +12,26 @@ use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sluice_shared::config::{ProviderSettings, Settings, WorkerSettings};
+use sluice_shared::config::{ProviderSettings, Settings, TaskSettings, WorkerSettings};
 use sluice_shared::domain::{Row, Usage};
+use sluice_shared::routing::{Target, resolve_target};
 
 /// Providers and the HTTP client that reaches them.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     client: reqwest::Client,
     providers: Vec<ProviderSettings>,
+    tasks: TaskSettings,
     max_response_bytes: u64,
+}
+
+/// An upstream call that got no usable HTTP answer.
+#[derive(Debug)]
+pub enum CallFailure {
+    /// Timeout, connection or protocol failure.
+    Transport(reqwest::Error),
+    /// The answer exceeded `limits.max_response_bytes`.
+    TooLarge,
 }
 
 /// What one attempt produced.
@@ -49,6 +60,7 @@ impl Upstream {
         Ok(Self {
             client,
             providers: settings.providers.clone(),
+            tasks: settings.tasks.clone(),
             max_response_bytes: settings.limits.max_response_bytes,
         })
     }
@@ -58,7 +70,15 @@ impl Upstream {
         self.providers.iter().find(|p| p.serves(model))
     }
 
-    /// Calls the upstream once for a line.
+    /// The `[tasks]` settings (prompt templates).
+    pub fn task_settings(&self) -> &TaskSettings {
+        &self.tasks
+    }
+
+    /// Calls the upstream once for a line: the route of `model` (see
+    /// [`sluice_shared::routing`]), with the body's `model` rewritten only when the upstream knows
+    /// the model under another name (prefix or flavor removed). Task models run through
+    /// [`crate::tasks`].
     pub async fn attempt(
         &self,
         endpoint: &str,
@@ -66,50 +86,79 @@ impl Upstream {
         custom_id: &str,
         body: &RawValue,
     ) -> Attempt {
-        let Some(provider) = self.provider_for(model) else {
-            return Attempt::Done(
-                Row::error(
-                    custom_id,
-                    "model_not_found",
-                    &format!("No provider serves the model '{model}'."),
-                ),
-                Usage::default(),
-            );
+        let route = match resolve_target(&self.providers, &self.tasks, model, endpoint) {
+            Ok(Target::Model(route)) => route,
+            Ok(Target::Task { task, backing }) => {
+                return crate::tasks::attempt(self, task, &backing, custom_id, body).await;
+            }
+            Err(e) => {
+                return Attempt::Done(
+                    Row::error(custom_id, e.code(), &e.to_string()),
+                    Usage::default(),
+                );
+            }
         };
+        let payload = if route.upstream_model == model {
+            body.get().to_owned()
+        } else {
+            match serde_json::from_str::<serde_json::Map<String, Value>>(body.get()) {
+                Ok(mut map) => {
+                    map.insert("model".into(), Value::String(route.upstream_model.clone()));
+                    Value::Object(map).to_string()
+                }
+                Err(_) => body.get().to_owned(),
+            }
+        };
+        match self.exchange(route.provider, endpoint, payload).await {
+            Ok((status, headers, bytes)) => classify(custom_id, status, &headers, &bytes),
+            Err(failure) => self.failure(custom_id, failure),
+        }
+    }
+
+    /// One HTTP exchange with provider number `provider`: status, headers and the capped body.
+    pub async fn exchange(
+        &self,
+        provider: usize,
+        endpoint: &str,
+        payload: String,
+    ) -> Result<(u16, HeaderMap, Bytes), CallFailure> {
+        let provider = &self.providers[provider];
         let path = endpoint.strip_prefix("/v1").unwrap_or(endpoint);
         let url = format!("{}{path}", provider.base_url.trim_end_matches('/'));
         let mut request = self
             .client
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.get().to_owned());
+            .body(payload);
         if let Some(key) = provider.api_key() {
             request = request.bearer_auth(key);
         }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => return transport_failure(custom_id, &e),
-        };
+        let response = request.send().await.map_err(CallFailure::Transport)?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let bytes = match read_capped(response, self.max_response_bytes).await {
-            Ok(Some(b)) => b,
-            Ok(None) => {
-                return Attempt::Done(
-                    Row::error(
-                        custom_id,
-                        "response_too_large",
-                        &format!(
-                            "The upstream response exceeded {} bytes.",
-                            self.max_response_bytes
-                        ),
+        match read_capped(response, self.max_response_bytes).await {
+            Ok(Some(bytes)) => Ok((status, headers, bytes)),
+            Ok(None) => Err(CallFailure::TooLarge),
+            Err(e) => Err(CallFailure::Transport(e)),
+        }
+    }
+
+    /// The attempt outcome of a call that got no usable answer.
+    pub fn failure(&self, custom_id: &str, failure: CallFailure) -> Attempt {
+        match failure {
+            CallFailure::Transport(e) => transport_failure(custom_id, &e),
+            CallFailure::TooLarge => Attempt::Done(
+                Row::error(
+                    custom_id,
+                    "response_too_large",
+                    &format!(
+                        "The upstream response exceeded {} bytes.",
+                        self.max_response_bytes
                     ),
-                    Usage::default(),
-                );
-            }
-            Err(e) => return transport_failure(custom_id, &e),
-        };
-        classify(custom_id, status, &headers, &bytes)
+                ),
+                Usage::default(),
+            ),
+        }
     }
 }
 

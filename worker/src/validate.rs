@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
+use sluice_shared::Settings;
 use sluice_shared::domain::BatchError;
+use sluice_shared::routing::{RouteError, resolve_target, task_model};
 
 use crate::lines::{LineProbe, RequestLine};
 
@@ -23,13 +25,42 @@ struct BodyProbe<'a> {
     input: Option<&'a RawValue>,
     #[serde(borrow)]
     prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    document: Option<&'a RawValue>,
+    #[serde(borrow)]
+    document_mime_type: Option<&'a RawValue>,
 }
+
+/// Why a line's model cannot run: the code and message of the line's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelProblem {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The model check of a batch on `endpoint` under `settings`' routing (task models included).
+pub fn check_model(settings: &Settings, model: &str, endpoint: &str) -> Result<(), ModelProblem> {
+    match resolve_target(&settings.providers, &settings.tasks, model, endpoint) {
+        Ok(_) => Ok(()),
+        Err(RouteError::ModelNotFound { .. }) => Err(ModelProblem {
+            code: "model_not_found",
+            message: format!("The provided model '{model}' is not supported by the Batch API."),
+        }),
+        Err(e) => Err(ModelProblem {
+            code: e.code(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// A model check: `Ok` when some provider runs the model for the batch.
+pub type ModelCheck<'a> = dyn Fn(&str) -> Result<(), ModelProblem> + Sync + 'a;
 
 /// Validation state across the lines of one file.
 pub struct Validator<'a> {
     endpoint: &'a str,
     max_lines: u64,
-    serves: &'a (dyn Fn(&str) -> bool + Sync),
+    serves: &'a ModelCheck<'a>,
     seen: HashMap<String, u64>,
     model: Option<(String, u64)>,
     lines: u64,
@@ -55,12 +86,8 @@ fn err(code: &str, message: String, param: Option<&str>, line: Option<u64>) -> B
 }
 
 impl<'a> Validator<'a> {
-    /// A validator for a batch on `endpoint`; `serves` tells whether some provider serves a model.
-    pub fn new(
-        endpoint: &'a str,
-        max_lines: u64,
-        serves: &'a (dyn Fn(&str) -> bool + Sync),
-    ) -> Self {
+    /// A validator for a batch on `endpoint`; `serves` tells whether some provider runs a model.
+    pub fn new(endpoint: &'a str, max_lines: u64, serves: &'a ModelCheck<'a>) -> Self {
         Self {
             endpoint,
             max_lines,
@@ -173,7 +200,38 @@ impl<'a> Validator<'a> {
                 ));
             }
         };
-        if let Some(field) = required_body_field(self.endpoint) {
+        // The model first: for a model that cannot run, its other fields do not matter.
+        if let Err(problem) = (self.serves)(&model) {
+            return Err(err(problem.code, problem.message, Some("body.model"), n));
+        }
+        if probe.document.is_some() || probe.document_mime_type.is_some() {
+            let param = if probe.document.is_some() {
+                "body.document"
+            } else {
+                "body.document_mime_type"
+            };
+            return Err(err(
+                "unsupported_document",
+                "Documents (document / document_mime_type) are not supported in batch requests. \
+                 Pass pre-extracted text in the 'text' field."
+                    .into(),
+                Some(param),
+                n,
+            ));
+        }
+        if let Some(task) = task_model(&model) {
+            let fields: serde_json::Map<String, Value> =
+                serde_json::from_str(body.get()).map_err(|_| {
+                    err(
+                        "invalid_request",
+                        "body must be a JSON object.".into(),
+                        Some("body"),
+                        n,
+                    )
+                })?;
+            crate::tasks::check_body(task, &fields)
+                .map_err(|(message, param)| err("invalid_request", message, Some(&param), n))?;
+        } else if let Some(field) = required_body_field(self.endpoint) {
             let present = match field {
                 "messages" => probe.messages.is_some(),
                 "input" => probe.input.is_some(),
@@ -189,17 +247,13 @@ impl<'a> Validator<'a> {
                 ));
             }
         }
-        if !(self.serves)(&model) {
-            return Err(err(
-                "model_not_found",
-                format!("The provided model '{model}' is not supported by the Batch API."),
-                Some("body.model"),
-                n,
-            ));
-        }
         match &self.model {
             None => self.model = Some((model, line.number)),
-            Some((first, first_line)) if *first != model => {
+            // Task models are one router: a batch may mix them (not with other models).
+            Some((first, first_line))
+                if *first != model
+                    && !(task_model(first).is_some() && task_model(&model).is_some()) =>
+            {
                 return Err(err(
                     "model_mismatch",
                     format!(
@@ -287,7 +341,16 @@ mod tests {
     }
 
     fn run(lines: &[&str]) -> (Vec<BatchError>, u64, Option<String>) {
-        let serves = |m: &str| m != "unknown";
+        let serves = |m: &str| {
+            if m == "unknown" {
+                Err(ModelProblem {
+                    code: "model_not_found",
+                    message: "no".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
         let mut v = Validator::new("/v1/chat/completions", 3, &serves);
         for (i, l) in lines.iter().enumerate() {
             v.check(&line(i as u64 + 1, l));

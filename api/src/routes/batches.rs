@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use sluice_shared::domain::{BatchMeta, BatchStatus, SUPPORTED_ENDPOINTS, new_batch_id, now_secs};
 use sluice_shared::store::Transition;
 
+use super::dialect::present;
 use super::{EXPIRES_AFTER_SECS, PageRequest, announce, list_object, read_page, visible};
 use crate::auth::Tenant;
 use crate::error::{ApiError, json_type_name};
@@ -25,15 +26,15 @@ const MAX_METADATA_VALUE_CHARS: usize = 512;
 
 /// The validated parameters of `POST /v1/batches`.
 #[derive(Debug, PartialEq)]
-struct CreateBatch {
-    input_file_id: String,
-    endpoint: String,
+pub(crate) struct CreateBatch {
+    pub(crate) input_file_id: String,
+    pub(crate) endpoint: String,
     /// As the client wrote it; the batch object echoes it back.
-    completion_window: String,
-    window: Duration,
+    pub(crate) completion_window: String,
+    pub(crate) window: Duration,
     /// Compact JSON of the metadata object, when one was given.
-    metadata: Option<String>,
-    output_expires_after_secs: Option<i64>,
+    pub(crate) metadata: Option<String>,
+    pub(crate) output_expires_after_secs: Option<i64>,
 }
 
 impl CreateBatch {
@@ -57,19 +58,7 @@ impl CreateBatch {
             ));
         }
         let completion_window = required_string(body, "completion_window")?;
-        let window = sluice_shared::config::parse_window(completion_window)
-            .filter(|w| (min..=max).contains(w))
-            .ok_or_else(|| {
-                ApiError::invalid_value(
-                    "completion_window",
-                    format!(
-                        "Invalid value: '{completion_window}'. Supported values are durations \
-                         from {} to {}, such as '24h'.",
-                        human(min),
-                        human(max)
-                    ),
-                )
-            })?;
+        let window = parse_completion_window(completion_window, (min, max))?;
         Ok(Self {
             input_file_id: input_file_id.to_owned(),
             endpoint: endpoint.to_owned(),
@@ -79,6 +68,26 @@ impl CreateBatch {
             output_expires_after_secs: parse_output_expiry(body.get("output_expires_after"))?,
         })
     }
+}
+
+/// A `completion_window` within the configured bounds.
+pub(crate) fn parse_completion_window(
+    completion_window: &str,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, ApiError> {
+    sluice_shared::config::parse_window(completion_window)
+        .filter(|w| (min..=max).contains(w))
+        .ok_or_else(|| {
+            ApiError::invalid_value(
+                "completion_window",
+                format!(
+                    "Invalid value: '{completion_window}'. Supported values are durations from {} \
+                     to {}, such as '24h'.",
+                    human(min),
+                    human(max)
+                ),
+            )
+        })
 }
 
 fn required_string<'a>(body: &'a Map<String, Value>, name: &str) -> Result<&'a str, ApiError> {
@@ -98,7 +107,7 @@ fn required_string<'a>(body: &'a Map<String, Value>, name: &str) -> Result<&'a s
 }
 
 /// OpenAI's limits: at most 16 pairs, keys up to 64 characters, string values up to 512.
-fn parse_metadata(value: Option<&Value>) -> Result<Option<String>, ApiError> {
+pub(crate) fn parse_metadata(value: Option<&Value>) -> Result<Option<String>, ApiError> {
     let map = match value {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(map)) => map,
@@ -145,7 +154,7 @@ fn parse_metadata(value: Option<&Value>) -> Result<Option<String>, ApiError> {
 }
 
 /// `output_expires_after`: `{anchor: "created_at", seconds}`; returns the seconds.
-fn parse_output_expiry(value: Option<&Value>) -> Result<Option<i64>, ApiError> {
+pub(crate) fn parse_output_expiry(value: Option<&Value>) -> Result<Option<i64>, ApiError> {
     const ANCHOR: &str = "output_expires_after.anchor";
     const SECONDS: &str = "output_expires_after.seconds";
     let map = match value {
@@ -191,7 +200,7 @@ fn parse_output_expiry(value: Option<&Value>) -> Result<Option<i64>, ApiError> {
 }
 
 /// `'a', 'b', and 'c'`.
-fn quoted_list(items: &[&str]) -> String {
+pub(crate) fn quoted_list(items: &[&str]) -> String {
     let quoted: Vec<String> = items.iter().map(|i| format!("'{i}'")).collect();
     match quoted.split_last() {
         None => String::new(),
@@ -217,8 +226,61 @@ pub async fn create(
     tenant: Tenant,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
-    let params = CreateBatch::parse(&body, state.settings.window_bounds())?;
+    create_from_json(&state, &tenant, &body).await.map(Json)
+}
+
+/// The OpenAI create: a batch over an uploaded input file.
+pub(crate) async fn create_from_json(
+    state: &AppState,
+    tenant: &Tenant,
+    body: &Value,
+) -> Result<Value, ApiError> {
+    let params = CreateBatch::parse(body, state.settings.window_bounds())?;
+    let batch_id = reserve_batch(state, tenant).await?;
+    store_reserved(state, tenant, &batch_id, params).await
+}
+
+/// A new batch id, counted against the tenant's open batches (`limits.max_open_batches`):
+/// 429 `batch_limit_exceeded` when the tenant is at the limit. Every way of creating a batch
+/// takes one before doing any work, and ends in [`store_reserved`] (or [`release_batch`]).
+pub(crate) async fn reserve_batch(state: &AppState, tenant: &Tenant) -> Result<String, ApiError> {
     let batch_id = new_batch_id();
+    let limit = state.settings.limits.max_open_batches;
+    let reserved = state
+        .store
+        .reserve_open_batch(tenant.id(), &batch_id, limit)
+        .await
+        .context("Failed to count the tenant's open batches")?;
+    if !reserved {
+        return Err(ApiError::Coded {
+            status: axum::http::StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "You already have {limit} batches that are not finished; wait for one to \
+                 complete (or cancel one) before creating another."
+            ),
+            param: None,
+            code: "batch_limit_exceeded",
+            errors: None,
+        });
+    }
+    Ok(batch_id)
+}
+
+/// Gives back a reservation whose batch will not be stored.
+pub(crate) async fn release_batch(state: &AppState, tenant: &Tenant, batch_id: &str) {
+    if let Err(e) = state.store.release_open_batch(tenant.id(), batch_id).await {
+        tracing::warn!(%batch_id, error = %e, "Failed to release an open-batch reservation.");
+    }
+}
+
+/// Stores a reserved batch (`validating`), announces it and answers its object.
+pub(crate) async fn store_reserved(
+    state: &AppState,
+    tenant: &Tenant,
+    batch_id: &str,
+    params: CreateBatch,
+) -> Result<Value, ApiError> {
+    let batch_id = batch_id.to_owned();
     let created_at = now_secs();
     let expires_at = created_at.saturating_add(params.window.as_secs() as i64);
     let mut fields = vec![
@@ -234,16 +296,21 @@ pub async fn create(
     if let Some(secs) = params.output_expires_after_secs {
         fields.push(("output_expires_after_secs", secs.to_string()));
     }
-    state
+    if let Err(e) = state
         .store
         .create_batch(&batch_id, tenant.id(), expires_at, &fields)
         .await
-        .context("Failed to store a new batch")?;
+    {
+        release_batch(state, tenant, &batch_id).await;
+        return Err(anyhow::Error::new(e)
+            .context("Failed to store a new batch")
+            .into());
+    }
     // Read back before announcing: once the dispatcher has the event it may fail or start the
     // batch at once, and the create answer must show the batch as created (`validating`).
-    let meta = reload(&state, &batch_id).await?;
-    announce(&state, &state.keys().control_queue(), &batch_id).await;
-    Ok(Json(meta.to_object()))
+    let meta = reload(state, &batch_id).await?;
+    announce(state, &state.keys().control_queue(), &batch_id).await;
+    Ok(present(state, tenant, &meta))
 }
 
 /// `GET /v1/batches?after=&limit=`: newest first.
@@ -274,7 +341,7 @@ pub async fn list(
     let data = page
         .records
         .into_iter()
-        .map(|r| BatchMeta(r).to_object())
+        .map(|r| present(&state, &tenant, &BatchMeta(r)))
         .collect();
     Ok(Json(list_object(data, page.has_more)))
 }
@@ -286,7 +353,7 @@ pub async fn retrieve(
     ApiPath(batch_id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let meta = load_batch(&state, &tenant, &batch_id).await?;
-    Ok(Json(meta.to_object()))
+    Ok(Json(present(&state, &tenant, &meta)))
 }
 
 /// `POST /v1/batches/{batch_id}/cancel`. Idempotent while cancelling or cancelled; 409 once the
@@ -299,7 +366,7 @@ pub async fn cancel(
     let meta = load_batch(&state, &tenant, &batch_id).await?;
     match meta.status() {
         Some(BatchStatus::Cancelling | BatchStatus::Cancelled) => {
-            return Ok(Json(meta.to_object()));
+            return Ok(Json(present(&state, &tenant, &meta)));
         }
         Some(
             status @ (BatchStatus::Completed
@@ -325,13 +392,16 @@ pub async fn cancel(
         }
         // Already stopping: cancelled twice, or expiring (the expiry wins; it ends the same way).
         Transition::Refused(Some(
-            BatchStatus::Cancelling | BatchStatus::Cancelled | BatchStatus::Validating | BatchStatus::InProgress,
+            BatchStatus::Cancelling
+            | BatchStatus::Cancelled
+            | BatchStatus::Validating
+            | BatchStatus::InProgress,
         )) => {}
         Transition::Refused(Some(status)) => return Err(cannot_cancel(status)),
         Transition::Refused(None) => return Err(ApiError::batch_not_found(&batch_id)),
     }
     let meta = reload(&state, &batch_id).await?;
-    Ok(Json(meta.to_object()))
+    Ok(Json(present(&state, &tenant, &meta)))
 }
 
 fn cannot_cancel(status: BatchStatus) -> ApiError {
@@ -341,7 +411,7 @@ fn cannot_cancel(status: BatchStatus) -> ApiError {
 }
 
 /// The caller's batch `batch_id`, or 404.
-async fn load_batch(
+pub(crate) async fn load_batch(
     state: &AppState,
     tenant: &Tenant,
     batch_id: &str,

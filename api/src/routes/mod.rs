@@ -20,8 +20,12 @@ use crate::error::{ApiError, ensure_envelope};
 use crate::state::AppState;
 
 pub mod batches;
+pub mod create;
+pub(crate) mod dialect;
 pub mod files;
 pub mod health;
+pub(crate) mod inline;
+pub mod jsonl_body;
 
 /// Room for the multipart framing and the small fields around the file part.
 const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
@@ -53,8 +57,9 @@ pub fn router(state: AppState) -> Router {
             get(files::retrieve).delete(files::delete),
         )
         .route("/files/{file_id}/content", get(files::content))
-        .route("/batches", post(batches::create).get(batches::list))
+        .route("/batches", post(create::create).get(batches::list))
         .route("/batches/{batch_id}", get(batches::retrieve))
+        .route("/batches/{batch_id}/output", get(jsonl_body::output))
         .route("/batches/{batch_id}/cancel", post(batches::cancel))
         .merge(upload);
     Router::new()
