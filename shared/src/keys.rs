@@ -54,7 +54,8 @@ impl Keys {
     pub fn tenant_files(&self, tenant: &str) -> String {
         format!("{}:t:{{{tenant}}}:files", self.ns)
     }
-    /// Set: the tenant's batch ids not yet terminal (the per-owner limit counts it).
+    /// Sorted set: the tenant's batch ids not yet terminal, by reservation time (the per-owner
+    /// limit counts it).
     pub fn tenant_open(&self, tenant: &str) -> String {
         format!("{}:t:{{{tenant}}}:open", self.ns)
     }

@@ -508,7 +508,7 @@ impl Store {
         let tenant: Option<String> = self.conn().hget(self.keys.batch_meta(id), "tenant").await?;
         let mut pipe = redis::pipe();
         if let Some(tenant) = tenant {
-            pipe.srem(self.keys.tenant_open(&tenant), id).ignore();
+            pipe.zrem(self.keys.tenant_open(&tenant), id).ignore();
         }
         pipe.zrem(self.keys.active(), id)
             .ignore()

@@ -21,6 +21,8 @@ use crate::extract::{ApiPath, ApiQuery, JsonBody, int_param};
 use crate::state::AppState;
 
 const MAX_METADATA_PAIRS: usize = 16;
+/// A reservation whose batch is still not stored after this long was left by a crash.
+const RESERVATION_GRACE_MS: i64 = 60_000;
 const MAX_METADATA_KEY_CHARS: usize = 64;
 const MAX_METADATA_VALUE_CHARS: usize = 512;
 
@@ -246,11 +248,26 @@ pub(crate) async fn create_from_json(
 pub(crate) async fn reserve_batch(state: &AppState, tenant: &Tenant) -> Result<String, ApiError> {
     let batch_id = new_batch_id();
     let limit = state.settings.limits.max_open_batches;
-    let reserved = state
-        .store
+    let store = &state.store;
+    let mut reserved = store
         .reserve_open_batch(tenant.id(), &batch_id, limit)
         .await
         .context("Failed to count the tenant's open batches")?;
+    if !reserved {
+        // At the limit: first drop what a crash may have left counted (a reservation whose batch
+        // was never stored, a terminal batch never retired), then try once more.
+        let stale_before = sluice_shared::domain::now_millis() - RESERVATION_GRACE_MS;
+        let pruned = store
+            .prune_open_batches(tenant.id(), stale_before)
+            .await
+            .context("Failed to prune the tenant's open batches")?;
+        if pruned > 0 {
+            reserved = store
+                .reserve_open_batch(tenant.id(), &batch_id, limit)
+                .await
+                .context("Failed to count the tenant's open batches")?;
+        }
+    }
     if !reserved {
         return Err(ApiError::Coded {
             status: axum::http::StatusCode::TOO_MANY_REQUESTS,

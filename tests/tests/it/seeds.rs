@@ -863,3 +863,44 @@ async fn a_backing_model_the_upstream_refuses_is_a_502_item() {
     }
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_owner_limit_forgets_what_a_crash_left_counted() {
+    let app = spawn_app_with(
+        AppOptions {
+            worker: false,
+            aggregator: false,
+            ..AppOptions::default()
+        },
+        |s| {
+            s.limits.max_open_batches = 2;
+        },
+    )
+    .await;
+    // An API that died between reserving and storing left two entries: one long ago, one just now.
+    let key = app.keys().tenant_open("tenant-a");
+    let now_ms = sluice_shared::domain::now_millis();
+    let _: () = redis::cmd("ZADD")
+        .arg(&key)
+        .arg(0)
+        .arg("batch_lost_long_ago")
+        .arg(now_ms)
+        .arg("batch_being_created")
+        .query_async(&mut app.store.conn())
+        .await
+        .unwrap();
+    let body = json!({"requests": [{"custom_id": "a", "body": {"model": MODEL, "messages": []}}]});
+    let (status, _, batch) = create(&app, KEY_A, &body).await;
+    assert_eq!(
+        status, 200,
+        "the stale reservation no longer counts: {batch}"
+    );
+    // The recent one may still become a batch: it counts.
+    assert_error(
+        &create(&app, KEY_A, &body).await,
+        429,
+        "batch_limit_exceeded",
+    );
+    assert_eq!(app.store.open_batches("tenant-a").await.unwrap(), 2);
+    app.cleanup().await;
+}
