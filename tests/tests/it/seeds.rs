@@ -904,3 +904,41 @@ async fn the_owner_limit_forgets_what_a_crash_left_counted() {
     assert_eq!(app.store.open_batches("tenant-a").await.unwrap(), 2);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_jsonl_body_over_the_upload_limit_is_413_and_leaves_nothing() {
+    let app = spawn_app_with(
+        AppOptions {
+            worker: false,
+            aggregator: false,
+            ..AppOptions::default()
+        },
+        |s| {
+            s.limits.max_upload_bytes = 4_096;
+        },
+    )
+    .await;
+    let lines: Vec<String> = chat_lines(100).iter().map(Value::to_string).collect();
+    assert!(lines.join("\n").len() > 4_096);
+    let got = create_jsonl(&app, Some(KEY_A), &lines).await;
+    assert_error(&got, 413, "request_too_large");
+    // The same lines as one JSON request body are held to the same limit.
+    let (status, _, _) = send(
+        app.req(Method::POST, "/batches", KEY_A)
+            .header("content-type", "application/json")
+            .body(lines.join("\n")),
+    )
+    .await;
+    assert_eq!(status, 413);
+    let (_, _, files) = send(app.req(Method::GET, "/files", KEY_A)).await;
+    assert_eq!(files["data"], json!([]));
+    assert_eq!(
+        app.store.open_batches("tenant-a").await.unwrap(),
+        0,
+        "the reservation was given back"
+    );
+    // Under the limit it goes through.
+    let got = create_jsonl(&app, Some(KEY_A), &lines[..10]).await;
+    assert_eq!(got.0, 200, "{}", got.2);
+    app.cleanup().await;
+}
