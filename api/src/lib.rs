@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod routes;
 pub mod state;
 
@@ -52,7 +53,7 @@ impl Application {
     /// Connects to Redis, the broker and object storage, and binds `settings.api.listen`
     /// (port 0 picks a free port; see [`Application::port`]).
     pub async fn build(settings: Settings, metrics: Metrics) -> anyhow::Result<Self> {
-        let store = Store::connect(&settings.redis_url, &settings.namespace)
+        let store = Store::open(&settings)
             .await
             .context("Failed to connect to Redis")?;
         let publisher = Publisher::connect(

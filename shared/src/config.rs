@@ -21,8 +21,10 @@ pub struct Settings {
     pub namespace: String,
     /// AMQP URL of RabbitMQ.
     pub amqp_url: String,
-    /// Redis URL.
+    /// Redis URL; with `redis_cluster`, the comma-separated URLs of some of the cluster's nodes.
     pub redis_url: String,
+    /// Whether `redis_url` names a Redis Cluster rather than one server.
+    pub redis_cluster: bool,
     pub api: ApiSettings,
     pub storage: StorageSettings,
     pub limits: Limits,
@@ -197,6 +199,7 @@ impl Default for Settings {
             namespace: "sluice".into(),
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_cluster: false,
             api: ApiSettings::default(),
             storage: StorageSettings::Local {
                 path: "./data".into(),
@@ -278,6 +281,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "namespace",
     "amqp_url",
     "redis_url",
+    "redis_cluster",
     "api",
     "storage",
     "limits",

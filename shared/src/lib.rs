@@ -5,6 +5,7 @@
 //! - [`keys`]: every Redis key and queue name, under a namespace.
 //! - [`domain`]: batch and file objects, statuses and their transition table, rows and queue messages.
 //! - [`store`]: Redis access and the Lua scripts that make row writes idempotent.
+//! - [`redis_conn`]: one connection type for a single Redis server and a Redis Cluster.
 //! - [`queue`]: RabbitMQ topology and confirmed publishing.
 //! - [`routing`]: which provider runs a model (prefixes, flavors, task models).
 //! - [`storage`]: object storage for input and result files.
@@ -17,6 +18,7 @@ pub mod keys;
 pub mod metrics;
 pub mod open_batches;
 pub mod queue;
+pub mod redis_conn;
 pub mod routing;
 pub mod shutdown;
 pub mod storage;

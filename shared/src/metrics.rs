@@ -2,8 +2,8 @@
 //! Labels stay bounded: never a batch id, custom id or tenant.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The process's metrics.
@@ -32,6 +32,9 @@ pub struct Metrics {
     pub lines_enqueued: IntCounter,
     /// Bytes received in uploads.
     pub upload_bytes: IntCounter,
+    /// Messages ready in each queue of the namespace (`items`, `items.dlq`, `control`, …), as
+    /// last sampled by an aggregator.
+    pub queue_messages: IntGaugeVec,
 }
 
 impl Metrics {
@@ -109,6 +112,14 @@ impl Metrics {
                 .expect("static metric");
         let upload_bytes = IntCounter::new("upload_bytes_total", "Bytes received in file uploads.")
             .expect("static metric");
+        let queue_messages = IntGaugeVec::new(
+            Opts::new(
+                "queue_messages",
+                "Messages ready in a queue of the namespace, as last sampled.",
+            ),
+            &["queue"],
+        )
+        .expect("static metric");
         for c in [
             Box::new(lines.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(upstream_latency.clone()),
@@ -120,6 +131,7 @@ impl Metrics {
             Box::new(finalize_seconds.clone()),
             Box::new(lines_enqueued.clone()),
             Box::new(upload_bytes.clone()),
+            Box::new(queue_messages.clone()),
         ] {
             registry
                 .register(c)
@@ -172,6 +184,7 @@ impl Metrics {
             finalize_seconds,
             lines_enqueued,
             upload_bytes,
+            queue_messages,
         }
     }
 

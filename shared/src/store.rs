@@ -12,11 +12,12 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
+use crate::config::Settings;
 use crate::domain::{BatchMeta, BatchStatus, FileMeta, Row, StopReason, Usage, now_secs};
 use crate::keys::Keys;
+use crate::redis_conn::RedisConn;
 
 /// Errors talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -181,10 +182,11 @@ pub enum Transition {
     Refused(Option<BatchStatus>),
 }
 
-/// A handle on the Redis store: one multiplexed, auto-reconnecting connection, cheap to clone.
+/// A handle on the Redis store: one multiplexed, auto-reconnecting connection (to one server or
+/// a cluster), cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
 }
 
@@ -197,17 +199,22 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Connects to `url`, keys under `namespace`.
-    pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(6);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+    /// Connects as `settings` say: one server, or a cluster from its seed nodes.
+    pub async fn open(settings: &Settings) -> Result<Self> {
+        let conn = if settings.redis_cluster {
+            let seeds: Vec<&str> = settings
+                .redis_url
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            RedisConn::cluster(&seeds).await?
+        } else {
+            RedisConn::single(&settings.redis_url).await?
+        };
         Ok(Self {
             conn,
-            keys: Keys::new(namespace),
+            keys: Keys::new(&settings.namespace),
         })
     }
 
@@ -217,7 +224,7 @@ impl Store {
     }
 
     /// A raw connection for callers that need commands this type does not wrap.
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -557,8 +564,14 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes every key of this store's namespace (tests clean up with it).
+    /// Deletes every key of this store's namespace (tests clean up with it). One server only: a
+    /// cluster's keys are spread over nodes that `SCAN` walks one at a time.
     pub async fn purge_namespace(&self) -> Result<()> {
+        if self.conn.is_cluster() {
+            return Err(StoreError::Protocol(
+                "purging a namespace is supported on one Redis server, not on a cluster".into(),
+            ));
+        }
         let mut conn = self.conn();
         let pattern = format!("{}:*", self.keys.namespace());
         let mut cursor: u64 = 0;

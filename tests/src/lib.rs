@@ -4,6 +4,8 @@
 //! Roles run as tasks in the test process by default; [`TestApp::spawn_worker_process`] starts a
 //! worker as a separate `sluice` process for tests that kill it.
 
+pub mod python;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +24,32 @@ pub const KEY_A: &str = "sk-test-tenant-a-0123456789abcdef";
 pub const KEY_B: &str = "sk-test-tenant-b-0123456789abcdef";
 /// The model the mock provider serves.
 pub const MODEL: &str = "mock-model";
+
+/// Every Batch field of contract §1.1, present as a key even when null.
+pub const BATCH_FIELDS: [&str; 22] = [
+    "id",
+    "object",
+    "endpoint",
+    "model",
+    "errors",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "usage",
+    "metadata",
+];
 
 /// How to start a test app.
 #[derive(Debug, Clone)]
@@ -156,9 +184,7 @@ pub async fn spawn_app_with(options: AppOptions, tweak: impl FnOnce(&mut Setting
             tokio::spawn(sluice_worker::run_aggregator(ctx, stop.clone()));
         }
     }
-    let store = Store::connect(&settings.redis_url, &settings.namespace)
-        .await
-        .expect("redis");
+    let store = Store::open(&settings).await.expect("redis");
     TestApp {
         settings,
         base,

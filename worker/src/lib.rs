@@ -5,6 +5,7 @@
 //! - [`aggregator`]: writes result files, finishes batches, expires and recovers them.
 //! - [`upstream`]: the HTTP client and the one retry policy.
 //! - [`tasks`]: the task models (`extract`, `summarize`, `classify`) run through a backing model.
+//! - [`queue_depth`]: the queues' backlog as a metric.
 //! - [`mock_upstream`]: an OpenAI-compatible stand-in model server for demos, tests and benchmarks.
 
 pub mod aggregator;
@@ -15,6 +16,7 @@ pub mod lines;
 pub mod mock_tasks;
 pub mod mock_upstream;
 pub mod ops;
+pub mod queue_depth;
 pub mod tasks;
 pub mod upstream;
 pub mod validate;
@@ -52,7 +54,7 @@ impl WorkerContext {
     /// Connects to Redis, the broker and object storage.
     pub async fn build(settings: Settings, metrics: Metrics) -> anyhow::Result<Self> {
         let keys = Keys::new(&settings.namespace);
-        let store = Store::connect(&settings.redis_url, &settings.namespace).await?;
+        let store = Store::open(&settings).await?;
         let objects = sluice_shared::storage::build(&settings.storage)?;
         let publisher = Publisher::connect(
             &settings.amqp_url,
@@ -107,7 +109,10 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
     Ok(())
 }
 
-/// Runs the aggregator role until `shutdown`.
+/// Runs the aggregator role until `shutdown`; it also samples the queues' depth.
 pub async fn run_aggregator(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
-    aggregator::run(ctx, shutdown).await
+    let depth = tokio::spawn(queue_depth::run(ctx.clone(), shutdown.clone()));
+    let result = aggregator::run(ctx, shutdown).await;
+    depth.abort();
+    result
 }

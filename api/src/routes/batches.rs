@@ -331,6 +331,12 @@ pub(crate) async fn store_reserved(
 }
 
 /// `GET /v1/batches?after=&limit=`: newest first.
+#[utoipa::path(get, path = "/batches", operation_id = "listBatches", tag = "batches",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "Page size (default 20)."),
+        ("after" = Option<String>, Query, description = "A batch id: the page starts after it."),
+    ),
+    responses((status = 200, description = "A page of batches, newest first", body = crate::openapi::BatchList), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -364,6 +370,8 @@ pub async fn list(
 }
 
 /// `GET /v1/batches/{batch_id}`.
+#[utoipa::path(get, path = "/batches/{batch_id}", operation_id = "retrieveBatch", tag = "batches", params(("batch_id" = String, Path, description = "A batch id.")),
+    responses((status = 200, description = "The batch", body = crate::openapi::Batch), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn retrieve(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -375,6 +383,8 @@ pub async fn retrieve(
 
 /// `POST /v1/batches/{batch_id}/cancel`. Idempotent while cancelling or cancelled; 409 once the
 /// batch is finishing or finished, since there is nothing left to stop.
+#[utoipa::path(post, path = "/batches/{batch_id}/cancel", operation_id = "cancelBatch", tag = "batches", params(("batch_id" = String, Path, description = "A batch id.")),
+    responses((status = 200, description = "The batch, `cancelling` or `cancelled`", body = crate::openapi::Batch), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflicts with the batch's status", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn cancel(
     State(state): State<AppState>,
     tenant: Tenant,

@@ -19,6 +19,13 @@ use crate::extract::parse_json;
 use crate::state::AppState;
 
 /// `POST /v1/batches`.
+#[utoipa::path(post, path = "/batches", operation_id = "createBatch", tag = "batches",
+    request_body(description = "A batch over an uploaded file, inline requests, or a JSONL body of request lines.",
+        content(
+            (crate::openapi::CreateBatchRequest = "application/json"),
+            (String = "application/jsonl"),
+        )),
+    responses((status = 200, description = "The new batch, `validating`", body = crate::openapi::Batch), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 413, description = "Over the size limit", body = crate::openapi::ErrorResponse), (status = 429, description = "Too many open batches", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse), (status = 501, description = "The provider does not take batch work", body = crate::openapi::ErrorResponse), (status = 503, description = "Not ready, or no provider configured", body = crate::openapi::ErrorResponse)))]
 pub async fn create(
     State(state): State<AppState>,
     tenant: Tenant,

@@ -58,6 +58,9 @@ struct Received {
 }
 
 /// `POST /v1/files` (multipart: `purpose`, `file`, optional `expires_after[anchor|seconds]`).
+#[utoipa::path(post, path = "/files", operation_id = "createFile", tag = "files",
+    request_body(content = crate::openapi::UploadForm, content_type = "multipart/form-data"),
+    responses((status = 200, description = "The stored file", body = crate::openapi::FileObject), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 413, description = "Over the size limit", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn upload(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -303,6 +306,14 @@ pub async fn too_large_as_envelope(State(limit): State<u64>, response: Response)
 }
 
 /// `GET /v1/files?purpose=&limit=&order=&after=`.
+#[utoipa::path(get, path = "/files", operation_id = "listFiles", tag = "files",
+    params(
+        ("purpose" = Option<String>, Query, description = "Only files of this purpose."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000, description = "Page size (default 10000)."),
+        ("order" = inline(Option<crate::openapi::Order>), Query, description = "By creation time (default `desc`)."),
+        ("after" = Option<String>, Query, description = "A file id: the page starts after it."),
+    ),
+    responses((status = 200, description = "A page of files", body = crate::openapi::FileList), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -349,6 +360,8 @@ pub async fn list(
 }
 
 /// `GET /v1/files/{file_id}`.
+#[utoipa::path(get, path = "/files/{file_id}", operation_id = "retrieveFile", tag = "files", params(("file_id" = String, Path, description = "A file id.")),
+    responses((status = 200, description = "The file", body = crate::openapi::FileObject), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn retrieve(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -360,6 +373,8 @@ pub async fn retrieve(
 
 /// `DELETE /v1/files/{file_id}`: the record first, so the file disappears even if the bytes
 /// cannot be removed right now.
+#[utoipa::path(delete, path = "/files/{file_id}", operation_id = "deleteFile", tag = "files", params(("file_id" = String, Path, description = "A file id.")),
+    responses((status = 200, description = "Deleted", body = crate::openapi::DeletedFile), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn delete(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -385,6 +400,8 @@ pub async fn delete(
 }
 
 /// `GET /v1/files/{file_id}/content`: the stored bytes, streamed.
+#[utoipa::path(get, path = "/files/{file_id}/content", operation_id = "downloadFile", tag = "files", params(("file_id" = String, Path, description = "A file id.")),
+    responses((status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = String), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn content(
     State(state): State<AppState>,
     tenant: Tenant,

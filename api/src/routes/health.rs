@@ -16,11 +16,15 @@ use crate::state::AppState;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /livez`.
+#[utoipa::path(get, path = "/livez", operation_id = "livez", tag = "health", security(()),
+    responses((status = 200, description = "The process serves HTTP", body = crate::openapi::Health)))]
 pub async fn livez() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// `GET /readyz`: 200 when Redis answers and the broker connection is up, 503 otherwise.
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "health", security(()),
+    responses((status = 200, description = "Redis and the broker answer", body = crate::openapi::Health), (status = 503, description = "Not ready, or no provider configured", body = crate::openapi::ErrorResponse)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let redis = async {
         matches!(

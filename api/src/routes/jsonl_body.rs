@@ -322,6 +322,8 @@ fn line_errors(errors: Vec<BatchError>, inline: bool) -> ApiError {
 /// `GET /v1/batches/{batch_id}/output`: one JSONL line per input item, `{custom_id, response:
 /// {status_code, body} | null, error: {code, message} | null}`, successes (in input order) then
 /// failures (in input order). 409 while the batch is not finished.
+#[utoipa::path(get, path = "/batches/{batch_id}/output", operation_id = "batchOutput", tag = "batches", params(("batch_id" = String, Path, description = "A batch id.")),
+    responses((status = 200, description = "One JSONL line per input item: `custom_id`, `response`, `error`", content_type = "application/jsonl", body = String), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflicts with the batch's status", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
 pub async fn output(
     State(state): State<AppState>,
     tenant: Tenant,

@@ -3,20 +3,26 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use axum::Router;
+use std::sync::Arc;
+
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{Method, Uri};
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::get;
+use axum::{Json, Router};
 use serde_json::{Value, json};
 use sluice_shared::Store;
 use sluice_shared::domain::{BatchEvent, BatchMeta, FileMeta};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, ensure_envelope};
+use crate::openapi::ApiDoc;
 use crate::state::AppState;
 
 pub mod batches;
@@ -34,14 +40,15 @@ pub(crate) const EXPIRES_AFTER_SECS: std::ops::RangeInclusive<i64> = 3_600..=2_5
 /// Longest wait for the broker to confirm an event before the request gives up on it.
 const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The whole API: `/v1/files…`, `/v1/batches…`, `/livez`, `/readyz`.
+/// The whole API: `/v1/files…`, `/v1/batches…`, `/livez`, `/readyz` and `/openapi.json`, which
+/// describes the rest (each handler is registered with its `#[utoipa::path]` entry).
 pub fn router(state: AppState) -> Router {
     let max_upload = state.settings.limits.max_upload_bytes;
     // Uploads stream past axum's default 2 MiB body limit; the hard cap still stops a client that
     // sends far more than any acceptable file. The layers sit on their own router because
     // `post(h).layer(..)` cannot infer the body type.
-    let upload = Router::new()
-        .route("/files", post(files::upload))
+    let upload = OpenApiRouter::new()
+        .routes(routes!(files::upload))
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(
             usize::try_from(max_upload.saturating_add(MULTIPART_OVERHEAD)).unwrap_or(usize::MAX),
@@ -50,22 +57,29 @@ pub fn router(state: AppState) -> Router {
             max_upload,
             files::too_large_as_envelope,
         ));
-    let v1 = Router::new()
-        .route("/files", get(files::list))
-        .route(
-            "/files/{file_id}",
-            get(files::retrieve).delete(files::delete),
-        )
-        .route("/files/{file_id}/content", get(files::content))
-        .route("/batches", post(create::create).get(batches::list))
-        .route("/batches/{batch_id}", get(batches::retrieve))
-        .route("/batches/{batch_id}/output", get(jsonl_body::output))
-        .route("/batches/{batch_id}/cancel", post(batches::cancel))
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(files::list))
+        .routes(routes!(files::retrieve, files::delete))
+        .routes(routes!(files::content))
+        .routes(routes!(create::create, batches::list))
+        .routes(routes!(batches::retrieve))
+        .routes(routes!(jsonl_body::output))
+        .routes(routes!(batches::cancel))
         .merge(upload);
-    Router::new()
+    let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/v1", v1)
-        .route("/livez", get(health::livez))
-        .route("/readyz", get(health::readyz))
+        .routes(routes!(health::livez))
+        .routes(routes!(health::readyz))
+        .split_for_parts();
+    let spec = Arc::new(spec);
+    router
+        .route(
+            "/openapi.json",
+            get(move || {
+                let spec = spec.clone();
+                async move { Json(spec.as_ref().clone()) }
+            }),
+        )
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(middleware::map_response(ensure_envelope))

@@ -242,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let base = "http://127.0.0.1:18080/v1".to_owned();
     wait_ready(&http, &base).await?;
-    let store = Store::connect(&settings.redis_url, &settings.namespace).await?;
+    let store = Store::open(&settings).await?;
 
     // 1. Upload.
     let input = dir.join("input.jsonl");
@@ -555,7 +555,7 @@ async fn baselines(
     ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
 
-    let store = Store::connect(&settings.redis_url, &settings.namespace).await?;
+    let store = Store::open(settings).await?;
     let script = redis::Script::new(
         "if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then redis.call('HINCRBY', KEYS[2], 'n', 1) end return 1",
     );

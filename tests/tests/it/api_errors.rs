@@ -813,32 +813,6 @@ async fn a_deleted_file_answers_the_deletion_object_and_then_404() {
     app.cleanup().await;
 }
 
-/// Every Batch field of contract §1.1, present as a key even when null.
-const BATCH_FIELDS: [&str; 22] = [
-    "id",
-    "object",
-    "endpoint",
-    "model",
-    "errors",
-    "input_file_id",
-    "completion_window",
-    "status",
-    "output_file_id",
-    "error_file_id",
-    "created_at",
-    "in_progress_at",
-    "expires_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-    "request_counts",
-    "usage",
-    "metadata",
-];
-
 /// Asserts the full key set of a batch object in `validating`, with its explicit nulls.
 fn assert_new_batch_shape(batch: &Value, file_id: &str, metadata: &Value) {
     let obj = batch

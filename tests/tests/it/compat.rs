@@ -1,115 +1,21 @@
 //! Compatibility with the official `openai` Python SDK: `tests/python/compat.py` drives a running
 //! Sluice in strict response validation mode.
 //!
-//! The test finds a Python with `openai` importable (`SLUICE_TEST_PYTHON`, then `python3`/`python`
-//! on the PATH), or else creates a virtualenv at `<workspace>/target/py-venv` once and installs
-//! `openai` from PyPI into it.
+//! The test finds a Python with `openai` importable (see [`python_with`]).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
+use sluice_tests::python::python_with;
 use sluice_tests::*;
 
 /// Longest the script may run (the first run may also be installing the SDK, which is not counted).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// Whether `python` runs and can import the SDK.
-fn has_openai(python: &Path) -> bool {
-    Command::new(python)
-        .args(["-c", "import openai"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?} does not start: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A Python interpreter with `openai` importable, installing it into a virtualenv if needed.
-///
-/// Concurrent callers each build their own temporary venv and `rename` it into place; the first
-/// rename wins and the others use the winner's, so no lock is needed.
-fn python_with_openai() -> PathBuf {
-    if let Some(python) = std::env::var_os("SLUICE_TEST_PYTHON") {
-        let python = PathBuf::from(python);
-        assert!(
-            has_openai(&python),
-            "SLUICE_TEST_PYTHON={} cannot import openai",
-            python.display()
-        );
-        return python;
-    }
-    for candidate in ["python3", "python"] {
-        if has_openai(Path::new(candidate)) {
-            return PathBuf::from(candidate);
-        }
-    }
-    let venv = workspace().join("target").join("py-venv");
-    let venv_python = venv.join("bin").join("python");
-    if has_openai(&venv_python) {
-        return venv_python;
-    }
-    let base = ["python3", "python"]
-        .into_iter()
-        .find(|p| {
-            Command::new(p)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("the compat test needs python3 (with the venv module) on the PATH");
-    let tmp = workspace()
-        .join("target")
-        .join(format!("py-venv.tmp-{}", uuid::Uuid::new_v4().simple()));
-    eprintln!("compat: installing the openai SDK into {}", venv.display());
-    run(Command::new(base).args(["-m", "venv"]).arg(&tmp));
-    let tmp_python = tmp.join("bin").join("python");
-    run(Command::new(&tmp_python).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "openai",
-    ]));
-    if venv.exists() && !has_openai(&venv_python) {
-        // A broken leftover (interrupted by hand): replace it.
-        std::fs::remove_dir_all(&venv).ok();
-    }
-    if std::fs::rename(&tmp, &venv).is_err() {
-        // Another test process got there first.
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    assert!(
-        has_openai(&venv_python),
-        "{} cannot import openai after installing it",
-        venv_python.display()
-    );
-    venv_python
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_official_openai_python_sdk_works_against_sluice() {
-    let python = tokio::task::spawn_blocking(python_with_openai)
+    let python = tokio::task::spawn_blocking(|| python_with("openai", "openai", "py-venv"))
         .await
         .expect("python lookup");
     const MAX_UPLOAD: u64 = 1024 * 1024;

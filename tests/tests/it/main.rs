@@ -2,9 +2,11 @@
 
 mod api_errors;
 mod chaos;
+mod cluster;
 mod compat;
 mod lifecycle;
 mod logs;
+mod openapi;
 mod pipeline;
 mod retries;
 mod routing;
