@@ -173,6 +173,7 @@ async fn add_demo(settings: &mut Settings, stop: CancellationToken) -> anyhow::R
             id: "demo".into(),
             api_key_sha256: vec![hash_api_key("sk-demo")],
             completed_as: None,
+            errors_in_output: false,
         });
     }
     eprintln!(

@@ -163,6 +163,11 @@ pub struct TenantSettings {
     /// clients written against APIs that say so); `request_counts` then also carries that word.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_as: Option<String>,
+    /// Whether this tenant's output file also carries the failed lines, each with `error` set
+    /// (`{code, message}`), in input order among the successes, for clients that read only the
+    /// output file. The error file is written as usual.
+    #[serde(default)]
+    pub errors_in_output: bool,
 }
 
 /// The task models of the batch router and the model that runs them.

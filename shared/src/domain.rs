@@ -427,6 +427,39 @@ impl Row {
     }
 }
 
+/// The `{code, message}` (plus `status_code` when the upstream answered) describing why a failed
+/// result line failed: its own `error` if it has one, else what the upstream's error body says,
+/// else its HTTP status. Clients of APIs that put failures in the output file read this.
+pub fn failure_of(line: &Value) -> Value {
+    if let Some(e) = line.get("error").filter(|e| !e.is_null()) {
+        return json!({
+            "code": e.get("code").cloned().unwrap_or(Value::Null),
+            "message": e.get("message").cloned().unwrap_or(Value::Null),
+        });
+    }
+    let Some(response) = line.get("response").filter(|r| !r.is_null()) else {
+        return json!({"code": "unknown_error", "message": "This request has no recorded result."});
+    };
+    let status = response.get("status_code").and_then(Value::as_u64);
+    let upstream = response.pointer("/body/error");
+    let text = |field: &str| {
+        upstream
+            .and_then(|e| e.get(field))
+            .filter(|v| v.is_string())
+            .cloned()
+    };
+    let code = text("code")
+        .or_else(|| text("type"))
+        .unwrap_or_else(|| json!("upstream_error"));
+    let message = text("message").unwrap_or_else(|| {
+        json!(format!(
+            "The upstream answered HTTP {}.",
+            status.unwrap_or_default()
+        ))
+    });
+    json!({"code": code, "message": message, "status_code": status})
+}
+
 /// The queue message for one input line. It carries no secret: provider keys come from configuration.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ItemMessage<'a> {

@@ -130,11 +130,13 @@ pub fn test_settings(upstream_base: &str) -> Settings {
             id: "tenant-a".into(),
             api_key_sha256: vec![hash_api_key(KEY_A)],
             completed_as: None,
+            errors_in_output: false,
         },
         TenantSettings {
             id: "tenant-b".into(),
             api_key_sha256: vec![hash_api_key(KEY_B)],
             completed_as: None,
+            errors_in_output: false,
         },
     ];
     s

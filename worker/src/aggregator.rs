@@ -363,6 +363,11 @@ async fn write_files(
     let mut out = BufWriter::with_capacity(ctx.objects.clone(), out_path.clone(), 8 * 1024 * 1024);
     let mut err = BufWriter::with_capacity(ctx.objects.clone(), err_path.clone(), 8 * 1024 * 1024);
     let (mut out_bytes, mut err_bytes) = (0u64, 0u64);
+    let errors_in_output = ctx
+        .settings
+        .tenants
+        .iter()
+        .any(|t| t.id == meta.tenant() && t.errors_in_output);
     let mut start = 0u64;
     while start < total {
         let end = (start + ROW_CHUNK).min(total);
@@ -380,6 +385,12 @@ async fn write_files(
             writer.write_all(text).await?;
             writer.write_all(b"\n").await?;
             *bytes += text.len() as u64 + 1;
+            if !ok && errors_in_output {
+                let failed = with_error_set(text)?;
+                out.write_all(&failed).await?;
+                out.write_all(b"\n").await?;
+                out_bytes += failed.len() as u64 + 1;
+            }
         }
         if lease.is_lost() {
             out.abort().await.ok();
@@ -421,4 +432,14 @@ async fn write_files(
         *slot = Some(id.clone());
     }
     Ok(Some(ids))
+}
+
+/// A failed result line with `error` set (from the upstream's answer when the line has none), for
+/// output files that carry failures too.
+fn with_error_set(line: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(line)?;
+    if value.get("error").is_none_or(serde_json::Value::is_null) {
+        value["error"] = sluice_shared::domain::failure_of(&value);
+    }
+    Ok(serde_json::to_vec(&value)?)
 }

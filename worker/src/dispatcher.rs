@@ -171,7 +171,8 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
             message: format!(
                 "Cannot find file {input_id}, or your organization does not have access to it."
             ),
-            param: Some("input_file_id".into()),
+            // OpenAI names the parameter `file_id` here, and clients match on it.
+            param: Some("file_id".into()),
             line: None,
         };
         fail(ctx, batch_id, vec![error]).await?;

@@ -27,7 +27,9 @@ use futures::{SinkExt, Stream, StreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use serde_json::{Value, json};
-use sluice_shared::domain::{BatchError, BatchStatus, SUPPORTED_ENDPOINTS, new_file_id, now_secs};
+use sluice_shared::domain::{
+    BatchError, BatchStatus, SUPPORTED_ENDPOINTS, failure_of, new_file_id, now_secs,
+};
 use sluice_shared::storage::upload_path;
 use sluice_worker::lines::{LineProbe, RequestLines};
 use sluice_worker::validate::{Validator, check_model};
@@ -420,44 +422,7 @@ pub(crate) fn reshape(line: &[u8]) -> Option<Value> {
             json!({"status_code": s, "body": r.get("body").cloned().unwrap_or(Value::Null)}),
             Value::Null,
         ),
-        (_, Some(e), _) => (
-            Value::Null,
-            json!({
-                "code": e.get("code").cloned().unwrap_or(Value::Null),
-                "message": e.get("message").cloned().unwrap_or(Value::Null),
-            }),
-        ),
-        (Some(r), None, _) => {
-            let upstream = r.pointer("/body/error");
-            let code = upstream
-                .and_then(|e| e.get("code"))
-                .filter(|c| c.is_string())
-                .or_else(|| {
-                    upstream
-                        .and_then(|e| e.get("type"))
-                        .filter(|c| c.is_string())
-                })
-                .cloned()
-                .unwrap_or_else(|| json!("upstream_error"));
-            let message = upstream
-                .and_then(|e| e.get("message"))
-                .filter(|m| m.is_string())
-                .cloned()
-                .unwrap_or_else(|| {
-                    json!(format!(
-                        "The upstream answered HTTP {}.",
-                        status.unwrap_or_default()
-                    ))
-                });
-            (
-                Value::Null,
-                json!({"code": code, "message": message, "status_code": status}),
-            )
-        }
-        (None, None, _) => (
-            Value::Null,
-            json!({"code": "unknown_error", "message": "This request has no recorded result."}),
-        ),
+        _ => (Value::Null, failure_of(&v)),
     };
     Some(json!({"custom_id": custom_id, "response": response, "error": error}))
 }

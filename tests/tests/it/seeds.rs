@@ -557,6 +557,57 @@ async fn melious_upload_poll_download_with_embeddings_and_partial_failures() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn melious_output_file_carries_failed_rows_with_error_set_when_the_tenant_asks() {
+    let app = spawn_app_with(AppOptions::default(), |s| {
+        s.tenants[0].completed_as = Some("succeeded".into());
+        s.tenants[0].errors_in_output = true;
+    })
+    .await;
+    let prompts: Vec<Value> = (0..6)
+        .map(|i| {
+            let mut line = chat_line(&format!("q{i}"), &format!("Hanseatic city #{i}"));
+            if i == 2 {
+                line["body"]["mock"] = json!({"status": 400, "key": "q2"});
+            }
+            line
+        })
+        .collect();
+    let id = melious_submit(&app, &prompts, "/v1/chat/completions").await;
+    let status = melious_poll(&app, &id).await;
+    assert_eq!(status["status"], "succeeded", "{status:#}");
+
+    // The seed's download loop, verbatim in spirit: error rows first, else the completion.
+    let body = app
+        .file_content(KEY_A, status["output_file_id"].as_str().unwrap())
+        .await;
+    let mut results = Vec::new();
+    for line in body.trim().lines() {
+        let entry: Value = serde_json::from_str(line).unwrap();
+        let text = if !entry["error"].is_null() {
+            format!("ERROR: {}", entry["error"]["message"].as_str().unwrap())
+        } else {
+            entry["response"]["body"]["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        results.push((entry["custom_id"].as_str().unwrap().to_owned(), text));
+    }
+    let ids: Vec<&str> = results.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(ids, ["q0", "q1", "q2", "q3", "q4", "q5"], "input order");
+    assert!(results[2].1.starts_with("ERROR: "), "{results:?}");
+    assert!(results[0].1.contains("Hanseatic"), "{results:?}");
+    // The error file is still there, in OpenAI's layout.
+    let errors = app
+        .file_content(KEY_A, status["error_file_id"].as_str().unwrap())
+        .await;
+    let failed: Value = serde_json::from_str(errors.trim()).unwrap();
+    assert_eq!(failed["custom_id"], "q2");
+    assert_eq!(failed["response"]["status_code"], 400);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn melious_batch_flavor_routes_to_the_batch_provider_under_the_base_name() {
     let stop = CancellationToken::new();
     let (cheap, cheap_base) = second_mock(&stop).await;

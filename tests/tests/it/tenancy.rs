@@ -156,7 +156,7 @@ async fn another_tenants_files_and_batches_are_indistinguishable_from_missing_on
         let errors = batch["errors"]["data"].as_array().expect("errors.data");
         assert_eq!(errors.len(), 1, "{batch:#}");
         assert_eq!(errors[0]["code"], "invalid_request");
-        assert_eq!(errors[0]["param"], "input_file_id");
+        assert_eq!(errors[0]["param"], "file_id");
         assert_eq!(errors[0]["line"], Value::Null);
         assert!(!errors[0]["message"].as_str().unwrap_or_default().is_empty());
     }
