@@ -218,3 +218,99 @@ async fn a_worker_stopped_with_sigterm_finishes_its_lines_within_the_grace_and_t
     assert!(stats.per_key.values().all(|t| t.len() == 1));
     app.cleanup().await;
 }
+
+/// An aggregator that died mid-finalize leaves a `finalizing` batch, its lease running out and
+/// maybe a partial output object. The next aggregator must wait out the lease, then write the
+/// whole file over the partial one and register it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aggregator_dead_mid_finalize_leaves_no_half_or_double_file() {
+    use object_store::ObjectStoreExt;
+    use sluice_shared::domain::{BatchStatus, result_file_ids};
+    use sluice_shared::storage::result_path;
+
+    let options = AppOptions {
+        aggregator: false,
+        ..AppOptions::default()
+    };
+    let app = spawn_app_with(options, |s| {
+        s.aggregator.lease_ms = 2_000;
+        s.aggregator.sweep_interval_ms = 200;
+    })
+    .await;
+    let total = 300;
+    let lines = chat_lines(total);
+    let expected: Vec<String> = (0..total).map(|i| format!("req-{i}")).collect();
+    let id = app.submit(KEY_A, &lines).await;
+    app.wait_for(KEY_A, &id, Duration::from_secs(30), |b| {
+        completed(b) == total as u64
+    })
+    .await;
+
+    // What the dead aggregator left behind.
+    let dead = app.store.keys().batch_lease(&id);
+    let held = app
+        .store
+        .acquire_lease(&dead, Duration::from_millis(2_000))
+        .await
+        .expect("redis");
+    assert!(held.is_some(), "nobody else holds the lease");
+    app.store
+        .transition(&id, BatchStatus::Finalizing, &[])
+        .await
+        .expect("redis");
+    let ctx = sluice_worker::WorkerContext::build(
+        app.settings.clone(),
+        sluice_shared::metrics::Metrics::new(),
+    )
+    .await
+    .expect("back end connects");
+    ctx.objects
+        .put(
+            &result_path(&id, "output"),
+            b"{\"id\":\"batch_req_half\",\"custom_id\":\"req-0\",\"resp"
+                .to_vec()
+                .into(),
+        )
+        .await
+        .expect("partial object");
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let aggregator = tokio::spawn(sluice_worker::run_aggregator(ctx.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let waiting = app.get_batch(KEY_A, &id).await;
+    assert_eq!(waiting["status"], "finalizing", "the lease is still held");
+    assert!(waiting["output_file_id"].is_null());
+
+    let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(20)).await;
+    assert_all_succeeded_once(&app, &batch, &expected).await;
+    let (output_id, _) = result_file_ids(&id);
+    assert_eq!(batch["output_file_id"], output_id.as_str());
+    let content = app.file_content(KEY_A, &output_id).await;
+    assert!(
+        content
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "every line is whole"
+    );
+    let file = app
+        .req(reqwest::Method::GET, &format!("/files/{output_id}"), KEY_A)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(file["bytes"], content.len());
+    let listed = app
+        .req(reqwest::Method::GET, "/files?purpose=batch_output", KEY_A)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed:#}");
+    stop.cancel();
+    aggregator.await.ok();
+    app.cleanup().await;
+}
