@@ -4,6 +4,7 @@
 //! Roles run as tasks in the test process by default; [`TestApp::spawn_worker_process`] starts a
 //! worker as a separate `sluice` process for tests that kill it.
 
+pub mod node;
 pub mod python;
 
 use std::path::PathBuf;
