@@ -6,6 +6,7 @@
 
 pub mod node;
 pub mod python;
+pub mod redis_server;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

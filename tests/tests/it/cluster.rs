@@ -1,124 +1,57 @@
 //! Scale-out readiness: a batch end to end against a three-node Redis Cluster of its own.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sluice_tests::redis_server::RedisServer;
 use sluice_tests::*;
 
-/// Three cluster-enabled `redis-server`s on spare ports, killed (and their files removed) on drop.
+/// Three cluster-enabled `redis-server`s of this test, joined into one cluster.
 struct RedisCluster {
-    ports: Vec<u16>,
-    servers: Vec<Child>,
-    dir: PathBuf,
+    nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("sluice-cluster-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("cluster directory");
-        let ports = spare_cluster_ports(3);
-        let servers = ports
-            .iter()
-            .map(|port| {
-                Command::new("redis-server")
-                    .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                    .args(["--cluster-enabled", "yes"])
-                    .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                    .args(["--save", "", "--appendonly", "no"])
-                    .arg("--dir")
-                    .arg(&dir)
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("redis-server starts")
-            })
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start(&["--cluster-enabled", "yes", "--appendonly", "no"]))
             .collect();
-        let cluster = Self {
-            ports,
-            servers,
-            dir,
-        };
-        for port in &cluster.ports {
-            cluster.wait_until(|| cli(*port, &["ping"]).contains("PONG"), "node up");
-        }
-        let nodes: Vec<String> = cluster
-            .ports
+        let addrs: Vec<String> = nodes
             .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
+            .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
         let mut create = vec!["--cluster", "create"];
-        create.extend(nodes.iter().map(String::as_str));
+        create.extend(addrs.iter().map(String::as_str));
         create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-        let out = cli(cluster.ports[0], &create);
+        let out = nodes[0].cli(&create);
         assert!(out.contains("All 16384 slots covered"), "{out}");
-        for port in &cluster.ports {
-            cluster.wait_until(
-                || cli(*port, &["cluster", "info"]).contains("cluster_state:ok"),
-                "cluster state ok",
-            );
+        for node in &nodes {
+            let start = Instant::now();
+            while !node.cli(&["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "cluster state ok"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        cluster
-    }
-
-    fn wait_until(&self, ready: impl Fn() -> bool, what: &str) {
-        let start = Instant::now();
-        while !ready() {
-            assert!(start.elapsed() < Duration::from_secs(30), "{what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        Self { nodes }
     }
 
     /// Seed URLs in the form `redis_url` takes with `redis_cluster = true`.
     fn redis_url(&self) -> String {
-        self.ports
+        self.nodes
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .map(RedisServer::url)
             .collect::<Vec<_>>()
             .join(",")
     }
 
     fn keys_per_node(&self) -> Vec<u64> {
-        self.ports
+        self.nodes
             .iter()
-            .map(|p| cli(*p, &["dbsize"]).trim().parse().unwrap_or(0))
+            .map(|n| n.cli(&["dbsize"]).trim().parse().unwrap_or(0))
             .collect()
     }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        for server in &mut self.servers {
-            server.kill().ok();
-            server.wait().ok();
-        }
-        std::fs::remove_dir_all(&self.dir).ok();
-    }
-}
-
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli runs");
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
-
-/// Ports free now whose cluster bus port (port + 10000) is free too.
-fn spare_cluster_ports(n: usize) -> Vec<u16> {
-    let mut ports = Vec::new();
-    while ports.len() < n {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        if port < 55_000
-            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
-            && !ports.contains(&port)
-        {
-            ports.push(port);
-        }
-    }
-    ports
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,6 +7,7 @@ mod compat;
 mod lifecycle;
 mod logs;
 mod openapi;
+mod outages;
 mod pipeline;
 mod retries;
 mod routing;

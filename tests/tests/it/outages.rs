@@ -1,0 +1,110 @@
+//! Redis failing under a running batch (reliability scenarios F6 and F7), on a private
+//! `redis-server` of the test: a crash with an append-only file replayed on restart, and a stall.
+//! Lines in flight must wait for Redis rather than burn their delivery budget, so the batch still
+//! completes with every line exactly once and no line failed because of the outage.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_tests::redis_server::RedisServer;
+use sluice_tests::*;
+
+const LINES: usize = 1_500;
+
+fn slow_lines() -> (Vec<Value>, Vec<String>) {
+    let ids: Vec<String> = (0..LINES).map(|i| format!("req-{i}")).collect();
+    let lines = ids
+        .iter()
+        .map(|id| chat_line_with_mock(id, json!({"delay_ms": 5})))
+        .collect();
+    (lines, ids)
+}
+
+/// Waits until the batch has at least `n` finished lines, reading Redis directly.
+async fn wait_done(app: &TestApp, id: &str, n: u64) {
+    let start = Instant::now();
+    loop {
+        let meta = app
+            .store
+            .get_batch(id)
+            .await
+            .expect("redis")
+            .expect("batch");
+        if meta.done() >= n {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{meta:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls like a client would: a 5xx while the API reconnects to Redis is retried.
+async fn wait_terminal_through_errors(app: &TestApp, id: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let (status, batch) = app.get_batch_raw(KEY_A, id).await;
+        if status == 200
+            && ["completed", "failed", "expired", "cancelled"]
+                .contains(&batch["status"].as_str().unwrap_or(""))
+        {
+            return batch;
+        }
+        assert!(status == 200 || status >= 500, "{status}: {batch}");
+        assert!(start.elapsed() < Duration::from_secs(90), "{batch:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn assert_completed_exactly_once(app: &TestApp, id: &str, expected: &[String]) {
+    let batch = wait_terminal_through_errors(app, id).await;
+    assert_eq!(batch["status"], "completed", "{batch:#}");
+    let (output, errors) = app.results(KEY_A, &batch).await;
+    assert_exactly_once(&output, &errors, expected);
+    assert!(
+        errors.is_empty(),
+        "no line may fail because Redis was away: {:?}",
+        &errors[..errors.len().min(3)]
+    );
+    let calls = app.upstream_stats().calls;
+    let in_flight = app.settings.worker.concurrency as u64;
+    assert!(
+        calls <= LINES as u64 + in_flight,
+        "{calls} upstream calls for {LINES} lines"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_and_restarted_from_its_aof_mid_batch_loses_and_duplicates_nothing() {
+    let mut redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let url = redis.url();
+    let app = spawn_app_with(AppOptions::default(), |s| s.redis_url = url).await;
+    let (lines, expected) = slow_lines();
+    let id = app.submit(KEY_A, &lines).await;
+    wait_done(&app, &id, 300).await;
+
+    redis.kill();
+    // Longer than a line's redelivery budget would last if every failed Redis call sent the line
+    // back to the queue at once.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    redis.restart();
+
+    assert_completed_exactly_once(&app, &id, &expected).await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_stall_mid_batch_delays_lines_without_failing_them() {
+    let redis = RedisServer::start(&["--appendonly", "no"]);
+    let url = redis.url();
+    let app = spawn_app_with(AppOptions::default(), |s| s.redis_url = url).await;
+    let (lines, expected) = slow_lines();
+    let id = app.submit(KEY_A, &lines).await;
+    wait_done(&app, &id, 300).await;
+
+    redis.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.signal("CONT");
+
+    assert_completed_exactly_once(&app, &id, &expected).await;
+    app.cleanup().await;
+}
