@@ -449,12 +449,7 @@ impl TestApp {
 
     /// Sends `signal` (e.g. "KILL", "TERM") to a child process and waits for it to exit.
     pub fn signal_process(&mut self, pid: u32, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        send_signal(pid, signal);
         if let Some(child) = self.children.iter_mut().find(|c| c.id() == pid) {
             child.wait().expect("child exits");
         }
@@ -479,6 +474,16 @@ impl TestApp {
         self.store.purge_namespace().await.ok();
         std::fs::remove_dir_all(&self.dir).ok();
     }
+}
+
+/// Sends `signal` (e.g. "KILL", "TERM", "STOP") to process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// Path of the `sluice` binary built next to the test executable.

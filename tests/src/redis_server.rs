@@ -60,13 +60,7 @@ impl RedisServer {
 
     /// Sends `signal` (`STOP`, `CONT`…) to the running server.
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("server running").id();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        crate::send_signal(self.child.as_ref().expect("server running").id(), signal);
     }
 
     /// The port it listens on.
