@@ -6,6 +6,7 @@
 
 pub mod node;
 pub mod python;
+pub mod rabbitmq_server;
 pub mod redis_server;
 
 use std::path::PathBuf;
@@ -473,6 +474,18 @@ impl TestApp {
         }
         self.store.purge_namespace().await.ok();
         std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// A port free now whose companion port + 10000 is free too (a Redis Cluster bus, an Erlang
+/// distribution port).
+pub fn spare_port() -> u16 {
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
     }
 }
 

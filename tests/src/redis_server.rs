@@ -1,7 +1,6 @@
 //! Private `redis-server` processes for tests that kill, stop or cluster Redis: never the shared
 //! instance on 6379, which other tests (and CI right after) keep using.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ impl RedisServer {
         let dir = std::env::temp_dir().join(format!("sluice-redis-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("redis directory");
         let mut server = Self {
-            port: spare_port(),
+            port: crate::spare_port(),
             dir,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
@@ -93,16 +92,5 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         std::fs::remove_dir_all(&self.dir).ok();
-    }
-}
-
-/// A port free now whose Redis Cluster bus port (port + 10000) is free too.
-fn spare_port() -> u16 {
-    loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
-        }
     }
 }

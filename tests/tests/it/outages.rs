@@ -1,11 +1,13 @@
-//! Redis failing under a running batch (reliability scenarios F6 and F7), on a private
-//! `redis-server` of the test: a crash with an append-only file replayed on restart, and a stall.
-//! Lines in flight must wait for Redis rather than burn their delivery budget, so the batch still
-//! completes with every line exactly once and no line failed because of the outage.
+//! Redis and the broker failing under a running batch (reliability scenarios F4, F6 and F7), on
+//! private servers of the test: Redis crashed and restarted from its append-only file, Redis
+//! stalled, the RabbitMQ node crashed and restarted. Lines in flight must wait rather than burn
+//! their delivery budget, so the batch still completes with every line exactly once and no line
+//! failed because of the outage.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sluice_tests::rabbitmq_server::RabbitServer;
 use sluice_tests::redis_server::RedisServer;
 use sluice_tests::*;
 
@@ -107,4 +109,29 @@ async fn a_redis_stall_mid_batch_delays_lines_without_failing_them() {
 
     assert_completed_exactly_once(&app, &id, &expected).await;
     app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_broker_crashed_and_restarted_mid_batch_loses_and_duplicates_nothing() {
+    let mut rabbit = tokio::task::spawn_blocking(RabbitServer::start)
+        .await
+        .expect("private RabbitMQ node");
+    let url = rabbit.url();
+    let app = spawn_app_with(AppOptions::default(), |s| s.amqp_url = url).await;
+    let (lines, expected) = slow_lines();
+    let id = app.submit(KEY_A, &lines).await;
+    wait_done(&app, &id, 300).await;
+
+    let rabbit = tokio::task::spawn_blocking(move || {
+        rabbit.kill();
+        std::thread::sleep(Duration::from_secs(2));
+        rabbit.restart();
+        rabbit
+    })
+    .await
+    .expect("broker restart");
+
+    assert_completed_exactly_once(&app, &id, &expected).await;
+    app.cleanup().await;
+    drop(rabbit);
 }
