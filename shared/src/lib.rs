@@ -5,7 +5,8 @@
 //! - [`keys`]: every Redis key and queue name, under a namespace.
 //! - [`domain`]: batch and file objects, statuses and their transition table, rows and queue messages.
 //! - [`store`]: Redis access and the Lua scripts that make row writes idempotent.
-//! - [`queue`]: RabbitMQ topology and confirmed publishing.
+//! - [`queue`]: RabbitMQ topology (work, delay and dead-letter queues) and confirmed publishing.
+//! - [`pacing`]: fleet-wide rate limits, pauses, adaptive concurrency and the circuit breaker.
 //! - [`routing`]: which provider runs a model (prefixes, flavors, task models).
 //! - [`storage`]: object storage for input and result files.
 //! - [`metrics`]: every Prometheus series, registered once.
@@ -16,6 +17,7 @@ pub mod domain;
 pub mod keys;
 pub mod metrics;
 pub mod open_batches;
+pub mod pacing;
 pub mod queue;
 pub mod routing;
 pub mod shutdown;

@@ -276,6 +276,8 @@ async fn enqueue(
                     body: probe
                         .body
                         .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?,
+                    a: 0,
+                    t: 0,
                 };
                 let payload = serde_json::to_vec(&msg)?;
                 let confirm = ctx.publisher.send(&channel, &queue, &payload).await?;
