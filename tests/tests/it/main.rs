@@ -5,6 +5,7 @@ mod chaos;
 mod compat;
 mod lifecycle;
 mod logs;
+mod pacing;
 mod pipeline;
 mod retries;
 mod routing;
