@@ -2,6 +2,11 @@
 //! publishes one message per line with pipelined publisher confirms and moves the batch to
 //! `in_progress`.
 //!
+//! Fairness: a batch has at most `worker.batch_window` lines in the work queue at a time; the
+//! dispatcher publishes one window, records it in `dispatched` and acks, and the aggregator's
+//! sweep sends the dispatch again whenever the window is half empty. Another batch's lines thus
+//! queue behind at most one window of each running batch, never behind 50,000 lines.
+//!
 //! Crash safety: the control message is acked only when every line is confirmed by the broker. A
 //! dispatcher killed halfway leaves the message unacked, so another one picks it up and resumes
 //! from the checkpoint `dispatched` (the lowest line not yet confirmed). Lines between the
@@ -244,8 +249,15 @@ async fn enqueue(
         .get_file(meta.get("input_file_id").unwrap_or_default())
         .await?
         .ok_or_else(|| anyhow::anyhow!("input file vanished during dispatch"))?;
-    let total = meta.total().unwrap_or(0);
     let start = meta.int("dispatched").unwrap_or(0).max(0) as u64;
+    // Fairness: at most `batch_window` lines of this batch wait in the work queue (dispatched but
+    // not finished). The rest are published later, when the aggregator's sweep sees the window
+    // half empty and sends the dispatch again (it resumes from `dispatched`).
+    let all = meta.total().unwrap_or(0);
+    let total = all.min(meta.done() + ctx.settings.worker.batch_window);
+    if start >= total {
+        return Ok(Dispatched::Done("window_full"));
+    }
     let mut lines = RequestLines::open(
         &ctx.objects,
         &object_store::path::Path::from(input.path()),
@@ -319,7 +331,11 @@ async fn enqueue(
     ctx.store
         .set_batch_fields(batch_id, &[("dispatched", total.to_string())])
         .await?;
-    Ok(Dispatched::Done("enqueued"))
+    Ok(Dispatched::Done(if total < all {
+        "windowed"
+    } else {
+        "enqueued"
+    }))
 }
 
 /// Saves the lowest line not yet confirmed, so a resumed dispatch starts there.

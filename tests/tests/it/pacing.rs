@@ -317,3 +317,56 @@ async fn the_token_limit_paces_calls_by_their_usage() {
     assert!(last - first >= 6_000, "8,000 tokens in {} ms", last - first);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_batch_of_another_tenant_is_not_starved_by_a_big_one() {
+    // 1,200 RPM: tenant A's 240 lines need about 12 s; each batch has at most 20 lines queued.
+    let app = spawn_app_with(AppOptions::default(), |s| {
+        s.worker.batch_window = 20;
+        pace(
+            s,
+            PacingSettings {
+                rpm: Some(1_200),
+                burst_ms: Some(200),
+                ..PacingSettings::default()
+            },
+        )
+    })
+    .await;
+    let big: Vec<Value> = (0..240)
+        .map(|i| chat_line(&format!("a-{i}"), "big batch"))
+        .collect();
+    let a_started = Instant::now();
+    let a = app.submit(KEY_A, &big).await;
+    app.wait_for(KEY_A, &a, Duration::from_secs(30), |b| {
+        b["request_counts"]["completed"].as_u64().unwrap_or(0) >= 20
+    })
+    .await;
+
+    let small: Vec<Value> = (0..5)
+        .map(|i| chat_line(&format!("b-{i}"), "small batch"))
+        .collect();
+    let b_started = Instant::now();
+    let b = app.submit(KEY_B, &small).await;
+    let b_batch = app.wait_terminal(KEY_B, &b, Duration::from_secs(60)).await;
+    let b_took = b_started.elapsed();
+    assert_eq!(b_batch["status"], "completed", "{b_batch:#}");
+    let a_now = app.get_batch(KEY_A, &a).await;
+    assert_ne!(
+        a_now["status"], "completed",
+        "B finished only after A: {a_now:#}"
+    );
+
+    let a_batch = app.wait_terminal(KEY_A, &a, Duration::from_secs(90)).await;
+    let a_took = a_started.elapsed();
+    assert_eq!(a_batch["status"], "completed", "{a_batch:#}");
+    assert_eq!(a_batch["request_counts"]["completed"], 240);
+    assert!(
+        b_took < a_took / 3,
+        "B took {b_took:?} while A took {a_took:?}"
+    );
+    let (output, errors) = app.results(KEY_A, &a_batch).await;
+    let ids: Vec<String> = (0..240).map(|i| format!("a-{i}")).collect();
+    assert_exactly_once(&output, &errors, &ids);
+    app.cleanup().await;
+}
