@@ -116,17 +116,10 @@ pub async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
             && meta.stopping().is_none()
             && meta.int("dispatched").unwrap_or(0) < meta.int("total").unwrap_or(0)
         {
-            let queued =
-                (meta.int("dispatched").unwrap_or(0).max(0) as u64).saturating_sub(meta.done());
-            if queued <= ctx.settings.worker.batch_window / 2 {
-                // The batch's window in the work queue is half empty: publish the next lines.
-                refill(ctx, &batch_id, &meta).await?;
-            } else {
-                // A dispatcher died mid-enqueue. Its control message came back while its lease
-                // was still alive, so the next dispatcher found the batch busy and dropped the
-                // message: nothing else would ever publish the remaining lines.
-                redispatch_if_stuck(ctx, &batch_id, &meta).await?;
-            }
+            // A dispatcher died mid-enqueue, or while topping up the batch's window (it stamps
+            // `dispatch_alive_ms` as it goes). Its control message came back while its lease was
+            // still alive, or was already acked: nothing else would publish the remaining lines.
+            redispatch_if_stuck(ctx, &batch_id, &meta).await?;
         }
         if let Err(e) = finalize_if_ready(ctx, &batch_id).await {
             tracing::warn!(%batch_id, error = %e, "Finalize failed; retrying on the next sweep.");
@@ -145,7 +138,10 @@ async fn redispatch_if_stuck(
     meta: &BatchMeta,
 ) -> anyhow::Result<()> {
     let created_ms = meta.int("created_at").unwrap_or(0) * 1000;
-    let last_ms = meta.int("redispatched_at_ms").unwrap_or(created_ms);
+    let last_ms = meta
+        .int("redispatched_at_ms")
+        .unwrap_or(created_ms)
+        .max(meta.int("dispatch_alive_ms").unwrap_or(0));
     let after = ctx.settings.aggregator.redispatch_after_ms as i64;
     if now_millis() - last_ms < after {
         return Ok(());
@@ -166,36 +162,6 @@ async fn redispatch_if_stuck(
             batch_id,
             &[("redispatched_at_ms", now_millis().to_string())],
         )
-        .await?;
-    let event = serde_json::to_vec(&BatchEvent {
-        batch_id: batch_id.to_owned(),
-    })?;
-    ctx.publisher
-        .publish(&ctx.keys.control_queue(), &event)
-        .await?;
-    Ok(())
-}
-
-/// Sends a batch's dispatch again so the dispatcher publishes its next window of lines; about
-/// once per sweep at most (several aggregators share the stamp), never while a dispatcher holds
-/// the batch.
-async fn refill(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyhow::Result<()> {
-    let last_ms = meta.int("refilled_at_ms").unwrap_or(0);
-    if now_millis() - last_ms < ctx.settings.aggregator.sweep_interval_ms as i64 / 2 {
-        return Ok(());
-    }
-    let free = ctx
-        .store
-        .acquire_lease(
-            &ctx.keys.batch_dispatch_lease(batch_id),
-            Duration::from_millis(1),
-        )
-        .await?;
-    if free.is_none() {
-        return Ok(());
-    }
-    ctx.store
-        .set_batch_fields(batch_id, &[("refilled_at_ms", now_millis().to_string())])
         .await?;
     let event = serde_json::to_vec(&BatchEvent {
         batch_id: batch_id.to_owned(),

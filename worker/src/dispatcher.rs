@@ -2,10 +2,12 @@
 //! publishes one message per line with pipelined publisher confirms and moves the batch to
 //! `in_progress`.
 //!
-//! Fairness: a batch has at most `worker.batch_window` lines in the work queue at a time; the
-//! dispatcher publishes one window, records it in `dispatched` and acks, and the aggregator's
-//! sweep sends the dispatch again whenever the window is half empty. Another batch's lines thus
-//! queue behind at most one window of each running batch, never behind 50,000 lines.
+//! Fairness: a batch has at most `worker.batch_window` lines in the work queue (dispatched, not
+//! finished) at a time. The dispatcher publishes one window, records it in `dispatched`, acks the
+//! control message and then tops the window up every 200 ms as rows land, stamping
+//! `dispatch_alive_ms`; if it dies, the aggregator's sweep sees the stamp go stale and publishes
+//! the dispatch again (it resumes from `dispatched`). Another batch's lines thus queue behind at
+//! most one window of each running batch, never behind 50,000 lines.
 //!
 //! Crash safety: the control message is acked only when every line is confirmed by the broker. A
 //! dispatcher killed halfway leaves the message unacked, so another one picks it up and resumes
@@ -19,7 +21,9 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use sluice_shared::domain::{BatchError, BatchEvent, BatchMeta, BatchStatus, ItemMessage};
+use sluice_shared::domain::{
+    BatchError, BatchEvent, BatchMeta, BatchStatus, ItemMessage, now_millis,
+};
 use sluice_shared::queue::check_confirm;
 use sluice_shared::store::Transition;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +70,17 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
     };
     let started = Instant::now();
     match dispatch(&ctx, &event.batch_id, &shutdown).await {
+        Ok(Dispatched::Done(result @ ("windowed" | "window_full"))) => {
+            ctx.metrics
+                .dispatch_seconds
+                .with_label_values(&[result])
+                .observe(started.elapsed().as_secs_f64());
+            // Acked now, so a long batch never holds its control message past the broker's
+            // consumer timeout; if this process dies, the sweep sees `dispatch_alive_ms` go
+            // stale and publishes the dispatch again.
+            ack(&delivery).await;
+            top_up(&ctx, &event.batch_id, &shutdown).await;
+        }
         Ok(Dispatched::Done(result)) => {
             ctx.metrics
                 .dispatch_seconds
@@ -87,6 +102,35 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
                 .await
             {
                 tracing::warn!(error = %e, "Could not requeue a control message.");
+            }
+        }
+    }
+}
+
+/// How often a dispatcher tops a batch's window up.
+const TOP_UP_EVERY: Duration = Duration::from_millis(200);
+
+/// Keeps publishing a batch's next lines as its earlier ones finish, one window at a time, until
+/// every line is enqueued, the batch stops, another dispatcher holds it, or shutdown.
+async fn top_up(ctx: &WorkerContext, batch_id: &str, shutdown: &CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(TOP_UP_EVERY) => {}
+        }
+        if let Err(e) = ctx
+            .store
+            .set_batch_fields(batch_id, &[("dispatch_alive_ms", now_millis().to_string())])
+            .await
+        {
+            tracing::warn!(%batch_id, error = %e, "Could not stamp a dispatch; retrying.");
+            continue;
+        }
+        match dispatch(ctx, batch_id, shutdown).await {
+            Ok(Dispatched::Done("windowed" | "window_full")) => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(%batch_id, error = %e, "Topping up a batch failed; retrying.");
             }
         }
     }
@@ -253,9 +297,11 @@ async fn enqueue(
     // Fairness: at most `batch_window` lines of this batch wait in the work queue (dispatched but
     // not finished). The rest are published later, when the aggregator's sweep sees the window
     // half empty and sends the dispatch again (it resumes from `dispatched`).
+    // A round re-reads the file up to `start`, so it waits until half the window is free.
     let all = meta.total().unwrap_or(0);
-    let total = all.min(meta.done() + ctx.settings.worker.batch_window);
-    if start >= total {
+    let window = ctx.settings.worker.batch_window;
+    let total = all.min(meta.done() + window);
+    if start >= total || (start > meta.done() + window / 2 && total < all) {
         return Ok(Dispatched::Done("window_full"));
     }
     let mut lines = RequestLines::open(
@@ -297,7 +343,7 @@ async fn enqueue(
                 outstanding.insert(index);
                 pending.push(async move { (index, confirm.await) });
             }
-            if shutdown.is_cancelled() || lease.is_lost() {
+            if shutdown.is_cancelled() || lease.is_lost() || line.index + 1 >= total {
                 break;
             }
             next_line = lines.next_line().await?;

@@ -370,3 +370,39 @@ async fn a_small_batch_of_another_tenant_is_not_starved_by_a_big_one() {
     assert_exactly_once(&output, &errors, &ids);
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_ends_exactly_once() {
+    let options = AppOptions {
+        worker: false,
+        ..AppOptions::default()
+    };
+    let mut app = spawn_app_with(options, |s| s.worker.batch_window = 40).await;
+    let mut workers = Workers::default();
+    let pid = workers.spawn(&mut app);
+    let lines = healthy(300, json!({"delay_ms": 20}));
+    let id = app.submit(KEY_A, &lines).await;
+    // Kill it once the first windows are done: its top-up loop dies with it (the control message
+    // was acked), so only the sweep's re-dispatch can publish the rest.
+    app.wait_for(KEY_A, &id, Duration::from_secs(30), |b| {
+        b["request_counts"]["completed"].as_u64().unwrap_or(0) >= 60
+    })
+    .await;
+    workers.signal(&mut app, pid, "KILL");
+    let dispatched: i64 = app
+        .store
+        .get_batch(&id)
+        .await
+        .unwrap()
+        .unwrap()
+        .int("dispatched")
+        .unwrap();
+    assert!(
+        dispatched < 300,
+        "the window kept most lines out of the queue"
+    );
+    workers.spawn(&mut app);
+    let batch = completes(&app, &id, &lines, Duration::from_secs(60)).await;
+    assert_eq!(batch["request_counts"]["completed"], 300);
+    app.cleanup().await;
+}
