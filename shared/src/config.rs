@@ -298,7 +298,7 @@ impl Default for WorkerSettings {
             lines: true,
             max_retry_elapsed_secs: 3_600,
             max_hold_ms: 10_000,
-            batch_window: 2_000,
+            batch_window: 1_000,
             breaker_failures: 10,
             breaker_cooldown_ms: 10_000,
             breaker_probes: 2,
@@ -563,6 +563,34 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("concurency"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn provider_pacing_loads_and_zero_limits_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            let provider =
+                "[[providers]]\nname = \"p\"\nbase_url = \"http://p/v1\"\nmodels = [\"*\"]\n";
+            jail.create_file(
+                "s.toml",
+                &format!(
+                    "{provider}[providers.pacing]\nrpm = 600\ntpm = 90000\nmax_concurrency = 8\n"
+                ),
+            )?;
+            let s = Settings::load(Some(Path::new("s.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.providers[0].pacing.rpm, Some(600));
+            assert_eq!(s.providers[0].pacing.tpm, Some(90_000));
+            assert_eq!(s.providers[0].pacing.max_concurrency, Some(8));
+            assert_eq!(s.providers[0].pacing.burst_ms, None);
+            jail.create_file(
+                "z.toml",
+                &format!("{provider}[providers.pacing]\nrpm = 0\n"),
+            )?;
+            let err = Settings::load(Some(Path::new("z.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("pacing"), "{err}");
             Ok(())
         });
     }
