@@ -111,8 +111,8 @@ pub struct WorkerSettings {
     /// Longest time a line's retries may span, from its first attempt (seconds); past it, the line
     /// ends with its last error. The batch's `expires_at` bounds it too.
     pub max_retry_elapsed_secs: u64,
-    /// Longest wait (for the fleet limiter, a provider pause or an open breaker) a line spends
-    /// holding its consumer slot; a longer one sends the line to a delay queue instead.
+    /// Longest rate-limit reservation taken ahead of time, and longest provider pause or open
+    /// breaker a line waits for in its consumer slot; a longer pause sends it to a delay queue.
     pub max_hold_ms: u64,
     /// Lines of one batch in the work queue at once (fairness: a big batch never has more than
     /// this many lines ahead of another batch's); the dispatcher tops the window up as rows land.

@@ -214,7 +214,8 @@ enum Slot {
 }
 
 /// Waits (in the consumer slot, up to `max_hold_ms` at a time) until the fleet lets this call
-/// start; a longer wait sends the line to a delay queue without spending an attempt.
+/// start; a longer fleet pause or open breaker sends the line to a delay queue without spending an
+/// attempt.
 async fn wait_for_slot(
     ctx: &WorkerContext,
     msg: &ItemMessage<'_>,
@@ -239,6 +240,14 @@ async fn wait_for_slot(
             }
             Grant::Go { wait, probe } => (wait, Hold::Rate, Some(probe)),
             Grant::Hold { wait, why } => (wait, why, None),
+        };
+        // A long pause or outage sends the line to a delay queue. A long wait for the rate does
+        // not: another consumer would take the next line and meet the same wait, so the line keeps
+        // its slot (the queue holds the rest: backpressure) and asks again once a reservation
+        // within `max_hold` becomes possible.
+        let wait = match why {
+            Hold::Rate if wait > hold => (wait - hold).clamp(Duration::from_millis(100), hold),
+            _ => wait,
         };
         if probe.is_none() && wait > hold {
             ctx.metrics
