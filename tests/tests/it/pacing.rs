@@ -406,3 +406,110 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
     assert_eq!(batch["request_counts"]["completed"], 300);
     app.cleanup().await;
 }
+
+/// The limiter scripts on their own, against the real Redis: leases, AIMD and the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
+    use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer};
+    let ns = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let store = sluice_shared::Store::connect("redis://127.0.0.1:6379/", &ns)
+        .await
+        .unwrap();
+    let pacer = Pacer::new(store.clone());
+    let mut w = Settings::default().worker;
+    w.breaker_failures = 2;
+    w.breaker_cooldown_ms = 300;
+    w.breaker_probes = 1;
+    let limits = PaceLimits::new(
+        &PacingSettings {
+            max_concurrency: Some(4),
+            ..PacingSettings::default()
+        },
+        &w,
+    );
+    let go = |g: Grant| matches!(g, Grant::Go { .. });
+    for i in 0..4 {
+        let g = pacer
+            .acquire("p", &limits, 0, &format!("l{i}"))
+            .await
+            .unwrap();
+        assert!(go(g), "{i}: {g:?}");
+    }
+    let g = pacer.acquire("p", &limits, 0, "l4").await.unwrap();
+    assert!(
+        matches!(
+            g,
+            Grant::Hold {
+                why: Hold::Concurrency,
+                ..
+            }
+        ),
+        "{g:?}"
+    );
+    // A 429 halves the limit: two calls still in flight fill it.
+    let r = pacer
+        .release("p", &limits, "l0", CallOutcome::Throttled, 0, None)
+        .await
+        .unwrap();
+    assert_eq!(r.concurrency_limit, 2);
+    pacer
+        .release("p", &limits, "l1", CallOutcome::Ok, 0, None)
+        .await
+        .unwrap();
+    let g = pacer.acquire("p", &limits, 0, "l5").await.unwrap();
+    assert!(!go(g), "limit 2, two in flight: {g:?}");
+    // Successes grow it back by one per `limit` successes, up to the maximum.
+    let mut limit = 0;
+    for i in 0..20 {
+        let lease = format!("g{i}");
+        pacer.acquire("p", &limits, 0, &lease).await.unwrap();
+        limit = pacer
+            .release("p", &limits, &lease, CallOutcome::Ok, 0, None)
+            .await
+            .unwrap()
+            .concurrency_limit;
+    }
+    assert_eq!(limit, 4);
+
+    // Two consecutive failures open the breaker; after the cool-down one probe goes through,
+    // and its success closes it.
+    for i in 0..2 {
+        pacer
+            .release("q", &limits, &format!("f{i}"), CallOutcome::Failed, 0, None)
+            .await
+            .unwrap();
+    }
+    let g = pacer.acquire("q", &limits, 0, "x").await.unwrap();
+    assert!(
+        matches!(
+            g,
+            Grant::Hold {
+                why: Hold::BreakerOpen,
+                ..
+            }
+        ),
+        "{g:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let g = pacer.acquire("q", &limits, 0, "probe").await.unwrap();
+    assert!(matches!(g, Grant::Go { probe: true, .. }), "{g:?}");
+    let g = pacer.acquire("q", &limits, 0, "second").await.unwrap();
+    assert!(
+        matches!(
+            g,
+            Grant::Hold {
+                why: Hold::BreakerOpen,
+                ..
+            }
+        ),
+        "one probe at a time: {g:?}"
+    );
+    let r = pacer
+        .release("q", &limits, "probe", CallOutcome::Ok, 0, None)
+        .await
+        .unwrap();
+    assert!(r.breaker_changed);
+    let g = pacer.acquire("q", &limits, 0, "after").await.unwrap();
+    assert!(matches!(g, Grant::Go { probe: false, .. }), "{g:?}");
+    store.purge_namespace().await.unwrap();
+}
