@@ -115,8 +115,11 @@ pub struct WorkerSettings {
     /// breaker a line waits for in its consumer slot; a longer pause sends it to a delay queue.
     pub max_hold_ms: u64,
     /// Lines of one batch in the work queue at once (fairness: a big batch never has more than
-    /// this many lines ahead of another batch's); the dispatcher tops the window up as rows land.
+    /// its window ahead of another batch's); the dispatcher tops the window up as rows land.
     pub batch_window: u64,
+    /// The window grows to this many seconds of the batch's observed throughput when that is more
+    /// than `batch_window` lines, so a fast batch never waits for its own top-ups.
+    pub batch_window_secs: u64,
     /// Consecutive failures (5xx, timeouts, connection errors; not 429) that open a provider's
     /// circuit breaker, fleet-wide.
     pub breaker_failures: u32,
@@ -299,6 +302,7 @@ impl Default for WorkerSettings {
             max_retry_elapsed_secs: 3_600,
             max_hold_ms: 10_000,
             batch_window: 1_000,
+            batch_window_secs: 2,
             breaker_failures: 10,
             breaker_cooldown_ms: 10_000,
             breaker_probes: 2,

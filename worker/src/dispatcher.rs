@@ -2,8 +2,9 @@
 //! publishes one message per line with pipelined publisher confirms and moves the batch to
 //! `in_progress`.
 //!
-//! Fairness: a batch has at most `worker.batch_window` lines in the work queue (dispatched, not
-//! finished) at a time. The dispatcher publishes one window, records it in `dispatched`, acks the
+//! Fairness: a batch has at most a window of lines in the work queue (dispatched, not finished)
+//! at a time: `worker.batch_window` lines, or `worker.batch_window_secs` of the batch's own recent
+//! throughput when that is more. The dispatcher publishes one window, records it in `dispatched`, acks the
 //! control message and then tops the window up every 200 ms as rows land, stamping
 //! `dispatch_alive_ms`; if it dies, the aggregator's sweep sees the stamp go stale and publishes
 //! the dispatch again (it resumes from `dispatched`). Another batch's lines thus queue behind at
@@ -69,7 +70,14 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
         return;
     };
     let started = Instant::now();
-    match dispatch(&ctx, &event.batch_id, &shutdown).await {
+    match dispatch(
+        &ctx,
+        &event.batch_id,
+        &shutdown,
+        ctx.settings.worker.batch_window,
+    )
+    .await
+    {
         Ok(Dispatched::Done(result @ ("windowed" | "window_full"))) => {
             ctx.metrics
                 .dispatch_seconds
@@ -113,6 +121,10 @@ const TOP_UP_EVERY: Duration = Duration::from_millis(200);
 /// Keeps publishing a batch's next lines as its earlier ones finish, one window at a time, until
 /// every line is enqueued, the batch stops, another dispatcher holds it, or shutdown.
 async fn top_up(ctx: &WorkerContext, batch_id: &str, shutdown: &CancellationToken) {
+    let w = &ctx.settings.worker;
+    let mut window = w.batch_window;
+    let mut last: Option<(u64, Instant)> = None;
+    let mut rate = 0.0f64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -126,7 +138,24 @@ async fn top_up(ctx: &WorkerContext, batch_id: &str, shutdown: &CancellationToke
             tracing::warn!(%batch_id, error = %e, "Could not stamp a dispatch; retrying.");
             continue;
         }
-        match dispatch(ctx, batch_id, shutdown).await {
+        // The window covers `batch_window_secs` of the batch's own recent throughput (at least
+        // `batch_window` lines), so a fast batch is never starved by its own window while a slow
+        // (rate-limited) one keeps few lines ahead of other batches.
+        if let Ok(Some(meta)) = ctx.store.get_batch(batch_id).await {
+            let done = meta.done();
+            if let Some((before, at)) = last {
+                let secs = at.elapsed().as_secs_f64().max(1e-3);
+                let now_rate = done.saturating_sub(before) as f64 / secs;
+                rate = if rate == 0.0 {
+                    now_rate
+                } else {
+                    0.7 * rate + 0.3 * now_rate
+                };
+                window = ((rate * w.batch_window_secs as f64) as u64).max(w.batch_window);
+            }
+            last = Some((done, Instant::now()));
+        }
+        match dispatch(ctx, batch_id, shutdown, window).await {
             Ok(Dispatched::Done("windowed" | "window_full")) => {}
             Ok(_) => return,
             Err(e) => {
@@ -151,6 +180,7 @@ async fn dispatch(
     ctx: &WorkerContext,
     batch_id: &str,
     shutdown: &CancellationToken,
+    window: u64,
 ) -> anyhow::Result<Dispatched> {
     let lease_ttl = Duration::from_millis(ctx.settings.aggregator.lease_ms);
     let Some(lease) = Lease::acquire(
@@ -164,7 +194,7 @@ async fn dispatch(
         // aggregator's sweep publishes the dispatch again).
         return Ok(Dispatched::Done("busy"));
     };
-    let result = dispatch_leased(ctx, batch_id, shutdown, &lease).await;
+    let result = dispatch_leased(ctx, batch_id, shutdown, &lease, window).await;
     lease.release().await;
     result
 }
@@ -174,6 +204,7 @@ async fn dispatch_leased(
     batch_id: &str,
     shutdown: &CancellationToken,
     lease: &Lease,
+    window: u64,
 ) -> anyhow::Result<Dispatched> {
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
@@ -192,7 +223,7 @@ async fn dispatch_leased(
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
     };
-    enqueue(ctx, batch_id, &meta, shutdown, lease).await
+    enqueue(ctx, batch_id, &meta, shutdown, lease, window).await
 }
 
 /// Pass one: checks every line. Fails the batch with every error, or moves it to `in_progress`.
@@ -287,6 +318,7 @@ async fn enqueue(
     meta: &BatchMeta,
     shutdown: &CancellationToken,
     lease: &Lease,
+    window: u64,
 ) -> anyhow::Result<Dispatched> {
     let input = ctx
         .store
@@ -299,7 +331,6 @@ async fn enqueue(
     // half empty and sends the dispatch again (it resumes from `dispatched`).
     // A round re-reads the file up to `start`, so it waits until half the window is free.
     let all = meta.total().unwrap_or(0);
-    let window = ctx.settings.worker.batch_window;
     let total = all.min(meta.done() + window);
     if start >= total || (start > meta.done() + window / 2 && total < all) {
         return Ok(Dispatched::Done("window_full"));
