@@ -7,12 +7,13 @@
 //!   wait; half-open: only a few probes), the fleet pause (set after a 429 or an exhausted
 //!   `x-ratelimit-remaining-*`), the adaptive concurrency limit (leases that expire, so a dead
 //!   worker cannot leak a slot), then the request and token rates. Rates use GCRA in
-//!   reservation form: each call is given a start time `S` no earlier than `TAT − burst` of
+//!   reservation form: each call is given a start time `S` no earlier than `TAT − tolerance` of
 //!   every bucket, and each bucket's theoretical arrival time moves to `max(TAT, S) + cost·T`. The
 //!   caller sleeps until `S`, so calls leave the fleet evenly spaced without polling. A
 //!   reservation further away than `max_hold` is not taken: the caller requeues the line instead.
 //! - [`Pacer::release`] runs after every call: it frees the lease, corrects the token bucket by
-//!   (actual − estimated) tokens, applies AIMD to the concurrency limit (halve on a 429 at most
+//!   (actual − charged) tokens, learns the provider's ratio of actual to estimated tokens (an
+//!   average that scales the next charges, so reservations made ahead of time are right too), applies AIMD to the concurrency limit (halve on a 429 at most
 //!   once a second, +1 per `limit` successes), feeds the breaker and sets a fleet pause.
 //!
 //! Redis' own clock (`TIME`) is the only clock, so worker clocks may drift freely.
@@ -37,13 +38,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ri, ti, cost, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxc, lease, lease_ms, hold = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local cooldown, probes_max = tonumber(ARGV[9]), tonumber(ARGV[10])
+local cooldown, probes_max, tburst = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 -- circuit breaker
 local probe = 0
 local b = redis.call('HMGET', KEYS[6], 'state', 'until', 'probes')
 if b[1] == 'open' then
   local untl = tonumber(b[2]) or 0
-  if now < untl then return {'open', untl - now, 0} end
+  if now < untl then return {'open', untl - now, 0, 0} end
   redis.call('HSET', KEYS[6], 'state', 'half', 'probes', 0, 'until', now + cooldown)
   b = {'half', tostring(now + cooldown), '0'}
 end
@@ -54,21 +55,27 @@ if b[1] == 'half' then
     probes = 0
     redis.call('HSET', KEYS[6], 'probes', 0, 'until', now + cooldown)
   end
-  if probes >= probes_max then return {'open', 250, 0} end
+  if probes >= probes_max then return {'open', 250, 0, 0} end
   probe = 1
 end
 -- fleet pause
 local pause = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
-if pause > now then return {'paused', pause - now, 0} end
+if pause > now then return {'paused', pause - now, 0, 0} end
 -- adaptive concurrency
 local lim = 0
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   lim = tonumber(redis.call('HGET', KEYS[5], 'limit') or '') or maxc
   lim = math.max(1, math.min(maxc, math.floor(lim)))
-  if redis.call('ZCARD', KEYS[4]) >= lim then return {'busy', 50, lim} end
+  if redis.call('ZCARD', KEYS[4]) >= lim then return {'busy', 50, lim, 0} end
 end
--- rates (GCRA, reservation form)
+-- rates (GCRA, reservation form); the token cost is the estimate scaled by the provider's
+-- learnt ratio of actual to estimated tokens
+local charged = 0
+if ti > 0 then
+  local ratio = tonumber(redis.call('HGET', KEYS[5], 'tk_ratio') or '') or 1
+  charged = math.max(1, math.floor(cost * ratio + 0.5))
+end
 local s = now
 local rtat, ttat = 0, 0
 if ri > 0 then
@@ -77,16 +84,16 @@ if ri > 0 then
 end
 if ti > 0 then
   ttat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-  s = math.max(s, ttat - burst)
+  s = math.max(s, ttat - tburst)
 end
 local wait = s - now
-if wait > hold then return {'rate', math.ceil(wait), 0} end
+if wait > hold then return {'rate', math.ceil(wait), 0, 0} end
 if ri > 0 then
   local n = math.max(rtat, s) + ri
   redis.call('SET', KEYS[1], string.format('%.3f', n), 'PX', math.ceil(n - now) + 60000)
 end
 if ti > 0 then
-  local n = math.max(ttat, s) + ti * cost
+  local n = math.max(ttat, s) + ti * charged
   redis.call('SET', KEYS[2], string.format('%.3f', n), 'PX', math.ceil(n - now) + 60000)
 end
 if maxc > 0 then
@@ -94,7 +101,7 @@ if maxc > 0 then
   redis.call('PEXPIRE', KEYS[4], math.ceil(wait) + lease_ms + 60000)
 end
 if probe == 1 then redis.call('HINCRBY', KEYS[6], 'probes', 1) end
-return {'go', math.ceil(wait), probe}
+return {'go', math.ceil(wait), probe, charged}
 ",
     )
 });
@@ -107,6 +114,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease, outcome, maxc = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local delta, ti = tonumber(ARGV[4]), tonumber(ARGV[5])
 local threshold, cooldown, pause_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local estimate, actual = tonumber(ARGV[9]), tonumber(ARGV[10])
 -- lease and AIMD
 local lim = 0
 if maxc > 0 then
@@ -124,7 +132,13 @@ if maxc > 0 then
   end
   redis.call('PEXPIRE', KEYS[5], 3600000)
 end
--- token correction
+-- token correction, and the ratio of actual to estimated tokens that scales later charges
+if ti > 0 and actual >= 0 and estimate > 0 then
+  local ratio = tonumber(redis.call('HGET', KEYS[5], 'tk_ratio') or '') or 1
+  ratio = math.min(4, math.max(0.02, 0.8 * ratio + 0.2 * actual / estimate))
+  redis.call('HSET', KEYS[5], 'tk_ratio', string.format('%.4f', ratio))
+  redis.call('PEXPIRE', KEYS[5], 3600000)
+end
 if ti > 0 and delta ~= 0 then
   local tat = tonumber(redis.call('GET', KEYS[2]) or '') or now
   local n = tat + delta * ti
@@ -170,7 +184,11 @@ pub struct PaceLimits {
     request_interval_ms: f64,
     /// Milliseconds per token (0 = no token rate).
     token_interval_ms: f64,
-    burst_ms: f64,
+    /// How far ahead of the request rate a call may start: `burst_ms` less one interval, so at
+    /// most `burst_ms` worth of requests go at once.
+    request_tolerance_ms: f64,
+    /// The same for tokens (a call's whole cost is charged when it starts).
+    token_tolerance_ms: f64,
     max_concurrency: u32,
     max_hold_ms: u64,
     lease_ms: u64,
@@ -182,10 +200,13 @@ pub struct PaceLimits {
 impl PaceLimits {
     /// The limits of a provider's `pacing` settings under the worker settings.
     pub fn new(p: &PacingSettings, w: &WorkerSettings) -> Self {
+        let request = p.rpm.map_or(0.0, |r| 60_000.0 / r as f64);
+        let burst = p.burst_ms.unwrap_or(1_000) as f64;
         Self {
-            request_interval_ms: p.rpm.map_or(0.0, |r| 60_000.0 / r as f64),
+            request_interval_ms: request,
             token_interval_ms: p.tpm.map_or(0.0, |t| 60_000.0 / t as f64),
-            burst_ms: p.burst_ms.unwrap_or(1_000) as f64,
+            request_tolerance_ms: (burst - request).max(0.0),
+            token_tolerance_ms: burst,
             max_concurrency: p.max_concurrency.unwrap_or(0),
             max_hold_ms: w.max_hold_ms,
             // A lease outlives the longest call plus the longest wait for its start.
@@ -231,8 +252,13 @@ impl Hold {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grant {
     /// A slot is reserved: start the call after `wait`. `probe`: the breaker is half-open and this
-    /// call tests the upstream.
-    Go { wait: Duration, probe: bool },
+    /// call tests the upstream. `charged`: tokens taken from the token bucket (the estimate scaled
+    /// by the learnt actual/estimate ratio), to pass back to [`Pacer::release`].
+    Go {
+        wait: Duration,
+        probe: bool,
+        charged: u64,
+    },
     /// Nothing reserved: try again after `wait`.
     Hold { wait: Duration, why: Hold },
 }
@@ -289,6 +315,17 @@ impl BreakerState {
     }
 }
 
+/// Tokens of one call, for the token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenUse {
+    /// The estimate made before the call.
+    pub estimate: u64,
+    /// What [`Grant::Go`] charged for it.
+    pub charged: u64,
+    /// What the answer's `usage` says it used (`None`: no answer, or no call).
+    pub actual: Option<u64>,
+}
+
 /// What [`Pacer::release`] left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
@@ -334,20 +371,22 @@ impl Pacer {
         inv.arg(limits.request_interval_ms)
             .arg(limits.token_interval_ms)
             .arg(tokens)
-            .arg(limits.burst_ms)
+            .arg(limits.request_tolerance_ms)
             .arg(limits.max_concurrency)
             .arg(lease)
             .arg(limits.lease_ms)
             .arg(limits.max_hold_ms)
             .arg(limits.breaker_cooldown_ms)
-            .arg(limits.breaker_probes);
-        let (verdict, wait, flag): (String, i64, i64) =
+            .arg(limits.breaker_probes)
+            .arg(limits.token_tolerance_ms);
+        let (verdict, wait, flag, charged): (String, i64, i64, i64) =
             inv.invoke_async(&mut self.store.conn()).await?;
         let wait = Duration::from_millis(wait.max(0) as u64);
         Ok(match verdict.as_str() {
             "go" => Grant::Go {
                 wait,
                 probe: flag == 1,
+                charged: charged.max(0) as u64,
             },
             "open" => Grant::Hold {
                 wait,
@@ -369,17 +408,19 @@ impl Pacer {
         })
     }
 
-    /// Reports a call acquired under `lease`: `token_delta` is actual minus estimated tokens, and
-    /// `pause` a fleet-wide pause the upstream asked for (capped at [`MAX_FLEET_PAUSE`]).
+    /// Reports a call acquired under `lease`: `tokens` are what the token bucket was charged and
+    /// what the call used, and `pause` a fleet-wide pause the upstream asked for (capped at
+    /// [`MAX_FLEET_PAUSE`]).
     pub async fn release(
         &self,
         provider: &str,
         limits: &PaceLimits,
         lease: &str,
         outcome: CallOutcome,
-        token_delta: i64,
+        tokens: TokenUse,
         pause: Option<Duration>,
     ) -> Result<Released> {
+        let token_delta = tokens.actual.unwrap_or(0) as i64 - tokens.charged as i64;
         let keys = self.keys(provider);
         let pause_ms = pause.map_or(0, |p| p.min(MAX_FLEET_PAUSE).as_millis() as u64);
         let mut inv = RELEASE.prepare_invoke();
@@ -393,7 +434,9 @@ impl Pacer {
             .arg(limits.token_interval_ms)
             .arg(limits.breaker_failures)
             .arg(limits.breaker_cooldown_ms)
-            .arg(pause_ms);
+            .arg(pause_ms)
+            .arg(tokens.estimate)
+            .arg(tokens.actual.map_or(-1, |a| a as i64));
         let (state, changed, limit): (String, i64, i64) =
             inv.invoke_async(&mut self.store.conn()).await?;
         let breaker = match state.as_str() {

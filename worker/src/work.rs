@@ -16,7 +16,9 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions};
 use sluice_shared::domain::{BatchEvent, ItemMessage, Row, Usage, now_millis};
 use sluice_shared::keys::retry_tier;
-use sluice_shared::pacing::{BreakerState, CallOutcome, Grant, Hold, MAX_FLEET_PAUSE, PaceLimits};
+use sluice_shared::pacing::{
+    BreakerState, CallOutcome, Grant, Hold, MAX_FLEET_PAUSE, PaceLimits, TokenUse,
+};
 use sluice_shared::store::{CallGate, RowWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -205,8 +207,9 @@ struct Paced {
 
 /// What waiting for the fleet limiter ended with.
 enum Slot {
-    /// Call now; `probe`: the breaker is half-open and this call tests the upstream.
-    Call { probe: bool },
+    /// Call now; `probe`: the breaker is half-open and this call tests the upstream; `charged`:
+    /// tokens the reservation took.
+    Call { probe: bool, charged: u64 },
     /// The line went to a delay queue, or needs no call any more: ack it.
     Done,
     /// Abandoned for shutdown: do not ack.
@@ -231,14 +234,22 @@ async fn wait_for_slot(
             .acquire(name, &paced.limits, paced.tokens, &paced.lease)
             .await?;
         let (wait, why, probe) = match grant {
-            Grant::Go { wait, probe } if wait.is_zero() => {
+            Grant::Go {
+                wait,
+                probe,
+                charged,
+            } if wait.is_zero() => {
                 if slept && !gate(ctx, msg).await? {
-                    release_unused(ctx, paced).await;
+                    release_unused(ctx, paced, charged).await;
                     return Ok(Slot::Done);
                 }
-                return Ok(Slot::Call { probe });
+                return Ok(Slot::Call { probe, charged });
             }
-            Grant::Go { wait, probe } => (wait, Hold::Rate, Some(probe)),
+            Grant::Go {
+                wait,
+                probe,
+                charged,
+            } => (wait, Hold::Rate, Some((probe, charged))),
             Grant::Hold { wait, why } => (wait, why, None),
         };
         // A long pause or outage sends the line to a delay queue. A long wait for the rate does
@@ -273,27 +284,29 @@ async fn wait_for_slot(
             .with_label_values(&[name, why.as_str()])
             .observe((wait + jitter).as_secs_f64());
         if !pause(abandon, wait + jitter).await {
-            if probe.is_some() {
-                release_unused(ctx, paced).await;
+            if let Some((_, charged)) = probe {
+                release_unused(ctx, paced, charged).await;
             }
             return Ok(Slot::Abandoned);
         }
         slept = true;
-        let Some(probe) = probe else { continue };
+        let Some((probe, charged)) = probe else {
+            continue;
+        };
         // A fleet pause set while this call waited for its reserved start wins over the reservation.
         if ctx.pacer.paused_for(name).await?.is_some() {
-            release_unused(ctx, paced).await;
+            release_unused(ctx, paced, charged).await;
             continue;
         }
         if !gate(ctx, msg).await? {
-            release_unused(ctx, paced).await;
+            release_unused(ctx, paced, charged).await;
             return Ok(Slot::Done);
         }
-        return Ok(Slot::Call { probe });
+        return Ok(Slot::Call { probe, charged });
     }
 }
 
-async fn release_unused(ctx: &WorkerContext, paced: &Paced) {
+async fn release_unused(ctx: &WorkerContext, paced: &Paced, charged: u64) {
     if let Err(e) = ctx
         .pacer
         .release(
@@ -301,7 +314,11 @@ async fn release_unused(ctx: &WorkerContext, paced: &Paced) {
             &paced.limits,
             &paced.lease,
             CallOutcome::Unused,
-            -(paced.tokens as i64),
+            TokenUse {
+                estimate: paced.tokens,
+                charged,
+                actual: None,
+            },
             None,
         )
         .await
@@ -318,14 +335,16 @@ async fn report(
     result: &Attempt,
     header_pause: Option<Duration>,
     probe: bool,
+    charged: u64,
 ) -> bool {
     let base = Duration::from_millis(ctx.settings.worker.backoff_base_ms);
     let (outcome, pause, source, actual) = match result {
-        Attempt::Done(_, usage) => (
+        // Only a success's usage says what a call costs (an error row has none).
+        Attempt::Done(row, usage) => (
             CallOutcome::Ok,
             header_pause,
             "ratelimit_headers",
-            usage.total,
+            (row.ok && usage.total > 0).then_some(usage.total as u64),
         ),
         Attempt::Retry {
             reason: "429",
@@ -339,17 +358,17 @@ async fn report(
             } else {
                 "429"
             },
-            0,
+            None,
         ),
         Attempt::Retry {
             reason: "408" | "409",
             ..
-        } => (CallOutcome::Ok, header_pause, "ratelimit_headers", 0),
+        } => (CallOutcome::Ok, header_pause, "ratelimit_headers", None),
         Attempt::Retry {
             retry_after: Some(asked),
             ..
-        } => (CallOutcome::Failed, Some(*asked), "retry_after", 0),
-        Attempt::Retry { .. } => (CallOutcome::Failed, header_pause, "ratelimit_headers", 0),
+        } => (CallOutcome::Failed, Some(*asked), "retry_after", None),
+        Attempt::Retry { .. } => (CallOutcome::Failed, header_pause, "ratelimit_headers", None),
     };
     let name = paced.provider.as_str();
     if outcome == CallOutcome::Throttled {
@@ -367,14 +386,14 @@ async fn report(
             "Pausing the provider fleet-wide."
         );
     }
-    let delta = if paced.limits.counts_tokens() {
-        actual - paced.tokens as i64
-    } else {
-        0
+    let tokens = TokenUse {
+        estimate: paced.tokens,
+        charged,
+        actual: actual.filter(|_| paced.limits.counts_tokens()),
     };
     match ctx
         .pacer
-        .release(name, &paced.limits, &paced.lease, outcome, delta, pause)
+        .release(name, &paced.limits, &paced.lease, outcome, tokens, pause)
         .await
     {
         Ok(released) => {
@@ -449,10 +468,13 @@ async fn process(
                 tokens,
             }
         });
-    let mut probe = false;
+    let (mut probe, mut charged) = (false, 0);
     if let Some(paced) = &paced {
         match wait_for_slot(ctx, msg, paced, abandon).await? {
-            Slot::Call { probe: p } => probe = p,
+            Slot::Call {
+                probe: p,
+                charged: c,
+            } => (probe, charged) = (p, c),
             Slot::Done => return Ok(Some(())),
             Slot::Abandoned => {
                 ctx.store.end_call(&msg.b, msg.l).await.ok();
@@ -470,7 +492,7 @@ async fn process(
     ctx.metrics.inflight.dec();
     observe(ctx, &result, started.elapsed());
     let outage = match &paced {
-        Some(paced) => report(ctx, paced, &result, header_pause, probe).await,
+        Some(paced) => report(ctx, paced, &result, header_pause, probe, charged).await,
         None => false,
     };
     let (row, usage) = match result {

@@ -410,7 +410,7 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
 /// The limiter scripts on their own, against the real Redis: leases, AIMD and the breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
-    use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer};
+    use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
     let ns = format!("t-{}", uuid::Uuid::new_v4().simple());
     let store = sluice_shared::Store::connect("redis://127.0.0.1:6379/", &ns)
         .await
@@ -448,12 +448,26 @@ async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
     );
     // A 429 halves the limit: two calls still in flight fill it.
     let r = pacer
-        .release("p", &limits, "l0", CallOutcome::Throttled, 0, None)
+        .release(
+            "p",
+            &limits,
+            "l0",
+            CallOutcome::Throttled,
+            TokenUse::default(),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(r.concurrency_limit, 2);
     pacer
-        .release("p", &limits, "l1", CallOutcome::Ok, 0, None)
+        .release(
+            "p",
+            &limits,
+            "l1",
+            CallOutcome::Ok,
+            TokenUse::default(),
+            None,
+        )
         .await
         .unwrap();
     let g = pacer.acquire("p", &limits, 0, "l5").await.unwrap();
@@ -464,7 +478,14 @@ async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
         let lease = format!("g{i}");
         pacer.acquire("p", &limits, 0, &lease).await.unwrap();
         limit = pacer
-            .release("p", &limits, &lease, CallOutcome::Ok, 0, None)
+            .release(
+                "p",
+                &limits,
+                &lease,
+                CallOutcome::Ok,
+                TokenUse::default(),
+                None,
+            )
             .await
             .unwrap()
             .concurrency_limit;
@@ -475,7 +496,14 @@ async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
     // and its success closes it.
     for i in 0..2 {
         pacer
-            .release("q", &limits, &format!("f{i}"), CallOutcome::Failed, 0, None)
+            .release(
+                "q",
+                &limits,
+                &format!("f{i}"),
+                CallOutcome::Failed,
+                TokenUse::default(),
+                None,
+            )
             .await
             .unwrap();
     }
@@ -505,7 +533,14 @@ async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
         "one probe at a time: {g:?}"
     );
     let r = pacer
-        .release("q", &limits, "probe", CallOutcome::Ok, 0, None)
+        .release(
+            "q",
+            &limits,
+            "probe",
+            CallOutcome::Ok,
+            TokenUse::default(),
+            None,
+        )
         .await
         .unwrap();
     assert!(r.breaker_changed);
