@@ -12,7 +12,8 @@
 //! 4. `fairness`: tenant B's 10-line batch submitted while tenant A's 50,000-line batch runs.
 //!
 //! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench-pacing`
-//! (`-- --only rpm` runs one scenario; `--workers 4` is the default).
+//! (`-- --only rpm` runs one scenario; `--workers 4` is the default; `--big N` sizes tenant A's
+//! batch, `--fairness-rpm N` rate-limits the provider in the fairness scenario).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -263,7 +264,7 @@ async fn rpm(rpm: u64, workers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn tpm(workers: usize) -> anyhow::Result<()> {
+async fn tpm(workers: usize, warm: bool) -> anyhow::Result<()> {
     let tpm: u64 = 300_000;
     let env = start(
         MockConfig {
@@ -282,25 +283,48 @@ async fn tpm(workers: usize) -> anyhow::Result<()> {
     .await?;
     // Calls use 300–1,700 tokens (1,000 on average) and ask for a 2,000-token budget, so the
     // estimate is always wrong and only the correction from `usage` keeps the rate right.
+    let lines_of = |n: usize, prefix: &str| -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                let used = 300 + (i as u64 * 7_919) % 1_401;
+                line(
+                    &format!("{prefix}-{i}"),
+                    json!({"usage_tokens": used}),
+                    Some(2_000),
+                )
+            })
+            .collect()
+    };
+    if warm {
+        // A running fleet has learnt the provider's actual/estimate ratio (kept in Redis for an
+        // hour); a short batch teaches it here, then the counts start afresh.
+        let id = env.submit(KEY_A, &lines_of(40, "warm")).await?;
+        env.wait_done(&id, Duration::from_secs(120)).await?;
+        env.mock.reset();
+    }
     let n = 85 * tpm as usize / 60 / 1_000;
-    let lines: Vec<Value> = (0..n)
-        .map(|i| {
-            let used = 300 + (i as u64 * 7_919) % 1_401;
-            line(
-                &format!("t-{i}"),
-                json!({"usage_tokens": used}),
-                Some(2_000),
-            )
-        })
-        .collect();
+    let lines = lines_of(n, "t");
     let id = env.submit(KEY_A, &lines).await?;
     let status = env.wait_done(&id, Duration::from_secs(300)).await?;
     let tokens = env.mock.stats().tokens;
     let first = tokens.iter().map(|e| e.0).min().unwrap_or(0);
+    let last = tokens.iter().map(|e| e.0).max().unwrap_or(0);
     let steady = weight_between(&tokens, first + 10_000, first + 70_000);
+    let total: u64 = tokens.iter().map(|e| e.1).sum();
+    let buckets: Vec<String> = (0..=(last - first) / 10_000)
+        .map(|b| weight_between(&tokens, first + b * 10_000, first + (b + 1) * 10_000).to_string())
+        .collect();
+    eprintln!("tokens per 10 s: {}", buckets.join(" "));
+    let whole = total as f64 * 60_000.0 / (last - first).max(1) as f64;
     println!(
-        "| {tpm} TPM, {workers} workers, {n} lines of 300–1,700 tokens, 2,000 asked ({status}) | steady minute (10–70 s): {steady} tokens ({:+.2} %) |",
-        (steady as f64 / tpm as f64 - 1.0) * 100.0
+        "| {tpm} TPM, {workers} workers, {n} lines of 300–1,700 tokens, 2,000 asked, {} ({status}) | steady minute (10–70 s): {steady} tokens ({:+.2} %); whole run: {whole:.0} tokens/min ({:+.2} %) |",
+        if warm {
+            "limiter warmed up"
+        } else {
+            "cold limiter"
+        },
+        (steady as f64 / tpm as f64 - 1.0) * 100.0,
+        (whole / tpm as f64 - 1.0) * 100.0
     );
     env.finish().await;
     Ok(())
@@ -351,14 +375,19 @@ async fn retry_after(workers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fairness(workers: usize, big: usize) -> anyhow::Result<()> {
+async fn fairness(workers: usize, big: usize, rpm: Option<u64>) -> anyhow::Result<()> {
     let env = start(
         MockConfig {
             latency_ms: 20,
             ..Default::default()
         },
         workers,
-        |_| {},
+        |s| {
+            s.providers[0].pacing = PacingSettings {
+                rpm,
+                ..Default::default()
+            }
+        },
     )
     .await?;
     let a_lines: Vec<Value> = (0..big)
@@ -379,8 +408,10 @@ async fn fairness(workers: usize, big: usize) -> anyhow::Result<()> {
     let a_status = env.wait_done(&a, Duration::from_secs(1_800)).await?;
     let a_took = a_started.elapsed().as_secs_f64();
     println!(
-        "| fairness: tenant B's 10 lines submitted at 10 % of tenant A's {big} lines, {workers} workers, window {} | B {b_status} in {b_took:.2} s; A {a_status} in {a_took:.1} s; B / A = {:.2} % |",
+        "| fairness: tenant B's 10 lines submitted at 10 % of tenant A's {big} lines, {workers} workers, {}, window {} lines / {} s | B {b_status} in {b_took:.2} s; A {a_status} in {a_took:.1} s; B / A = {:.2} % |",
+        rpm.map_or("no rate limit".to_owned(), |r| format!("{r} RPM")),
         env.settings.worker.batch_window,
+        env.settings.worker.batch_window_secs,
         100.0 * b_took / a_took
     );
     env.finish().await;
@@ -406,13 +437,15 @@ async fn main() -> anyhow::Result<()> {
         rpm(6_000, workers).await?;
     }
     if run("tpm") {
-        tpm(workers).await?;
+        tpm(workers, true).await?;
+        tpm(workers, false).await?;
     }
     if run("retry-after") {
         retry_after(workers).await?;
     }
     if run("fairness") {
-        fairness(workers, big).await?;
+        let rpm = arg("--fairness-rpm").map(|r| r.parse().expect("--fairness-rpm N"));
+        fairness(workers, big, rpm).await?;
     }
     Ok(())
 }
