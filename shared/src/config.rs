@@ -111,9 +111,13 @@ pub struct WorkerSettings {
     /// Longest time a line's retries may span, from its first attempt (seconds); past it, the line
     /// ends with its last error. The batch's `expires_at` bounds it too.
     pub max_retry_elapsed_secs: u64,
-    /// Longest rate-limit reservation taken ahead of time, and longest provider pause or open
-    /// breaker a line waits for in its consumer slot; a longer pause sends it to a delay queue.
+    /// Longest provider pause or open breaker a line waits for in its consumer slot; a longer
+    /// pause sends it to a delay queue.
     pub max_hold_ms: u64,
+    /// Longest time ahead a call reserves its start under a rate limit (at most `max_hold_ms`).
+    /// Short keeps the token-limit feedback tight: usage corrections apply to fewer reservations
+    /// already handed out.
+    pub reserve_ahead_ms: u64,
     /// Lines of one batch in the work queue at once (fairness: a big batch never has more than
     /// its window ahead of another batch's); the dispatcher tops the window up as rows land.
     pub batch_window: u64,
@@ -301,6 +305,7 @@ impl Default for WorkerSettings {
             lines: true,
             max_retry_elapsed_secs: 3_600,
             max_hold_ms: 10_000,
+            reserve_ahead_ms: 2_000,
             batch_window: 1_000,
             batch_window_secs: 2,
             breaker_failures: 10,

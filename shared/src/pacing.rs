@@ -10,7 +10,7 @@
 //!   reservation form: each call is given a start time `S` no earlier than `TAT − tolerance` of
 //!   every bucket, and each bucket's theoretical arrival time moves to `max(TAT, S) + cost·T`. The
 //!   caller sleeps until `S`, so calls leave the fleet evenly spaced without polling. A
-//!   reservation further away than `max_hold` is not taken: the caller requeues the line instead.
+//!   reservation further away than `reserve_ahead` is not taken: the caller waits and asks again.
 //! - [`Pacer::release`] runs after every call: it frees the lease, corrects the token bucket by
 //!   (actual − charged) tokens, learns the provider's ratio of actual to estimated tokens (an
 //!   average that scales the next charges, so reservations made ahead of time are right too), applies AIMD to the concurrency limit (halve on a 429 at most
@@ -190,7 +190,8 @@ pub struct PaceLimits {
     /// The same for tokens (a call's whole cost is charged when it starts).
     token_tolerance_ms: f64,
     max_concurrency: u32,
-    max_hold_ms: u64,
+    /// Longest time ahead a rate reservation is taken.
+    reserve_ahead_ms: u64,
     lease_ms: u64,
     breaker_failures: u32,
     breaker_cooldown_ms: u64,
@@ -208,13 +209,18 @@ impl PaceLimits {
             request_tolerance_ms: (burst - request).max(0.0),
             token_tolerance_ms: burst,
             max_concurrency: p.max_concurrency.unwrap_or(0),
-            max_hold_ms: w.max_hold_ms,
+            reserve_ahead_ms: w.reserve_ahead_ms.min(w.max_hold_ms),
             // A lease outlives the longest call plus the longest wait for its start.
             lease_ms: w.request_timeout_ms + w.max_hold_ms + 5_000,
             breaker_failures: w.breaker_failures,
             breaker_cooldown_ms: w.breaker_cooldown_ms,
             breaker_probes: w.breaker_probes,
         }
+    }
+
+    /// Longest time ahead a rate reservation is taken.
+    pub fn reserve_ahead(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.reserve_ahead_ms)
     }
 
     /// Whether a token limit applies (then a token estimate is needed).
@@ -232,7 +238,7 @@ pub enum Hold {
     Paused,
     /// The adaptive concurrency limit is reached.
     Concurrency,
-    /// The next slot of the request or token rate is further away than `max_hold`.
+    /// The next slot of the request or token rate is further away than `reserve_ahead_ms`.
     Rate,
 }
 
@@ -375,7 +381,7 @@ impl Pacer {
             .arg(limits.max_concurrency)
             .arg(lease)
             .arg(limits.lease_ms)
-            .arg(limits.max_hold_ms)
+            .arg(limits.reserve_ahead_ms)
             .arg(limits.breaker_cooldown_ms)
             .arg(limits.breaker_probes)
             .arg(limits.token_tolerance_ms);

@@ -255,9 +255,14 @@ async fn wait_for_slot(
         // A long pause or outage sends the line to a delay queue. A long wait for the rate does
         // not: another consumer would take the next line and meet the same wait, so the line keeps
         // its slot (the queue holds the rest: backpressure) and asks again once a reservation
-        // within `max_hold` becomes possible.
+        // within `reserve_ahead_ms` becomes possible.
+        let ahead = paced.limits.reserve_ahead();
         let wait = match why {
-            Hold::Rate if wait > hold => (wait - hold).clamp(Duration::from_millis(100), hold),
+            // Waiters spread their next asks over the reservation horizon instead of all
+            // polling at once.
+            Hold::Rate if wait > ahead => (wait - ahead
+                + ahead.mul_f64(rand::random_range(0.25..0.75)))
+            .clamp(Duration::from_millis(100), hold),
             _ => wait,
         };
         if probe.is_none() && wait > hold {

@@ -264,7 +264,7 @@ async fn rpm(rpm: u64, workers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn tpm(workers: usize, warm: bool) -> anyhow::Result<()> {
+async fn tpm(workers: usize, warm: bool, hold_ms: u64) -> anyhow::Result<()> {
     let tpm: u64 = 300_000;
     let env = start(
         MockConfig {
@@ -273,6 +273,7 @@ async fn tpm(workers: usize, warm: bool) -> anyhow::Result<()> {
         },
         workers,
         |s| {
+            s.worker.reserve_ahead_ms = hold_ms;
             s.providers[0].pacing = PacingSettings {
                 tpm: Some(tpm),
                 burst_ms: Some(1_000),
@@ -317,7 +318,7 @@ async fn tpm(workers: usize, warm: bool) -> anyhow::Result<()> {
     eprintln!("tokens per 10 s: {}", buckets.join(" "));
     let whole = total as f64 * 60_000.0 / (last - first).max(1) as f64;
     println!(
-        "| {tpm} TPM, {workers} workers, {n} lines of 300–1,700 tokens, 2,000 asked, {} ({status}) | steady minute (10–70 s): {steady} tokens ({:+.2} %); whole run: {whole:.0} tokens/min ({:+.2} %) |",
+        "| {tpm} TPM, {workers} workers, {n} lines of 300–1,700 tokens, 2,000 asked, {}, reserve_ahead {hold_ms} ms ({status}) | steady minute (10–70 s): {steady} tokens ({:+.2} %); whole run: {whole:.0} tokens/min ({:+.2} %) |",
         if warm {
             "limiter warmed up"
         } else {
@@ -437,8 +438,10 @@ async fn main() -> anyhow::Result<()> {
         rpm(6_000, workers).await?;
     }
     if run("tpm") {
-        tpm(workers, true).await?;
-        tpm(workers, false).await?;
+        let hold: u64 =
+            arg("--reserve-ahead-ms").map_or(2_000, |h| h.parse().expect("--reserve-ahead-ms N"));
+        tpm(workers, true, hold).await?;
+        tpm(workers, false, hold).await?;
     }
     if run("retry-after") {
         retry_after(workers).await?;
