@@ -6,15 +6,17 @@
 //! - [`Pacer::acquire`] runs before every call. It checks, in order, the circuit breaker (open:
 //!   wait; half-open: only a few probes), the fleet pause (set after a 429 or an exhausted
 //!   `x-ratelimit-remaining-*`), the adaptive concurrency limit (leases that expire, so a dead
-//!   worker cannot leak a slot), then the request and token rates. Rates use GCRA in
-//!   reservation form: each call is given a start time `S` no earlier than `TAT − tolerance` of
-//!   every bucket, and each bucket's theoretical arrival time moves to `max(TAT, S) + cost·T`. The
-//!   caller sleeps until `S`, so calls leave the fleet evenly spaced without polling. A
-//!   reservation further away than `reserve_ahead` is not taken: the caller waits and asks again.
+//!   worker holds a slot no longer than one call's timeout), then the request and token rates.
+//!   Rates use GCRA in reservation form: each call is given a start time `S` no earlier than
+//!   `TAT − tolerance` of every bucket, and each bucket's theoretical arrival time moves to
+//!   `max(TAT, S) + cost·T`. The caller sleeps until `S`, so calls leave the fleet evenly spaced.
+//!   A reservation further away than `reserve_ahead` is not taken: the caller waits and asks
+//!   again (the line keeps its consumer slot; the queue holds the rest).
 //! - [`Pacer::release`] runs after every call: it frees the lease, corrects the token bucket by
 //!   (actual − charged) tokens, learns the provider's ratio of actual to estimated tokens (an
-//!   average that scales the next charges, so reservations made ahead of time are right too), applies AIMD to the concurrency limit (halve on a 429 at most
-//!   once a second, +1 per `limit` successes), feeds the breaker and sets a fleet pause.
+//!   average that scales the next charges, so reservations taken ahead are right too), applies
+//!   AIMD to the concurrency limit (halve on a 429 at most once a second, +1 per `limit`
+//!   successes), feeds the breaker and sets a fleet pause.
 //!
 //! Redis' own clock (`TIME`) is the only clock, so worker clocks may drift freely.
 
