@@ -507,10 +507,15 @@ async fn process(
             reason,
             retry_after,
         } => {
-            // A failure while the provider's breaker is open is the outage's: no attempt spent.
+            // A failure while the provider's breaker is open is the outage's: it spends neither
+            // an attempt nor the time budget (only the batch's deadline still bounds the line).
             let attempts = if outage { msg.a } else { msg.a + 1 };
             let policy = RetryPolicy::from_settings(w);
-            let elapsed = Duration::from_millis((now_millis() - first_attempt).max(0) as u64);
+            let elapsed = if outage {
+                Duration::ZERO
+            } else {
+                Duration::from_millis((now_millis() - first_attempt).max(0) as u64)
+            };
             let deadline_in = info
                 .expires_at
                 .map(|at| Duration::from_millis((at * 1000 - now_millis()).max(0) as u64));
