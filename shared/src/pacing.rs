@@ -30,6 +30,10 @@ use crate::store::{Store, StoreError};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
+/// Lifetime of a concurrency lease past its call's start; renewed every third of it while the
+/// call runs.
+pub const LEASE_MS: u64 = 30_000;
+
 /// Longest fleet pause any upstream header can cause, however odd its value.
 pub const MAX_FLEET_PAUSE: Duration = Duration::from_secs(60);
 
@@ -104,6 +108,21 @@ if maxc > 0 then
 end
 if probe == 1 then redis.call('HINCRBY', KEYS[6], 'probes', 1) end
 return {'go', math.ceil(wait), probe, charged}
+",
+    )
+});
+
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 60000)
+  return 1
+end
+return 0
 ",
     )
 });
@@ -212,8 +231,9 @@ impl PaceLimits {
             token_tolerance_ms: burst,
             max_concurrency: p.max_concurrency.unwrap_or(0),
             reserve_ahead_ms: w.reserve_ahead_ms.min(w.max_hold_ms),
-            // A lease outlives the longest call plus the longest wait for its start.
-            lease_ms: w.request_timeout_ms + w.max_hold_ms + 5_000,
+            // A lease covers the wait for its start and is renewed while its call runs
+            // ([`Pacer::renew`]), so a dead worker's slots come back within this time.
+            lease_ms: w.reserve_ahead_ms.min(w.max_hold_ms) + LEASE_MS,
             breaker_failures: w.breaker_failures,
             breaker_cooldown_ms: w.breaker_cooldown_ms,
             breaker_probes: w.breaker_probes,
@@ -457,6 +477,22 @@ impl Pacer {
             breaker_changed: changed == 1,
             concurrency_limit: limit.max(0) as u32,
         })
+    }
+
+    /// Whether calls hold concurrency leases (then they must be renewed while the call runs).
+    pub fn leases(limits: &PaceLimits) -> bool {
+        limits.max_concurrency > 0
+    }
+
+    /// Extends the concurrency lease of a call still running; false if it is gone (expired).
+    pub async fn renew(&self, provider: &str, lease: &str) -> Result<bool> {
+        let n: i64 = RENEW
+            .key(self.store.keys().pacing(provider, "conc"))
+            .arg(lease)
+            .arg(LEASE_MS)
+            .invoke_async(&mut self.store.conn())
+            .await?;
+        Ok(n == 1)
     }
 
     /// How much longer the provider's fleet pause lasts, if one is set.

@@ -17,7 +17,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions};
 use sluice_shared::domain::{BatchEvent, ItemMessage, Row, Usage, now_millis};
 use sluice_shared::keys::retry_tier;
 use sluice_shared::pacing::{
-    BreakerState, CallOutcome, Grant, Hold, MAX_FLEET_PAUSE, PaceLimits, TokenUse,
+    BreakerState, CallOutcome, Grant, Hold, LEASE_MS, MAX_FLEET_PAUSE, PaceLimits, Pacer, TokenUse,
 };
 use sluice_shared::store::{CallGate, RowWrite};
 use tokio_util::sync::CancellationToken;
@@ -490,10 +490,27 @@ async fn process(
     let first_attempt = if msg.t > 0 { msg.t } else { now_millis() };
     ctx.metrics.inflight.inc();
     let started = Instant::now();
-    let (result, header_pause) = ctx
+    let call = ctx
         .upstream
-        .attempt(&info.endpoint, &info.model, &msg.c, msg.body)
-        .await;
+        .attempt(&info.endpoint, &info.model, &msg.c, msg.body);
+    let (result, header_pause) = match &paced {
+        Some(paced) if Pacer::leases(&paced.limits) => {
+            // Keep the concurrency lease alive while the call runs (it expires if we die).
+            tokio::pin!(call);
+            let every = Duration::from_millis(LEASE_MS / 3);
+            loop {
+                tokio::select! {
+                    r = &mut call => break r,
+                    _ = tokio::time::sleep(every) => {
+                        if let Err(e) = ctx.pacer.renew(&paced.provider, &paced.lease).await {
+                            tracing::debug!(error = %e, "Could not renew a concurrency lease.");
+                        }
+                    }
+                }
+            }
+        }
+        _ => call.await,
+    };
     ctx.metrics.inflight.dec();
     observe(ctx, &result, started.elapsed());
     let outage = match &paced {

@@ -446,6 +446,10 @@ async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
         ),
         "{g:?}"
     );
+    // A running call renews its lease; a released or unknown one is gone.
+    assert!(Pacer::leases(&limits));
+    assert!(pacer.renew("p", "l3").await.unwrap());
+    assert!(!pacer.renew("p", "nobody").await.unwrap());
     // A 429 halves the limit: two calls still in flight fill it.
     let r = pacer
         .release(
@@ -547,4 +551,29 @@ async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
     let g = pacer.acquire("q", &limits, 0, "after").await.unwrap();
     assert!(matches!(g, Grant::Go { probe: false, .. }), "{g:?}");
     store.purge_namespace().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_concurrency_cap_bounds_calls_in_flight() {
+    let app = spawn_app_with(AppOptions::default(), |s| {
+        pace(
+            s,
+            PacingSettings {
+                max_concurrency: Some(2),
+                ..PacingSettings::default()
+            },
+        )
+    })
+    .await;
+    // Each call takes 400 ms; with two in flight at most, no 380 ms holds three arrivals.
+    let lines = healthy(12, json!({"delay_ms": 400}));
+    let id = app.submit(KEY_A, &lines).await;
+    completes(&app, &id, &lines, Duration::from_secs(30)).await;
+    let times = app.upstream_stats().times;
+    assert_eq!(times.len(), 12);
+    let peak = max_in_window(&times, 380);
+    assert!(peak <= 2, "{peak} calls started within 380 ms");
+    let (first, last) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
+    assert!(last - first >= 1_900, "12 calls of 400 ms two at a time");
+    app.cleanup().await;
 }
