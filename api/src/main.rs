@@ -162,6 +162,7 @@ async fn add_demo(settings: &mut Settings, stop: CancellationToken) -> anyhow::R
         endpoints: Vec::new(),
         batch: true,
         flavors: vec!["batch".into()],
+        pacing: Default::default(),
     });
     // Task models (extract, summarize, classify) run on the demo upstream too.
     settings

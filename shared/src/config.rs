@@ -110,6 +110,31 @@ pub struct WorkerSettings {
     /// Whether this worker calls the upstream for lines; `false` makes a dispatch-only worker
     /// (validation and enqueueing of new batches, and dead letters), e.g. for ingest-heavy pods.
     pub lines: bool,
+    /// Longest time a line's retries may span, from its first attempt (seconds); past it, the line
+    /// ends with its last error. The batch's `expires_at` bounds it too.
+    pub max_retry_elapsed_secs: u64,
+    /// Longest provider pause or open breaker a line waits for in its consumer slot; a longer
+    /// pause sends it to a delay queue.
+    pub max_hold_ms: u64,
+    /// Longest time ahead a call reserves its start under a rate limit (at most `max_hold_ms`).
+    /// Short keeps the token-limit feedback tight: usage corrections apply to fewer reservations
+    /// already handed out.
+    pub reserve_ahead_ms: u64,
+    /// Lines of one batch in the work queue at once (fairness: a big batch never has more than
+    /// its window ahead of another batch's); the dispatcher tops the window up as rows land.
+    pub batch_window: u64,
+    /// The window grows to this many seconds of the batch's observed throughput when that is more
+    /// than `batch_window` lines, so a fast batch never waits for its own top-ups.
+    pub batch_window_secs: u64,
+    /// Consecutive failures (5xx, timeouts, connection errors; not 429) that open a provider's
+    /// circuit breaker, fleet-wide.
+    pub breaker_failures: u32,
+    /// How long an open breaker stays open before letting probes through (ms).
+    pub breaker_cooldown_ms: u64,
+    /// Calls let through at once while the breaker is half-open.
+    pub breaker_probes: u32,
+    /// Completion tokens assumed for a request that sets no `max_tokens` (token-limit estimate).
+    pub default_max_tokens: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +171,35 @@ pub struct ProviderSettings {
     /// Model flavors this provider serves (`["batch"]`: `glm-4.7:batch` routes here as `glm-4.7`).
     #[serde(default)]
     pub flavors: Vec<String>,
+    /// Fleet-wide pacing of calls to this provider (every worker replica together).
+    #[serde(default)]
+    pub pacing: PacingSettings,
+}
+
+/// Fleet-wide limits of one provider, enforced in Redis across every worker. Unset = unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PacingSettings {
+    /// Requests per minute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt estimate plus `max_tokens`, corrected from `usage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// Most calls in flight at once; the adaptive limit starts here, halves on a 429 and grows
+    /// back by one per window of successes (AIMD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Burst tolerance of the rate limits, as time at the limit rate (ms); default 1000.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst_ms: Option<u64>,
+}
+
+impl PacingSettings {
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        self.rpm.is_some() || self.tpm.is_some() || self.max_concurrency.is_some()
+    }
 }
 
 fn yes() -> bool {
@@ -257,6 +311,15 @@ impl Default for WorkerSettings {
             publish_window: 1_000,
             shutdown_grace_ms: 30_000,
             lines: true,
+            max_retry_elapsed_secs: 3_600,
+            max_hold_ms: 10_000,
+            reserve_ahead_ms: 2_000,
+            batch_window: 1_000,
+            batch_window_secs: 2,
+            breaker_failures: 10,
+            breaker_cooldown_ms: 10_000,
+            breaker_probes: 2,
+            default_max_tokens: 256,
         }
     }
 }
@@ -365,8 +428,11 @@ impl Settings {
         if self.worker.concurrency == 0
             || self.worker.max_attempts == 0
             || self.worker.delivery_limit == 0
+            || self.worker.batch_window == 0
+            || self.worker.breaker_failures == 0
+            || self.worker.breaker_probes == 0
         {
-            return bad("worker.concurrency, worker.max_attempts and worker.delivery_limit must be at least 1".into());
+            return bad("worker.concurrency, max_attempts, delivery_limit, batch_window, breaker_failures and breaker_probes must be at least 1".into());
         }
         for tenant in &self.tenants {
             for digest in &tenant.api_key_sha256 {
@@ -396,6 +462,13 @@ impl Settings {
                 ));
             }
             crate::routing::check_provider(provider).map_err(ConfigError::Invalid)?;
+            let p = &provider.pacing;
+            if p.rpm == Some(0) || p.tpm == Some(0) || p.max_concurrency == Some(0) {
+                return bad(format!(
+                    "providers[{}].pacing limits must be at least 1 (leave one out for no limit)",
+                    provider.name
+                ));
+            }
         }
         if self.limits.max_open_batches == 0 {
             return bad("limits.max_open_batches must be at least 1".into());
@@ -508,6 +581,34 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("concurency"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn provider_pacing_loads_and_zero_limits_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            let provider =
+                "[[providers]]\nname = \"p\"\nbase_url = \"http://p/v1\"\nmodels = [\"*\"]\n";
+            jail.create_file(
+                "s.toml",
+                &format!(
+                    "{provider}[providers.pacing]\nrpm = 600\ntpm = 90000\nmax_concurrency = 8\n"
+                ),
+            )?;
+            let s = Settings::load(Some(Path::new("s.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.providers[0].pacing.rpm, Some(600));
+            assert_eq!(s.providers[0].pacing.tpm, Some(90_000));
+            assert_eq!(s.providers[0].pacing.max_concurrency, Some(8));
+            assert_eq!(s.providers[0].pacing.burst_ms, None);
+            jail.create_file(
+                "z.toml",
+                &format!("{provider}[providers.pacing]\nrpm = 0\n"),
+            )?;
+            let err = Settings::load(Some(Path::new("z.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("pacing"), "{err}");
             Ok(())
         });
     }

@@ -474,6 +474,16 @@ pub struct ItemMessage<'a> {
     /// The request body, exactly as the input file had it.
     #[serde(borrow)]
     pub body: &'a RawValue,
+    /// Upstream attempts already spent on the line (its retry budget survives requeues).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub a: u32,
+    /// Unix ms of the line's first attempt (0 = none yet); bounds the time its retries may span.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub t: i64,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// A message naming one batch (control and finalize queues).

@@ -63,6 +63,11 @@ impl Keys {
     pub fn active(&self) -> String {
         format!("{}:active", self.ns)
     }
+    /// Pacing state of one provider (`part`: `rq`/`tk` rate TATs, `pause`, `conc` leases, `aimd`,
+    /// `breaker`). Every part shares the hash tag `{<provider>}`, so one script can touch them all.
+    pub fn pacing(&self, provider: &str, part: &str) -> String {
+        format!("{}:p:{{{provider}}}:{part}", self.ns)
+    }
     /// Counter giving every created object a monotonic listing position.
     pub fn sequence(&self) -> String {
         format!("{}:seq", self.ns)
@@ -84,17 +89,42 @@ impl Keys {
     pub fn items_dlq(&self) -> String {
         format!("{}.items.dlq", self.ns)
     }
+    /// Exchange that routes lines coming out of a delay queue back to the work queue.
+    pub fn requeue_exchange(&self) -> String {
+        format!("{}.requeue", self.ns)
+    }
+    /// Delay queue: a line published here comes back to the work queue after `ms` milliseconds.
+    pub fn retry_queue(&self, ms: u64) -> String {
+        format!("{}.retry.{ms}", self.ns)
+    }
     /// Queue of "this batch may be ready to finalize" events for the aggregator.
     pub fn finalize_queue(&self) -> String {
         format!("{}.finalize", self.ns)
     }
     /// Every queue of the namespace (tests delete them when done).
     pub fn all_queues(&self) -> Vec<String> {
-        vec![
+        let mut queues = vec![
             self.control_queue(),
             self.items_queue(),
             self.items_dlq(),
             self.finalize_queue(),
-        ]
+        ];
+        queues.extend(RETRY_TIERS_MS.iter().map(|ms| self.retry_queue(*ms)));
+        queues
     }
+}
+
+/// Delays of the delay queues (ms). A line waits in the smallest tier at least as long as its
+/// delay, so it never comes back sooner than asked (the largest tier caps the wait).
+pub const RETRY_TIERS_MS: &[u64] = &[
+    250, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
+];
+
+/// The delay tier for a wait of `ms`.
+pub fn retry_tier(ms: u64) -> u64 {
+    RETRY_TIERS_MS
+        .iter()
+        .copied()
+        .find(|t| *t >= ms)
+        .unwrap_or(RETRY_TIERS_MS[RETRY_TIERS_MS.len() - 1])
 }

@@ -6,7 +6,8 @@
 //! - [`domain`]: batch and file objects, statuses and their transition table, rows and queue messages.
 //! - [`store`]: Redis access and the Lua scripts that make row writes idempotent.
 //! - [`redis_conn`]: one connection type for a single Redis server and a Redis Cluster.
-//! - [`queue`]: RabbitMQ topology and confirmed publishing.
+//! - [`queue`]: RabbitMQ topology (work, delay and dead-letter queues) and confirmed publishing.
+//! - [`pacing`]: fleet-wide rate limits, pauses, adaptive concurrency and the circuit breaker.
 //! - [`routing`]: which provider runs a model (prefixes, flavors, task models).
 //! - [`storage`]: object storage for input and result files.
 //! - [`metrics`]: every Prometheus series, registered once.
@@ -17,6 +18,7 @@ pub mod domain;
 pub mod keys;
 pub mod metrics;
 pub mod open_batches;
+pub mod pacing;
 pub mod queue;
 pub mod redis_conn;
 pub mod routing;

@@ -35,6 +35,26 @@ pub struct Metrics {
     /// Messages ready in each queue of the namespace (`items`, `items.dlq`, `control`, …), as
     /// last sampled by an aggregator.
     pub queue_messages: IntGaugeVec,
+    /// Time a line waited in its consumer slot before its call, by provider and reason (`rate`,
+    /// `pause`, `concurrency`, `breaker`).
+    pub pacing_wait: HistogramVec,
+    /// Lines sent to a delay queue, by provider and reason (`retry`, or a pacing reason when the
+    /// wait was too long to hold the slot).
+    pub requeued: IntCounterVec,
+    /// 429 answers, by provider.
+    pub throttled: IntCounterVec,
+    /// Fleet-wide pauses set, by provider and source (`retry_after`, `429`, `ratelimit_headers`).
+    pub fleet_pauses: IntCounterVec,
+    /// Circuit breaker state last seen by this process, by provider: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: IntGaugeVec,
+    /// Breaker transitions caused by this process, by provider and new state.
+    pub breaker_transitions: IntCounterVec,
+    /// Limits in force, by provider and kind (`rpm`, `tpm`, `max_concurrency` configured;
+    /// `concurrency` = the current adaptive limit).
+    pub pacing_limit: IntGaugeVec,
+    /// Lines that ended because their retry budget ran out, by budget (`attempts`, `elapsed`,
+    /// `deadline`).
+    pub retry_budget_exhausted: IntCounterVec,
 }
 
 impl Metrics {
@@ -120,8 +140,77 @@ impl Metrics {
             &["queue"],
         )
         .expect("static metric");
+        let pacing_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "pacing_wait_seconds",
+                "Time a line waited in its slot for the fleet limiter, a pause or the breaker.",
+            )
+            .buckets(vec![
+                0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["provider", "reason"],
+        )
+        .expect("static metric");
+        let requeued = IntCounterVec::new(
+            Opts::new(
+                "lines_requeued_total",
+                "Lines sent to a delay queue instead of waiting in a consumer slot.",
+            ),
+            &["provider", "reason"],
+        )
+        .expect("static metric");
+        let throttled = IntCounterVec::new(
+            Opts::new("upstream_throttled_total", "429 answers from the upstream."),
+            &["provider"],
+        )
+        .expect("static metric");
+        let fleet_pauses = IntCounterVec::new(
+            Opts::new(
+                "fleet_pauses_total",
+                "Fleet-wide pauses of a provider set by this process.",
+            ),
+            &["provider", "source"],
+        )
+        .expect("static metric");
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "breaker_state",
+                "Circuit breaker state (0 closed, 1 half-open, 2 open).",
+            ),
+            &["provider"],
+        )
+        .expect("static metric");
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new(
+                "breaker_transitions_total",
+                "Circuit breaker transitions caused by this process.",
+            ),
+            &["provider", "state"],
+        )
+        .expect("static metric");
+        let pacing_limit = IntGaugeVec::new(
+            Opts::new("pacing_limit", "Fleet-wide limits in force per provider."),
+            &["provider", "kind"],
+        )
+        .expect("static metric");
+        let retry_budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "retry_budget_exhausted_total",
+                "Lines ended with their last error because a retry budget ran out.",
+            ),
+            &["budget"],
+        )
+        .expect("static metric");
         for c in [
-            Box::new(lines.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pacing_wait.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requeued.clone()),
+            Box::new(throttled.clone()),
+            Box::new(fleet_pauses.clone()),
+            Box::new(breaker_state.clone()),
+            Box::new(breaker_transitions.clone()),
+            Box::new(pacing_limit.clone()),
+            Box::new(retry_budget_exhausted.clone()),
+            Box::new(lines.clone()),
             Box::new(upstream_latency.clone()),
             Box::new(upstream_responses.clone()),
             Box::new(retries.clone()),
@@ -168,6 +257,9 @@ impl Metrics {
         ] {
             retries.with_label_values(&[reason]);
         }
+        for budget in ["attempts", "elapsed", "deadline"] {
+            retry_budget_exhausted.with_label_values(&[budget]);
+        }
         for status in ["completed", "failed", "expired", "cancelled"] {
             batches_finished.with_label_values(&[status]);
         }
@@ -185,6 +277,14 @@ impl Metrics {
             lines_enqueued,
             upload_bytes,
             queue_messages,
+            pacing_wait,
+            requeued,
+            throttled,
+            fleet_pauses,
+            breaker_state,
+            breaker_transitions,
+            pacing_limit,
+            retry_budget_exhausted,
         }
     }
 

@@ -14,7 +14,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::Mutex;
 
-use crate::keys::Keys;
+use crate::keys::{Keys, RETRY_TIERS_MS};
 
 /// Errors talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,55 @@ pub async fn declare_topology(channel: &Channel, keys: &Keys, delivery_limit: u3
             quorum_args(),
         )
         .await?;
+
+    // Delay queues: a line waiting to retry (or for the provider to accept calls again) waits in
+    // one of these, not in a consumer slot. Each has a fixed TTL, so the head always expires first
+    // (quorum queues expire only at the head), and dead-letters back to the work queue through
+    // the requeue exchange, at least once.
+    let requeue = keys.requeue_exchange();
+    channel
+        .exchange_declare(
+            requeue.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            keys.items_queue().as_str().into(),
+            requeue.as_str().into(),
+            keys.items_queue().as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for ms in RETRY_TIERS_MS {
+        let mut args = quorum_args();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*ms as i64));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(requeue.as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(keys.items_queue().as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        channel
+            .queue_declare(keys.retry_queue(*ms).as_str().into(), durable, args)
+            .await?;
+    }
     Ok(())
 }
 
@@ -127,12 +176,11 @@ pub async fn delete_topology(channel: &Channel, keys: &Keys) -> Result<()> {
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
-    channel
-        .exchange_delete(
-            keys.dead_letter_exchange().as_str().into(),
-            Default::default(),
-        )
-        .await?;
+    for exchange in [keys.dead_letter_exchange(), keys.requeue_exchange()] {
+        channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await?;
+    }
     Ok(())
 }
 

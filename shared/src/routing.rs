@@ -284,6 +284,7 @@ mod tests {
             endpoints: Vec::new(),
             batch: true,
             flavors: Vec::new(),
+            pacing: Default::default(),
         }
     }
 

@@ -127,6 +127,7 @@ pub fn test_settings(upstream_base: &str) -> Settings {
         endpoints: Vec::new(),
         batch: true,
         flavors: Vec::new(),
+        pacing: Default::default(),
     }];
     s.tenants = vec![
         TenantSettings {

@@ -116,9 +116,9 @@ pub async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
             && meta.stopping().is_none()
             && meta.int("dispatched").unwrap_or(0) < meta.int("total").unwrap_or(0)
         {
-            // A dispatcher died mid-enqueue. Its control message came back while its lease was
-            // still alive, so the next dispatcher found the batch busy and dropped the message:
-            // nothing else would ever publish the remaining lines.
+            // A dispatcher died mid-enqueue, or while topping up the batch's window (it stamps
+            // `dispatch_alive_ms` as it goes). Its control message came back while its lease was
+            // still alive, or was already acked: nothing else would publish the remaining lines.
             redispatch_if_stuck(ctx, &batch_id, &meta).await?;
         }
         if let Err(e) = finalize_if_ready(ctx, &batch_id).await {
@@ -138,7 +138,10 @@ async fn redispatch_if_stuck(
     meta: &BatchMeta,
 ) -> anyhow::Result<()> {
     let created_ms = meta.int("created_at").unwrap_or(0) * 1000;
-    let last_ms = meta.int("redispatched_at_ms").unwrap_or(created_ms);
+    let last_ms = meta
+        .int("redispatched_at_ms")
+        .unwrap_or(created_ms)
+        .max(meta.int("dispatch_alive_ms").unwrap_or(0));
     let after = ctx.settings.aggregator.redispatch_after_ms as i64;
     if now_millis() - last_ms < after {
         return Ok(());

@@ -2,6 +2,14 @@
 //! publishes one message per line with pipelined publisher confirms and moves the batch to
 //! `in_progress`.
 //!
+//! Fairness: a batch has at most a window of lines in the work queue (dispatched, not finished)
+//! at a time: `worker.batch_window` lines, or `worker.batch_window_secs` of the batch's own recent
+//! throughput when that is more. The dispatcher publishes one window, records it in `dispatched`, acks the
+//! control message and then tops the window up every 200 ms as rows land, stamping
+//! `dispatch_alive_ms`; if it dies, the aggregator's sweep sees the stamp go stale and publishes
+//! the dispatch again (it resumes from `dispatched`). Another batch's lines thus queue behind at
+//! most one window of each running batch, never behind 50,000 lines.
+//!
 //! Crash safety: the control message is acked only when every line is confirmed by the broker. A
 //! dispatcher killed halfway leaves the message unacked, so another one picks it up and resumes
 //! from the checkpoint `dispatched` (the lowest line not yet confirmed). Lines between the
@@ -14,7 +22,9 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use sluice_shared::domain::{BatchError, BatchEvent, BatchMeta, BatchStatus, ItemMessage};
+use sluice_shared::domain::{
+    BatchError, BatchEvent, BatchMeta, BatchStatus, ItemMessage, now_millis,
+};
 use sluice_shared::queue::check_confirm;
 use sluice_shared::store::Transition;
 use tokio_util::sync::CancellationToken;
@@ -60,7 +70,25 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
         return;
     };
     let started = Instant::now();
-    match dispatch(&ctx, &event.batch_id, &shutdown).await {
+    match dispatch(
+        &ctx,
+        &event.batch_id,
+        &shutdown,
+        ctx.settings.worker.batch_window,
+    )
+    .await
+    {
+        Ok(Dispatched::Done(result @ ("windowed" | "window_full"))) => {
+            ctx.metrics
+                .dispatch_seconds
+                .with_label_values(&[result])
+                .observe(started.elapsed().as_secs_f64());
+            // Acked now, so a long batch never holds its control message past the broker's
+            // consumer timeout; if this process dies, the sweep sees `dispatch_alive_ms` go
+            // stale and publishes the dispatch again.
+            ack(&delivery).await;
+            top_up(&ctx, &event.batch_id, &shutdown).await;
+        }
         Ok(Dispatched::Done(result)) => {
             ctx.metrics
                 .dispatch_seconds
@@ -87,6 +115,56 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
     }
 }
 
+/// How often a dispatcher tops a batch's window up.
+const TOP_UP_EVERY: Duration = Duration::from_millis(200);
+
+/// Keeps publishing a batch's next lines as its earlier ones finish, one window at a time, until
+/// every line is enqueued, the batch stops, another dispatcher holds it, or shutdown.
+async fn top_up(ctx: &WorkerContext, batch_id: &str, shutdown: &CancellationToken) {
+    let w = &ctx.settings.worker;
+    let mut window = w.batch_window;
+    let mut last: Option<(u64, Instant)> = None;
+    let mut rate = 0.0f64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(TOP_UP_EVERY) => {}
+        }
+        if let Err(e) = ctx
+            .store
+            .set_batch_fields(batch_id, &[("dispatch_alive_ms", now_millis().to_string())])
+            .await
+        {
+            tracing::warn!(%batch_id, error = %e, "Could not stamp a dispatch; retrying.");
+            continue;
+        }
+        // The window covers `batch_window_secs` of the batch's own recent throughput (at least
+        // `batch_window` lines), so a fast batch is never starved by its own window while a slow
+        // (rate-limited) one keeps few lines ahead of other batches.
+        if let Ok(Some(meta)) = ctx.store.get_batch(batch_id).await {
+            let done = meta.done();
+            if let Some((before, at)) = last {
+                let secs = at.elapsed().as_secs_f64().max(1e-3);
+                let now_rate = done.saturating_sub(before) as f64 / secs;
+                rate = if rate == 0.0 {
+                    now_rate
+                } else {
+                    0.7 * rate + 0.3 * now_rate
+                };
+                window = ((rate * w.batch_window_secs as f64) as u64).max(w.batch_window);
+            }
+            last = Some((done, Instant::now()));
+        }
+        match dispatch(ctx, batch_id, shutdown, window).await {
+            Ok(Dispatched::Done("windowed" | "window_full")) => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(%batch_id, error = %e, "Topping up a batch failed; retrying.");
+            }
+        }
+    }
+}
+
 async fn ack(delivery: &Delivery) {
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         tracing::warn!(error = %e, "Could not ack a control message; it will be redelivered.");
@@ -102,6 +180,7 @@ async fn dispatch(
     ctx: &WorkerContext,
     batch_id: &str,
     shutdown: &CancellationToken,
+    window: u64,
 ) -> anyhow::Result<Dispatched> {
     let lease_ttl = Duration::from_millis(ctx.settings.aggregator.lease_ms);
     let Some(lease) = Lease::acquire(
@@ -115,7 +194,7 @@ async fn dispatch(
         // aggregator's sweep publishes the dispatch again).
         return Ok(Dispatched::Done("busy"));
     };
-    let result = dispatch_leased(ctx, batch_id, shutdown, &lease).await;
+    let result = dispatch_leased(ctx, batch_id, shutdown, &lease, window).await;
     lease.release().await;
     result
 }
@@ -125,6 +204,7 @@ async fn dispatch_leased(
     batch_id: &str,
     shutdown: &CancellationToken,
     lease: &Lease,
+    window: u64,
 ) -> anyhow::Result<Dispatched> {
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
@@ -143,7 +223,7 @@ async fn dispatch_leased(
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
     };
-    enqueue(ctx, batch_id, &meta, shutdown, lease).await
+    enqueue(ctx, batch_id, &meta, shutdown, lease, window).await
 }
 
 /// Pass one: checks every line. Fails the batch with every error, or moves it to `in_progress`.
@@ -239,14 +319,23 @@ async fn enqueue(
     meta: &BatchMeta,
     shutdown: &CancellationToken,
     lease: &Lease,
+    window: u64,
 ) -> anyhow::Result<Dispatched> {
     let input = ctx
         .store
         .get_file(meta.get("input_file_id").unwrap_or_default())
         .await?
         .ok_or_else(|| anyhow::anyhow!("input file vanished during dispatch"))?;
-    let total = meta.total().unwrap_or(0);
     let start = meta.int("dispatched").unwrap_or(0).max(0) as u64;
+    // Fairness: at most `batch_window` lines of this batch wait in the work queue (dispatched but
+    // not finished). The rest are published later, when the aggregator's sweep sees the window
+    // half empty and sends the dispatch again (it resumes from `dispatched`).
+    // A round re-reads the file up to `start`, so it waits until half the window is free.
+    let all = meta.total().unwrap_or(0);
+    let total = all.min(meta.done() + window);
+    if start >= total || (start > meta.done() + window / 2 && total < all) {
+        return Ok(Dispatched::Done("window_full"));
+    }
     let mut lines = RequestLines::open(
         &ctx.objects,
         &object_store::path::Path::from(input.path()),
@@ -277,6 +366,8 @@ async fn enqueue(
                     body: probe
                         .body
                         .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?,
+                    a: 0,
+                    t: 0,
                 };
                 let payload = serde_json::to_vec(&msg)?;
                 let confirm = ctx.publisher.send(&channel, &queue, &payload).await?;
@@ -284,7 +375,7 @@ async fn enqueue(
                 outstanding.insert(index);
                 pending.push(async move { (index, confirm.await) });
             }
-            if shutdown.is_cancelled() || lease.is_lost() {
+            if shutdown.is_cancelled() || lease.is_lost() || line.index + 1 >= total {
                 break;
             }
             next_line = lines.next_line().await?;
@@ -318,7 +409,11 @@ async fn enqueue(
     ctx.store
         .set_batch_fields(batch_id, &[("dispatched", total.to_string())])
         .await?;
-    Ok(Dispatched::Done("enqueued"))
+    Ok(Dispatched::Done(if total < all {
+        "windowed"
+    } else {
+        "enqueued"
+    }))
 }
 
 /// Saves the lowest line not yet confirmed, so a resumed dispatch starts there.

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use object_store::ObjectStore;
 use sluice_shared::metrics::Metrics;
+use sluice_shared::pacing::Pacer;
 use sluice_shared::queue::Publisher;
 use sluice_shared::{Keys, Settings, Store};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,8 @@ pub struct WorkerContext {
     pub publisher: Publisher,
     pub upstream: upstream::Upstream,
     pub metrics: Metrics,
+    /// The fleet-wide limiter and circuit breaker of every provider.
+    pub pacer: Pacer,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -64,6 +67,22 @@ impl WorkerContext {
         )
         .await?;
         let upstream = upstream::Upstream::new(&settings)?;
+        for p in &settings.providers {
+            let limits = [
+                ("rpm", p.pacing.rpm),
+                ("tpm", p.pacing.tpm),
+                ("max_concurrency", p.pacing.max_concurrency.map(u64::from)),
+            ];
+            for (kind, value) in limits {
+                if let Some(v) = value {
+                    metrics
+                        .pacing_limit
+                        .with_label_values(&[p.name.as_str(), kind])
+                        .set(v as i64);
+                }
+            }
+        }
+        let pacer = Pacer::new(store.clone());
         Ok(Self {
             settings: Arc::new(settings),
             keys,
@@ -72,6 +91,7 @@ impl WorkerContext {
             publisher,
             upstream,
             metrics,
+            pacer,
         })
     }
 }

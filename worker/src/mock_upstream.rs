@@ -92,6 +92,10 @@ pub struct MockStats {
     /// Unix milliseconds of each call, per `mock.key`. Calls without a key
     /// only count in `calls`.
     pub per_key: HashMap<String, Vec<u64>>,
+    /// Unix milliseconds of every call, in arrival order (rate measurements).
+    pub times: Vec<u64>,
+    /// `(unix ms, usage.total_tokens)` of every successful answer.
+    pub tokens: Vec<(u64, u64)>,
 }
 
 /// The mock server. Cloning is cheap and clones share stats and the RNG.
@@ -104,6 +108,8 @@ pub struct MockUpstream {
 struct Inner {
     config: MockConfig,
     state: Mutex<Recorded>,
+    /// While set, every model call is answered with this status (an outage switched at runtime).
+    outage: Mutex<Option<u16>>,
 }
 
 /// Everything mutable, behind one lock: it is held only for a few
@@ -141,7 +147,11 @@ impl MockUpstream {
     pub fn new(config: MockConfig) -> Self {
         let state = Mutex::new(Recorded::new(config.seed));
         Self {
-            inner: Arc::new(Inner { config, state }),
+            inner: Arc::new(Inner {
+                config,
+                state,
+                outage: Mutex::new(None),
+            }),
         }
     }
 
@@ -175,6 +185,15 @@ impl MockUpstream {
     /// Snapshot of what it received.
     pub fn stats(&self) -> MockStats {
         self.inner.lock().stats.clone()
+    }
+
+    /// Answers every model call with `status` from now on (`None` ends the outage).
+    pub fn set_outage(&self, status: Option<u16>) {
+        *self
+            .inner
+            .outage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = status;
     }
 
     /// Clears stats and attempt counters and re-seeds the RNG, as
@@ -220,6 +239,7 @@ impl Inner {
         let cfg = &self.config;
         let mut st = self.lock();
         st.stats.calls += 1;
+        st.stats.times.push(unix_ms());
         if !key.is_empty() {
             st.stats
                 .per_key
@@ -271,6 +291,10 @@ struct Directives {
     garbage: bool,
     redirect: bool,
     hang: bool,
+    /// Extra response headers while faulting (e.g. `x-ratelimit-remaining-requests`).
+    headers: Vec<(String, String)>,
+    /// `usage.total_tokens` to report on a successful answer (token-limit tests).
+    usage_tokens: Option<u64>,
 }
 
 impl Directives {
@@ -297,6 +321,16 @@ impl Directives {
             garbage: flag("garbage"),
             redirect: flag("redirect"),
             hang: flag("hang"),
+            usage_tokens: uint("usage_tokens"),
+            headers: m
+                .get("headers")
+                .and_then(Value::as_object)
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -397,7 +431,26 @@ impl App {
             }
         };
 
-        let mut res = self.fault_or_answer(endpoint, &body, &d, &arrival).await;
+        let outage = *self
+            .mock
+            .inner
+            .outage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut res = match outage.and_then(|c| StatusCode::from_u16(c).ok()) {
+            Some(status) => injected_status(status),
+            None => self.fault_or_answer(endpoint, &body, &d, &arrival).await,
+        };
+        if d.times.is_none_or(|t| arrival.attempt <= t) {
+            for (k, v) in &d.headers {
+                if let (Ok(name), Ok(value)) = (
+                    header::HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(v),
+                ) {
+                    res.headers_mut().insert(name, value);
+                }
+            }
+        }
         // Lets a test see which attempt produced an answer.
         res.headers_mut()
             .insert("x-mock-attempt", HeaderValue::from(arrival.attempt));
@@ -463,13 +516,22 @@ impl App {
             return (StatusCode::FOUND, [(header::LOCATION, REDIRECT_TARGET)]).into_response();
         }
 
-        let answer = match endpoint {
+        let mut answer = match endpoint {
             Endpoint::Chat => chat_answer(body),
             Endpoint::Completions => completion_answer(body),
             Endpoint::Embeddings => embedding_answer(body),
             Endpoint::Responses => responses_answer(body),
             Endpoint::Moderations => moderation_answer(body),
         };
+        if let Some(n) = d.usage_tokens {
+            answer["usage"] = usage(n / 2, n - n / 2);
+        }
+        if let Some(total) = answer
+            .pointer("/usage/total_tokens")
+            .and_then(Value::as_u64)
+        {
+            self.mock.inner.lock().stats.tokens.push((unix_ms(), total));
+        }
         Json(answer).into_response()
     }
 

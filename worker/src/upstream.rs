@@ -14,6 +14,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use sluice_shared::config::{ProviderSettings, Settings, TaskSettings, WorkerSettings};
 use sluice_shared::domain::{Row, Usage};
+use sluice_shared::pacing::MAX_FLEET_PAUSE;
 use sluice_shared::routing::{Target, resolve_target};
 
 /// Providers and the HTTP client that reaches them.
@@ -70,6 +71,17 @@ impl Upstream {
         self.providers.iter().find(|p| p.serves(model))
     }
 
+    /// Index and name of the provider a line of `model` on `endpoint` is called on (the backing
+    /// model's provider for a task model); `None` when the model has no route.
+    pub fn provider_of(&self, model: &str, endpoint: &str) -> Option<(usize, &ProviderSettings)> {
+        let index = match resolve_target(&self.providers, &self.tasks, model, endpoint) {
+            Ok(Target::Model(route)) => route.provider,
+            Ok(Target::Task { backing, .. }) => backing.provider,
+            Err(_) => return None,
+        };
+        self.providers.get(index).map(|p| (index, p))
+    }
+
     /// The `[tasks]` settings (prompt templates).
     pub fn task_settings(&self) -> &TaskSettings {
         &self.tasks
@@ -78,24 +90,24 @@ impl Upstream {
     /// Calls the upstream once for a line: the route of `model` (see
     /// [`sluice_shared::routing`]), with the body's `model` rewritten only when the upstream knows
     /// the model under another name (prefix or flavor removed). Task models run through
-    /// [`crate::tasks`].
+    /// [`crate::tasks`]. Also returns the fleet pause the answer's `x-ratelimit-*` headers ask
+    /// for (see [`ratelimit_pause`]).
     pub async fn attempt(
         &self,
         endpoint: &str,
         model: &str,
         custom_id: &str,
         body: &RawValue,
-    ) -> Attempt {
+    ) -> (Attempt, Option<Duration>) {
         let route = match resolve_target(&self.providers, &self.tasks, model, endpoint) {
             Ok(Target::Model(route)) => route,
             Ok(Target::Task { task, backing }) => {
-                return crate::tasks::attempt(self, task, &backing, custom_id, body).await;
+                let attempt = crate::tasks::attempt(self, task, &backing, custom_id, body).await;
+                return (attempt, None);
             }
             Err(e) => {
-                return Attempt::Done(
-                    Row::error(custom_id, e.code(), &e.to_string()),
-                    Usage::default(),
-                );
+                let row = Row::error(custom_id, e.code(), &e.to_string());
+                return (Attempt::Done(row, Usage::default()), None);
             }
         };
         let payload = if route.upstream_model == model {
@@ -110,8 +122,11 @@ impl Upstream {
             }
         };
         match self.exchange(route.provider, endpoint, payload).await {
-            Ok((status, headers, bytes)) => classify(custom_id, status, &headers, &bytes),
-            Err(failure) => self.failure(custom_id, failure),
+            Ok((status, headers, bytes)) => (
+                classify(custom_id, status, &headers, &bytes),
+                ratelimit_pause(&headers),
+            ),
+            Err(failure) => (self.failure(custom_id, failure), None),
         }
     }
 
@@ -295,13 +310,115 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     when.duration_since(std::time::SystemTime::now()).ok()
 }
 
-/// Capped exponential backoff with jitter, stretched to whatever the upstream asked for.
+/// A fleet pause asked for by `x-ratelimit-remaining-{requests,tokens}: 0` with its
+/// `x-ratelimit-reset-*` duration (`1s`, `6m0s`, `12ms`, or plain seconds). Anything odd (negative
+/// or unparsable values, Azure's `-1`, a remaining count above zero, no reset) asks for nothing, and
+/// the pause is capped at [`MAX_FLEET_PAUSE`], so a broken header cannot stall the fleet.
+pub fn ratelimit_pause(headers: &HeaderMap) -> Option<Duration> {
+    let text = |name: String| {
+        headers
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    ["requests", "tokens"]
+        .into_iter()
+        .filter_map(|kind| {
+            let remaining: i64 = text(format!("x-ratelimit-remaining-{kind}"))?
+                .parse()
+                .ok()?;
+            if remaining != 0 {
+                return None;
+            }
+            parse_reset(text(format!("x-ratelimit-reset-{kind}"))?)
+        })
+        .max()
+        .filter(|d| !d.is_zero())
+        .map(|d| d.min(MAX_FLEET_PAUSE))
+}
+
+/// Parses a Go-style duration (`1h2m3.5s`, `250ms`, `6m0s`) or plain seconds (`1.5`).
+fn parse_reset(value: &str) -> Option<Duration> {
+    if let Ok(secs) = value.parse::<f64>() {
+        return (0.0..1e9)
+            .contains(&secs)
+            .then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0.0f64;
+    let mut rest = value;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(split);
+        let n: f64 = num.parse().ok()?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit {
+            "h" => 3_600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = tail;
+    }
+    (total.is_finite() && total < 1e9).then(|| Duration::from_secs_f64(total))
+}
+
+/// Tokens a call may use, estimated before it: the body's length over four (prompt text
+/// dominates a request body, and about four characters make a token in English) plus the
+/// completion budget the request sets, or `default_max` when it sets none (embeddings and
+/// moderations complete nothing).
+pub fn estimate_tokens(endpoint: &str, body: &RawValue, default_max: u64) -> u64 {
+    let prompt = body.get().len() as u64 / 4;
+    if endpoint.ends_with("/embeddings") || endpoint.ends_with("/moderations") {
+        return prompt.max(1);
+    }
+    #[derive(serde::Deserialize)]
+    struct Budget {
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+        max_output_tokens: Option<u64>,
+    }
+    let completion = serde_json::from_str::<Budget>(body.get())
+        .ok()
+        .and_then(|b| {
+            b.max_completion_tokens
+                .or(b.max_tokens)
+                .or(b.max_output_tokens)
+        })
+        .unwrap_or(default_max);
+    (prompt + completion).max(1)
+}
+
+/// Capped exponential backoff with jitter, stretched to whatever the upstream asked for, within
+/// a per-line budget of attempts and of time.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
     pub base: Duration,
     pub max: Duration,
     pub max_retry_after: Duration,
+    /// Longest span from a line's first attempt to its last.
+    pub max_elapsed: Duration,
+}
+
+/// What to do with a line whose attempt asked for a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// Try again after this delay.
+    RetryAfter(Duration),
+    /// Stop: the budget named here ran out (`attempts`, `elapsed` or `deadline`).
+    GiveUp(&'static str),
 }
 
 impl RetryPolicy {
@@ -312,7 +429,29 @@ impl RetryPolicy {
             base: Duration::from_millis(w.backoff_base_ms),
             max: Duration::from_millis(w.backoff_max_ms),
             max_retry_after: Duration::from_secs(w.max_retry_after_secs),
+            max_elapsed: Duration::from_secs(w.max_retry_elapsed_secs),
         }
+    }
+
+    /// The decision after `attempts` counted attempts, `elapsed` since the first one, with
+    /// `deadline_in` left before the batch expires (`None`: no deadline known).
+    pub fn next(
+        &self,
+        attempts: u32,
+        retry_after: Option<Duration>,
+        elapsed: Duration,
+        deadline_in: Option<Duration>,
+    ) -> NextStep {
+        let Some(delay) = self.delay(attempts, retry_after) else {
+            return NextStep::GiveUp("attempts");
+        };
+        if elapsed + delay > self.max_elapsed {
+            return NextStep::GiveUp("elapsed");
+        }
+        if deadline_in.is_some_and(|left| delay >= left) {
+            return NextStep::GiveUp("deadline");
+        }
+        NextStep::RetryAfter(delay)
     }
 
     /// Delay before attempt `attempt + 1` (attempts count from 1), or `None` when the budget is spent.
@@ -322,7 +461,7 @@ impl RetryPolicy {
         }
         let exp = self
             .base
-            .saturating_mul(1u32 << (attempt - 1).min(20))
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
             .min(self.max);
         // Jitter in [exp/2, exp] spreads retries of a burst without ever going below half the backoff.
         let jittered = exp.mul_f64(rand::rng().random_range(0.5..=1.0));
@@ -418,6 +557,7 @@ mod tests {
             base: Duration::from_millis(100),
             max: Duration::from_millis(300),
             max_retry_after: Duration::from_secs(10),
+            max_elapsed: Duration::from_secs(60),
         };
         let d1 = p.delay(1, None).unwrap();
         assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
@@ -432,5 +572,79 @@ mod tests {
             Some(Duration::from_secs(10))
         );
         assert_eq!(p.delay(4, None), None);
+        assert_eq!(
+            p.next(4, None, Duration::ZERO, None),
+            NextStep::GiveUp("attempts")
+        );
+        assert_eq!(
+            p.next(1, None, Duration::from_secs(60), None),
+            NextStep::GiveUp("elapsed")
+        );
+        assert_eq!(
+            p.next(
+                1,
+                Some(Duration::from_secs(5)),
+                Duration::ZERO,
+                Some(Duration::from_secs(2))
+            ),
+            NextStep::GiveUp("deadline")
+        );
+        assert_eq!(
+            p.next(
+                1,
+                Some(Duration::from_secs(5)),
+                Duration::ZERO,
+                Some(Duration::from_secs(60))
+            ),
+            NextStep::RetryAfter(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn ratelimit_headers_pause_only_when_exhausted_and_odd_values_are_ignored() {
+        let h = headers(&[
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "6m0s"),
+        ]);
+        assert_eq!(ratelimit_pause(&h), Some(MAX_FLEET_PAUSE));
+        let h = headers(&[
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "1.5s"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "250ms"),
+        ]);
+        assert_eq!(ratelimit_pause(&h), Some(Duration::from_millis(1500)));
+        for (remaining, reset) in [
+            ("5", "1s"),
+            ("-1", "1s"),
+            ("0", "-1"),
+            ("0", "soon"),
+            ("0", "0s"),
+            ("0", ""),
+            ("many", "1s"),
+            ("0", "1e400"),
+        ] {
+            let h = headers(&[
+                ("x-ratelimit-remaining-requests", remaining),
+                ("x-ratelimit-reset-requests", reset),
+            ]);
+            assert_eq!(ratelimit_pause(&h), None, "{remaining} {reset}");
+        }
+        assert_eq!(parse_reset("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(parse_reset("2"), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn token_estimates_count_the_prompt_and_the_completion_budget() {
+        let body = RawValue::from_string(
+            r#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":100}"#
+                .into(),
+        )
+        .unwrap();
+        let n = estimate_tokens("/v1/chat/completions", &body, 256);
+        assert!((110..140).contains(&n), "{n}");
+        let body = RawValue::from_string(r#"{"model":"m","input":"abcd"}"#.into()).unwrap();
+        assert!(estimate_tokens("/v1/embeddings", &body, 256) < 20);
+        assert!(estimate_tokens("/v1/chat/completions", &body, 256) >= 256);
     }
 }

@@ -209,6 +209,9 @@ async fn main() -> anyhow::Result<()> {
     settings.worker.concurrency = args.concurrency;
     settings.worker.request_timeout_ms = 600_000;
     settings.limits.max_lines = args.lines.max(50_000) as u64;
+    // Ingest is measured with no consumer running, so the fairness window (which holds lines back
+    // until earlier ones finish) must cover the whole batch; `sluice-bench-pacing` measures it.
+    settings.worker.batch_window = settings.limits.max_lines;
     settings.limits.max_upload_bytes = 1 << 30;
     settings.aggregator.sweep_interval_ms = 2_000;
     settings.log.filter = "warn".into();

@@ -8,6 +8,7 @@ mod lifecycle;
 mod logs;
 mod openapi;
 mod outages;
+mod pacing;
 mod pipeline;
 mod retries;
 mod routing;

@@ -54,6 +54,7 @@ pub(crate) fn provider(name: &str, base_url: &str, models: &[&str]) -> ProviderS
         endpoints: Vec::new(),
         batch: true,
         flavors: Vec::new(),
+        pacing: Default::default(),
     }
 }
 

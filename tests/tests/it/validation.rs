@@ -292,7 +292,7 @@ async fn empty_oversized_and_missing_inputs_fail_their_batch() {
     let errors = failed_errors(&batch);
     assert_eq!(errors.len(), 1, "{batch:#}");
     assert_eq!(errors[0]["code"], "invalid_request");
-    assert_eq!(errors[0]["param"], "input_file_id");
+    assert_eq!(errors[0]["param"], "file_id");
     assert_eq!(errors[0]["line"], Value::Null);
     assert!(
         errors[0]["message"].as_str().unwrap().contains(&missing),
