@@ -30,6 +30,9 @@ struct Args {
     concurrency: u16,
     small_batches: usize,
     latency_ms: u64,
+    /// Lines of one batch in the work queue at once (`worker.batch_window`); default: the
+    /// configured default, so end-to-end figures include the fairness window.
+    batch_window: Option<u64>,
 }
 
 fn parse_args() -> Args {
@@ -40,6 +43,7 @@ fn parse_args() -> Args {
         concurrency: 256,
         small_batches: 20,
         latency_ms: 0,
+        batch_window: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -52,6 +56,7 @@ fn parse_args() -> Args {
             "--concurrency" => a.concurrency = v.parse().expect("--concurrency N"),
             "--small-batches" => a.small_batches = v.parse().expect("--small-batches N"),
             "--latency-ms" => a.latency_ms = v.parse().expect("--latency-ms N"),
+            "--batch-window" => a.batch_window = Some(v.parse().expect("--batch-window N")),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -209,9 +214,9 @@ async fn main() -> anyhow::Result<()> {
     settings.worker.concurrency = args.concurrency;
     settings.worker.request_timeout_ms = 600_000;
     settings.limits.max_lines = args.lines.max(50_000) as u64;
-    // Ingest is measured with no consumer running, so the fairness window (which holds lines back
-    // until earlier ones finish) must cover the whole batch; `sluice-bench-pacing` measures it.
-    settings.worker.batch_window = settings.limits.max_lines;
+    if let Some(window) = args.batch_window {
+        settings.worker.batch_window = window;
+    }
     settings.limits.max_upload_bytes = 1 << 30;
     settings.aggregator.sweep_interval_ms = 2_000;
     settings.log.filter = "warn".into();
@@ -225,9 +230,16 @@ async fn main() -> anyhow::Result<()> {
             "dispatcher" => ("worker", "false"),
             other => (other, "true"),
         };
+        // Ingest alone is measured with no consumer running, so the dispatch-only worker's fairness
+        // window (which holds lines back until earlier ones finish) covers the whole batch.
+        let window = match lines {
+            "false" => (args.lines as u64).to_string(),
+            _ => settings.worker.batch_window.to_string(),
+        };
         Command::new(sluice_bin())
             .arg(role)
             .env("SLUICE_WORKER__LINES", lines)
+            .env("SLUICE_WORKER__BATCH_WINDOW", window)
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())
@@ -362,8 +374,14 @@ async fn main() -> anyhow::Result<()> {
     println!("| figure | value |");
     println!("|---|---|");
     println!(
-        "| setup | {} lines, {:.1} MB, {} worker process(es), concurrency {}, upstream latency {} ms |",
-        args.lines, mb, args.workers, args.concurrency, args.latency_ms
+        "| setup | {} lines, {:.1} MB, {} worker process(es), concurrency {}, upstream latency {} ms, batch window {} lines (or {} s of throughput) |",
+        args.lines,
+        mb,
+        args.workers,
+        args.concurrency,
+        args.latency_ms,
+        settings.worker.batch_window,
+        settings.worker.batch_window_secs
     );
     println!("| batch status | {status} |");
     println!(
