@@ -75,6 +75,7 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
         &event.batch_id,
         &shutdown,
         ctx.settings.worker.batch_window,
+        &mut None,
     )
     .await
     {
@@ -123,6 +124,7 @@ const TOP_UP_EVERY: Duration = Duration::from_millis(200);
 async fn top_up(ctx: &WorkerContext, batch_id: &str, shutdown: &CancellationToken) {
     let w = &ctx.settings.worker;
     let mut window = w.batch_window;
+    let mut cursor = None;
     let mut last: Option<(u64, Instant)> = None;
     let mut rate = 0.0f64;
     loop {
@@ -155,7 +157,7 @@ async fn top_up(ctx: &WorkerContext, batch_id: &str, shutdown: &CancellationToke
             }
             last = Some((done, Instant::now()));
         }
-        match dispatch(ctx, batch_id, shutdown, window).await {
+        match dispatch(ctx, batch_id, shutdown, window, &mut cursor).await {
             Ok(Dispatched::Done("windowed" | "window_full")) => {}
             Ok(_) => return,
             Err(e) => {
@@ -181,6 +183,7 @@ async fn dispatch(
     batch_id: &str,
     shutdown: &CancellationToken,
     window: u64,
+    cursor: &mut Option<RequestLines>,
 ) -> anyhow::Result<Dispatched> {
     let lease_ttl = Duration::from_millis(ctx.settings.aggregator.lease_ms);
     let Some(lease) = Lease::acquire(
@@ -194,7 +197,7 @@ async fn dispatch(
         // aggregator's sweep publishes the dispatch again).
         return Ok(Dispatched::Done("busy"));
     };
-    let result = dispatch_leased(ctx, batch_id, shutdown, &lease, window).await;
+    let result = dispatch_leased(ctx, batch_id, shutdown, &lease, window, cursor).await;
     lease.release().await;
     result
 }
@@ -205,6 +208,7 @@ async fn dispatch_leased(
     shutdown: &CancellationToken,
     lease: &Lease,
     window: u64,
+    cursor: &mut Option<RequestLines>,
 ) -> anyhow::Result<Dispatched> {
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
@@ -223,7 +227,7 @@ async fn dispatch_leased(
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
     };
-    enqueue(ctx, batch_id, &meta, shutdown, lease, window).await
+    enqueue(ctx, batch_id, &meta, shutdown, lease, window, cursor).await
 }
 
 /// Pass one: checks every line. Fails the batch with every error, or moves it to `in_progress`.
@@ -313,6 +317,10 @@ async fn fail(ctx: &WorkerContext, batch_id: &str, errors: Vec<BatchError>) -> a
 }
 
 /// Pass two: publishes every line from the checkpoint on, keeping a window of confirms in flight.
+///
+/// `cursor` is the input file as the previous round of the same dispatcher left it (positioned
+/// after the last line it published): a round that starts there reads on instead of reading the
+/// file again from the top. A round that ends cleanly leaves its reader there for the next.
 async fn enqueue(
     ctx: &WorkerContext,
     batch_id: &str,
@@ -320,6 +328,7 @@ async fn enqueue(
     shutdown: &CancellationToken,
     lease: &Lease,
     window: u64,
+    cursor: &mut Option<RequestLines>,
 ) -> anyhow::Result<Dispatched> {
     let input = ctx
         .store
@@ -330,18 +339,24 @@ async fn enqueue(
     // Fairness: at most `batch_window` lines of this batch wait in the work queue (dispatched but
     // not finished). The rest are published later, when the aggregator's sweep sees the window
     // half empty and sends the dispatch again (it resumes from `dispatched`).
-    // A round re-reads the file up to `start`, so it waits until half the window is free.
+    // A round reads the input on from where the previous round of this dispatcher stopped (or from
+    // the top after a resume), and runs once half the window is free.
     let all = meta.total().unwrap_or(0);
     let total = all.min(meta.done() + window);
     if start >= total || (start > meta.done() + window / 2 && total < all) {
         return Ok(Dispatched::Done("window_full"));
     }
-    let mut lines = RequestLines::open(
-        &ctx.objects,
-        &object_store::path::Path::from(input.path()),
-        ctx.settings.limits.max_line_bytes as usize,
-    )
-    .await?;
+    let mut lines = match cursor.take() {
+        Some(reader) if reader.next_index() <= start => reader,
+        _ => {
+            RequestLines::open(
+                &ctx.objects,
+                &object_store::path::Path::from(input.path()),
+                ctx.settings.limits.max_line_bytes as usize,
+            )
+            .await?
+        }
+    };
     let channel = ctx.publisher.channel().await?;
     let queue = ctx.keys.items_queue();
     let window = ctx.settings.worker.publish_window.max(1);
@@ -409,6 +424,9 @@ async fn enqueue(
     ctx.store
         .set_batch_fields(batch_id, &[("dispatched", total.to_string())])
         .await?;
+    if next_line.is_none() && lines.next_index() == total {
+        *cursor = Some(lines);
+    }
     Ok(Dispatched::Done(if total < all {
         "windowed"
     } else {

@@ -75,6 +75,11 @@ impl RequestLines {
         }
     }
 
+    /// Index the next request line will have.
+    pub fn next_index(&self) -> u64 {
+        self.index
+    }
+
     /// The next request line, `None` at the end of the file.
     pub async fn next_line(&mut self) -> object_store::Result<Option<RequestLine>> {
         loop {
