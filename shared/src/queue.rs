@@ -42,20 +42,26 @@ fn quorum_args() -> FieldTable {
     args
 }
 
-/// Declares every exchange and queue of the namespace on `channel`.
-///
-/// Line messages live in a quorum queue with an explicit delivery limit (RabbitMQ 3.x has no
-/// default) and at-least-once dead-lettering, so a poison line ends up in the DLQ, where it becomes
-/// an error row instead of blocking its batch forever.
-pub async fn declare_topology(channel: &Channel, keys: &Keys, delivery_limit: u32) -> Result<()> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let dlx = keys.dead_letter_exchange();
+/// Quorum-queue arguments that dead-letter to `exchange` with `routing_key`, at least once (the
+/// broker keeps a message until the target queue confirms it), refusing publishes when full.
+fn dead_lettering_args(exchange: &str, routing_key: &str) -> FieldTable {
+    let mut args = quorum_args();
+    for (key, value) in [
+        ("x-dead-letter-exchange", exchange),
+        ("x-dead-letter-routing-key", routing_key),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(key.into(), AMQPValue::LongString(value.into()));
+    }
+    args
+}
+
+/// Declares a durable direct exchange and binds `queue` to it under the queue's own name.
+async fn declare_exchange_for(channel: &Channel, exchange: &str, queue: &str) -> Result<()> {
     channel
         .exchange_declare(
-            dlx.as_str().into(),
+            exchange.into(),
             ExchangeKind::Direct,
             ExchangeDeclareOptions {
                 durable: true,
@@ -65,50 +71,57 @@ pub async fn declare_topology(channel: &Channel, keys: &Keys, delivery_limit: u3
         )
         .await?;
     channel
-        .queue_declare(keys.items_dlq().as_str().into(), durable, quorum_args())
-        .await?;
-    channel
         .queue_bind(
-            keys.items_dlq().as_str().into(),
-            dlx.as_str().into(),
-            keys.items_dlq().as_str().into(),
+            queue.into(),
+            exchange.into(),
+            queue.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
+    Ok(())
+}
 
-    let mut items = quorum_args();
-    items.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongInt(delivery_limit as i32),
-    );
-    items.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(dlx.as_str().into()),
-    );
-    items.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(keys.items_dlq().as_str().into()),
-    );
-    items.insert(
-        "x-dead-letter-strategy".into(),
-        AMQPValue::LongString("at-least-once".into()),
-    );
-    items.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
+/// Declares every exchange and queue of the namespace on `channel`.
+///
+/// Line messages live in a quorum queue with an explicit delivery limit (RabbitMQ 3.x has no
+/// default) and at-least-once dead-lettering, so a poison line ends up in the DLQ, where it becomes
+/// an error row instead of blocking its batch forever.
+///
+/// Delay queues: a line waiting to retry (or for the provider to accept calls again) waits in one
+/// of these, not in a consumer slot. Each has a fixed TTL, so the head always expires first
+/// (quorum queues expire only at the head), and dead-letters back to the work queue through the
+/// requeue exchange.
+pub async fn declare_topology(channel: &Channel, keys: &Keys, delivery_limit: u32) -> Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let (items, dlq) = (keys.items_queue(), keys.items_dlq());
+    let limit = |mut args: FieldTable| {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(delivery_limit as i32),
+        );
+        args
+    };
     channel
-        .queue_declare(keys.items_queue().as_str().into(), durable, items)
+        .queue_declare(dlq.as_str().into(), durable, quorum_args())
         .await?;
-
-    let mut control = quorum_args();
-    control.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongInt(delivery_limit as i32),
-    );
+    declare_exchange_for(channel, &keys.dead_letter_exchange(), &dlq).await?;
     channel
-        .queue_declare(keys.control_queue().as_str().into(), durable, control)
+        .queue_declare(
+            items.as_str().into(),
+            durable,
+            limit(dead_lettering_args(&keys.dead_letter_exchange(), &dlq)),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            keys.control_queue().as_str().into(),
+            durable,
+            limit(quorum_args()),
+        )
         .await?;
     channel
         .queue_declare(
@@ -117,51 +130,11 @@ pub async fn declare_topology(channel: &Channel, keys: &Keys, delivery_limit: u3
             quorum_args(),
         )
         .await?;
-
-    // Delay queues: a line waiting to retry (or for the provider to accept calls again) waits in
-    // one of these, not in a consumer slot. Each has a fixed TTL, so the head always expires first
-    // (quorum queues expire only at the head), and dead-letters back to the work queue through
-    // the requeue exchange, at least once.
     let requeue = keys.requeue_exchange();
-    channel
-        .exchange_declare(
-            requeue.as_str().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            keys.items_queue().as_str().into(),
-            requeue.as_str().into(),
-            keys.items_queue().as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange_for(channel, &requeue, &items).await?;
     for ms in RETRY_TIERS_MS {
-        let mut args = quorum_args();
+        let mut args = dead_lettering_args(&requeue, &items);
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*ms as i64));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(requeue.as_str().into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(keys.items_queue().as_str().into()),
-        );
-        args.insert(
-            "x-dead-letter-strategy".into(),
-            AMQPValue::LongString("at-least-once".into()),
-        );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
         channel
             .queue_declare(keys.retry_queue(*ms).as_str().into(), durable, args)
             .await?;

@@ -4,6 +4,7 @@
 //! Roles run as tasks in the test process by default; [`TestApp::spawn_worker_process`] starts a
 //! worker as a separate `sluice` process for tests that kill it.
 
+pub mod bench;
 pub mod node;
 pub mod python;
 pub mod rabbitmq_server;
@@ -71,6 +72,17 @@ impl Default for AppOptions {
             worker: true,
             aggregator: true,
             mock: MockConfig::default(),
+        }
+    }
+}
+
+impl AppOptions {
+    /// The API alone: nothing validates, runs or finalizes batches.
+    pub fn api_only() -> Self {
+        Self {
+            worker: false,
+            aggregator: false,
+            ..Self::default()
         }
     }
 }

@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 use object_store::buffered::BufWriter;
 use sluice_shared::domain::{
@@ -40,35 +39,29 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
 }
 
 async fn consume_events(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let conn = sluice_shared::queue::connect(&ctx.settings.amqp_url, "sluice-aggregator").await?;
-    let (channel, mut consumer) =
-        crate::amqp::consume(&conn, &ctx.settings, &ctx.keys.finalize_queue(), 8).await?;
-    let tracker = tokio_util::task::TaskTracker::new();
-    loop {
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            d = consumer.next() => d,
-        };
-        let Some(delivery) = delivery else { break };
-        let delivery = delivery?;
-        let ctx = ctx.clone();
-        tracker.spawn(async move {
-            if let Ok(event) = serde_json::from_slice::<BatchEvent>(&delivery.data)
-                && let Err(e) = finalize_if_ready(&ctx, &event.batch_id).await
-            {
-                // The sweep retries it; the event itself carries nothing more.
-                tracing::warn!(batch_id = %event.batch_id, error = %e, "Finalize failed; the sweep will retry.");
+    let queue = ctx.keys.finalize_queue();
+    crate::amqp::consume_each(
+        &ctx.settings,
+        "sluice-aggregator",
+        &queue,
+        8,
+        &shutdown,
+        |delivery| {
+            let ctx = ctx.clone();
+            async move {
+                if let Ok(event) = serde_json::from_slice::<BatchEvent>(&delivery.data)
+                    && let Err(e) = finalize_if_ready(&ctx, &event.batch_id).await
+                {
+                    // The sweep retries it; the event itself carries nothing more.
+                    tracing::warn!(batch_id = %event.batch_id, error = %e, "Finalize failed; the sweep will retry.");
+                }
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    tracing::debug!(error = %e, "Could not ack a finalize event.");
+                }
             }
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                tracing::debug!(error = %e, "Could not ack a finalize event.");
-            }
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
-    drop(channel);
-    drop(conn);
-    Ok(())
+        },
+    )
+    .await
 }
 
 async fn sweep_loop(ctx: WorkerContext, shutdown: CancellationToken) {

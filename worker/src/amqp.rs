@@ -3,6 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -40,6 +42,39 @@ pub async fn consume(
         )
         .await?;
     Ok((channel, consumer))
+}
+
+/// Consumes `queue_name` on a connection of its own (named `connection_name`) until `shutdown`,
+/// running `handle` on every delivery as a task of its own; then waits for those tasks. A delivery
+/// a task leaves unacked goes back to the queue when the channel closes.
+pub async fn consume_each<H, Fut>(
+    settings: &Settings,
+    connection_name: &str,
+    queue_name: &str,
+    prefetch: u16,
+    shutdown: &CancellationToken,
+    handle: H,
+) -> anyhow::Result<()>
+where
+    H: Fn(Delivery) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let conn = queue::connect(&settings.amqp_url, connection_name).await?;
+    let (channel, mut consumer) = consume(&conn, settings, queue_name, prefetch).await?;
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = consumer.next() => d,
+        };
+        let Some(delivery) = delivery else { break };
+        tracker.spawn(handle(delivery?));
+    }
+    tracker.close();
+    tracker.wait().await;
+    drop(channel);
+    drop(conn);
+    Ok(())
 }
 
 /// Runs `session` again after every failure (broker restart, dropped connection) with capped

@@ -37,30 +37,20 @@ use crate::validate::Validator;
 /// How often the checkpoint is saved, in confirmed lines.
 const CHECKPOINT_EVERY: u64 = 2_000;
 
-/// Consumes control messages until `shutdown`.
+/// Consumes control messages until `shutdown`. Unfinished dispatches stop at their next line and
+/// leave their message unacked: closing the channel hands it back to the broker, and the next
+/// dispatcher resumes from the checkpoint.
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let conn = sluice_shared::queue::connect(&ctx.settings.amqp_url, "sluice-dispatcher").await?;
-    let (channel, mut consumer) =
-        crate::amqp::consume(&conn, &ctx.settings, &ctx.keys.control_queue(), 4).await?;
-    let tracker = tokio_util::task::TaskTracker::new();
-    loop {
-        let delivery = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            d = consumer.next() => d,
-        };
-        let Some(delivery) = delivery else { break };
-        let delivery = delivery?;
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move { handle(ctx, delivery, shutdown).await });
-    }
-    tracker.close();
-    // Unfinished dispatches stop at their next line and leave their message unacked: closing the
-    // channel hands it back to the broker, and the next dispatcher resumes from the checkpoint.
-    tracker.wait().await;
-    drop(channel);
-    drop(conn);
-    Ok(())
+    let queue = ctx.keys.control_queue();
+    crate::amqp::consume_each(
+        &ctx.settings,
+        "sluice-dispatcher",
+        &queue,
+        4,
+        &shutdown,
+        |delivery| handle(ctx.clone(), delivery, shutdown.clone()),
+    )
+    .await
 }
 
 async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationToken) {

@@ -23,6 +23,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use sluice_shared::config::{PacingSettings, StorageSettings};
 use sluice_shared::{Settings, Store};
+use sluice_tests::bench::{sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, KEY_B, MODEL, test_settings};
 use sluice_worker::mock_upstream::{MockConfig, MockUpstream};
 use tokio_util::sync::CancellationToken;
@@ -38,11 +39,6 @@ struct Env {
     store: Store,
     mock: MockUpstream,
     stop: CancellationToken,
-}
-
-fn sluice_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent().expect("target dir").join("sluice")
 }
 
 async fn start(
@@ -89,20 +85,7 @@ async fn start(
     }
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{PORT}/v1");
-    let started = Instant::now();
-    loop {
-        if let Ok(r) = http
-            .get(format!("{base}/batches"))
-            .bearer_auth(KEY_A)
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            break;
-        }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "API down");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&http, &base).await?;
     let store = Store::open(&settings).await?;
     Ok(Env {
         settings,

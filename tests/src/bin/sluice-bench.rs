@@ -11,7 +11,7 @@
 //! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench -- --lines 50000`
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use sluice_shared::Store;
 use sluice_shared::config::{StorageSettings, hash_api_key};
+use sluice_tests::bench::{sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, MODEL, test_settings};
 use sluice_worker::mock_upstream::{MockConfig, MockUpstream};
 use tokio_util::sync::CancellationToken;
@@ -108,26 +109,6 @@ fn write_input(path: &Path, lines: usize, line_bytes: usize) -> anyhow::Result<u
     Ok(total)
 }
 
-async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = http
-            .get(format!("{base}/batches"))
-            .bearer_auth(KEY_A)
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(30),
-            "API did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn upload(http: &reqwest::Client, base: &str, path: &Path) -> anyhow::Result<String> {
     let file = tokio::fs::File::open(path).await?;
     let len = file.metadata().await?.len();
@@ -188,11 +169,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn sluice_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    exe.parent().expect("target dir").join("sluice")
 }
 
 #[tokio::main]

@@ -10,15 +10,7 @@ use sluice_tests::*;
 
 /// An app with only the API running: nothing here needs a batch to move.
 async fn api_only(tweak: impl FnOnce(&mut sluice_shared::Settings)) -> TestApp {
-    spawn_app_with(
-        AppOptions {
-            worker: false,
-            aggregator: false,
-            ..AppOptions::default()
-        },
-        tweak,
-    )
-    .await
+    spawn_app_with(AppOptions::api_only(), tweak).await
 }
 
 /// Asserts that `body` is exactly OpenAI's error envelope: `{"error":{message,type,param,code}}`

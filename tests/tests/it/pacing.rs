@@ -20,6 +20,18 @@ fn pace(s: &mut Settings, pacing: PacingSettings) {
     s.providers[0].pacing = pacing;
 }
 
+/// Paces the test provider at `rpm` requests a minute with a burst of `burst_ms`.
+fn pace_rpm(s: &mut Settings, rpm: u64, burst_ms: u64) {
+    pace(
+        s,
+        PacingSettings {
+            rpm: Some(rpm),
+            burst_ms: Some(burst_ms),
+            ..PacingSettings::default()
+        },
+    );
+}
+
 /// Healthy lines `ok-0…` (each its own mock key), optionally with extra mock directives.
 fn healthy(n: usize, mock: Value) -> Vec<Value> {
     (0..n)
@@ -71,17 +83,7 @@ async fn three_worker_processes_together_stay_under_the_fleet_request_rate() {
         ..AppOptions::default()
     };
     // 600 RPM = one call per 100 ms for the whole fleet; a burst of 500 ms lets ~6 go at once.
-    let mut app = spawn_app_with(options, |s| {
-        pace(
-            s,
-            PacingSettings {
-                rpm: Some(600),
-                burst_ms: Some(500),
-                ..PacingSettings::default()
-            },
-        )
-    })
-    .await;
+    let mut app = spawn_app_with(options, |s| pace_rpm(s, 600, 500)).await;
     let mut workers = Workers::default();
     for _ in 0..3 {
         workers.spawn(&mut app);
@@ -109,17 +111,7 @@ async fn three_worker_processes_together_stay_under_the_fleet_request_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_429_with_retry_after_pauses_the_whole_fleet_for_that_long() {
     // 300 RPM spreads the healthy lines over ~6 s, so some would be called during the pause.
-    let app = spawn_app_with(AppOptions::default(), |s| {
-        pace(
-            s,
-            PacingSettings {
-                rpm: Some(300),
-                burst_ms: Some(200),
-                ..PacingSettings::default()
-            },
-        )
-    })
-    .await;
+    let app = spawn_app_with(AppOptions::default(), |s| pace_rpm(s, 300, 200)).await;
     let mut lines = vec![chat_line_with_mock(
         "limited",
         json!({"status": 429, "retry_after": 3, "times": 1}),
@@ -151,17 +143,7 @@ async fn a_429_with_retry_after_pauses_the_whole_fleet_for_that_long() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_exhausted_ratelimit_header_pauses_the_fleet_until_its_reset_and_odd_values_do_not() {
-    let app = spawn_app_with(AppOptions::default(), |s| {
-        pace(
-            s,
-            PacingSettings {
-                rpm: Some(300),
-                burst_ms: Some(200),
-                ..PacingSettings::default()
-            },
-        )
-    })
-    .await;
+    let app = spawn_app_with(AppOptions::default(), |s| pace_rpm(s, 300, 200)).await;
     // The first answers are successes that say the request budget is spent for 2 s; the odd
     // headers of the neighbours (negative, unparsable) must not pause anything.
     let mut lines = vec![chat_line_with_mock(
@@ -323,14 +305,7 @@ async fn a_small_batch_of_another_tenant_is_not_starved_by_a_big_one() {
     // 1,200 RPM: tenant A's 240 lines need about 12 s; each batch has at most 20 lines queued.
     let app = spawn_app_with(AppOptions::default(), |s| {
         s.worker.batch_window = 20;
-        pace(
-            s,
-            PacingSettings {
-                rpm: Some(1_200),
-                burst_ms: Some(200),
-                ..PacingSettings::default()
-            },
-        )
+        pace_rpm(s, 1_200, 200)
     })
     .await;
     let big: Vec<Value> = (0..240)

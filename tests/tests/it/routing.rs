@@ -235,16 +235,9 @@ async fn an_endpoint_the_provider_does_not_support_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_provider_at_all_is_503() {
-    let app = spawn_app_with(
-        AppOptions {
-            worker: false,
-            aggregator: false,
-            ..AppOptions::default()
-        },
-        |s| {
-            s.providers.clear();
-        },
-    )
+    let app = spawn_app_with(AppOptions::api_only(), |s| {
+        s.providers.clear();
+    })
     .await;
     let got = create(&app, KEY_A, &inline(MODEL, "/v1/chat/completions")).await;
     assert_error(&got, 503, "no_provider_configured");

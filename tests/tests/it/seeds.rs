@@ -290,15 +290,7 @@ async fn meshapi_inline_batches_create_list_get_and_cancel_with_metadata() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn meshapi_inline_requests_are_checked_at_once() {
-    let app = spawn_app_with(
-        AppOptions {
-            worker: false,
-            aggregator: false,
-            ..AppOptions::default()
-        },
-        |_| {},
-    )
-    .await;
+    let app = spawn_app_with(AppOptions::api_only(), |_| {}).await;
     let chat =
         |id: &str, model: &str| json!({"custom_id": id, "body": {"model": model, "messages": []}});
 
@@ -774,11 +766,7 @@ async fn jsonl_body_batches_run_every_task_model_and_serve_output() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jsonl_body_errors_have_the_documented_statuses() {
     // Nothing runs: every answer here is synchronous.
-    let options = AppOptions {
-        worker: false,
-        aggregator: false,
-        ..AppOptions::default()
-    };
+    let options = AppOptions::api_only();
     let app = spawn_app_with(options.clone(), |s| s.tasks.model = Some(MODEL.into())).await;
     let good = task_lines();
 
@@ -918,16 +906,9 @@ async fn a_backing_model_the_upstream_refuses_is_a_502_item() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_owner_limit_forgets_what_a_crash_left_counted() {
-    let app = spawn_app_with(
-        AppOptions {
-            worker: false,
-            aggregator: false,
-            ..AppOptions::default()
-        },
-        |s| {
-            s.limits.max_open_batches = 2;
-        },
-    )
+    let app = spawn_app_with(AppOptions::api_only(), |s| {
+        s.limits.max_open_batches = 2;
+    })
     .await;
     // An API that died between reserving and storing left two entries: one long ago, one just now.
     let key = app.keys().tenant_open("tenant-a");
@@ -959,16 +940,9 @@ async fn the_owner_limit_forgets_what_a_crash_left_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_jsonl_body_over_the_upload_limit_is_413_and_leaves_nothing() {
-    let app = spawn_app_with(
-        AppOptions {
-            worker: false,
-            aggregator: false,
-            ..AppOptions::default()
-        },
-        |s| {
-            s.limits.max_upload_bytes = 4_096;
-        },
-    )
+    let app = spawn_app_with(AppOptions::api_only(), |s| {
+        s.limits.max_upload_bytes = 4_096;
+    })
     .await;
     let lines: Vec<String> = chat_lines(100).iter().map(Value::to_string).collect();
     assert!(lines.join("\n").len() > 4_096);
