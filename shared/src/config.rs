@@ -89,7 +89,9 @@ pub struct Limits {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSettings {
-    /// Lines called upstream at once by one worker process (also the AMQP prefetch).
+    /// Lines called upstream at once by one worker process. The AMQP prefetch is twice the
+    /// messages that carry this many lines, so slots stay busy while a message waits for its
+    /// slowest line.
     pub concurrency: u16,
     /// Upstream attempts per line before it becomes an error row.
     pub max_attempts: u32,
@@ -105,6 +107,11 @@ pub struct WorkerSettings {
     pub delivery_limit: u32,
     /// Lines published by the dispatcher with unconfirmed publisher confirms at once.
     pub publish_window: usize,
+    /// Consecutive lines of a batch carried by one work-queue message (fewer deliveries, acks and
+    /// store round trips per line). A message also closes once its lines pass 64 KiB. A message
+    /// is acked when its last line has its row, and one that comes back (its worker died) is
+    /// split into single-line messages, so a line that kills workers is dead-lettered alone.
+    pub lines_per_message: usize,
     /// How long a worker lets in-flight lines finish after SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Whether this worker calls the upstream for lines; `false` makes a dispatch-only worker
@@ -309,6 +316,7 @@ impl Default for WorkerSettings {
             request_timeout_ms: 600_000,
             delivery_limit: 5,
             publish_window: 1_000,
+            lines_per_message: 16,
             shutdown_grace_ms: 30_000,
             lines: true,
             max_retry_elapsed_secs: 3_600,
@@ -429,10 +437,11 @@ impl Settings {
             || self.worker.max_attempts == 0
             || self.worker.delivery_limit == 0
             || self.worker.batch_window == 0
+            || self.worker.lines_per_message == 0
             || self.worker.breaker_failures == 0
             || self.worker.breaker_probes == 0
         {
-            return bad("worker.concurrency, max_attempts, delivery_limit, batch_window, breaker_failures and breaker_probes must be at least 1".into());
+            return bad("worker.concurrency, max_attempts, delivery_limit, batch_window, lines_per_message, breaker_failures and breaker_probes must be at least 1".into());
         }
         for tenant in &self.tenants {
             for digest in &tenant.api_key_sha256 {

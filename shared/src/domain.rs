@@ -460,12 +460,22 @@ pub fn failure_of(line: &Value) -> Value {
     json!({"code": code, "message": message, "status_code": status})
 }
 
-/// The queue message for one input line. It carries no secret: provider keys come from configuration.
+/// A work-queue message: consecutive lines of one batch (a few per message, so the broker and the
+/// store spend one delivery, one ack and one script call on several lines). It carries no secret:
+/// provider keys come from configuration.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ItemMessage<'a> {
+pub struct LinesMessage<'a> {
     /// Batch id.
     #[serde(borrow)]
     pub b: std::borrow::Cow<'a, str>,
+    /// The lines, at least one.
+    #[serde(borrow)]
+    pub lines: Vec<LineItem<'a>>,
+}
+
+/// One input line inside a [`LinesMessage`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LineItem<'a> {
     /// 0-based line index.
     pub l: u64,
     /// The line's `custom_id`.
@@ -480,6 +490,16 @@ pub struct ItemMessage<'a> {
     /// Unix ms of the line's first attempt (0 = none yet); bounds the time its retries may span.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub t: i64,
+}
+
+impl<'a> LinesMessage<'a> {
+    /// A message carrying `line` alone (retries, and lines split off a redelivered message).
+    pub fn single(batch: &'a str, line: LineItem<'a>) -> Self {
+        Self {
+            b: batch.into(),
+            lines: vec![line],
+        }
+    }
 }
 
 fn is_zero<T: Default + PartialEq>(v: &T) -> bool {

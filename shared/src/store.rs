@@ -67,38 +67,57 @@ static BEGIN_CALL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local st = redis.call('HMGET', KEYS[1], 'status', 'stopping')
-if not st[1] or st[1] ~= 'in_progress' or st[2] then return 'stopped' end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'dup' end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-return 'go'
+if not st[1] or st[1] ~= 'in_progress' or st[2] then return {'stopped'} end
+local out = {}
+for i = 2, #ARGV do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 1 then
+    out[#out + 1] = 'dup'
+  else
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[1])
+    out[#out + 1] = 'go'
+  end
+end
+return out
 ",
     )
 });
-
 static WRITE_ROW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('HDEL', KEYS[3], ARGV[1])
-local st = redis.call('HMGET', KEYS[1], 'status', 'stopping', 'total', 'completed', 'failed')
-if not st[1] or (st[1] ~= 'in_progress' and st[1] ~= 'cancelling') then return 'late' end
-local inserted = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1
-local done = tonumber(st[4] or '0') + tonumber(st[5] or '0')
-if inserted then
-  redis.call('HINCRBY', KEYS[1], ARGV[3] == '1' and 'completed' or 'failed', 1)
-  done = done + 1
-  local fields = {'u_in', 'u_cached', 'u_out', 'u_reasoning', 'u_total'}
-  for i = 1, 5 do
-    local n = tonumber(ARGV[3 + i])
-    if n and n > 0 then redis.call('HINCRBY', KEYS[1], fields[i], n) end
+local out = {}
+local fields = {'u_in', 'u_cached', 'u_out', 'u_reasoning', 'u_total'}
+for r = 0, #ARGV / 8 - 1 do
+  local a = r * 8
+  local line = ARGV[a + 1]
+  redis.call('HDEL', KEYS[3], line)
+  local st = redis.call('HMGET', KEYS[1], 'status', 'stopping', 'total', 'completed', 'failed')
+  local verdict
+  if not st[1] or (st[1] ~= 'in_progress' and st[1] ~= 'cancelling') then
+    verdict = 'late'
+  else
+    local inserted = redis.call('HSETNX', KEYS[2], line, ARGV[a + 2]) == 1
+    local done = tonumber(st[4] or '0') + tonumber(st[5] or '0')
+    if inserted then
+      redis.call('HINCRBY', KEYS[1], ARGV[a + 3] == '1' and 'completed' or 'failed', 1)
+      done = done + 1
+      for i = 1, 5 do
+        local n = tonumber(ARGV[a + 3 + i])
+        if n and n > 0 then redis.call('HINCRBY', KEYS[1], fields[i], n) end
+      end
+    end
+    if st[2] and redis.call('HLEN', KEYS[3]) == 0 then
+      verdict = 'drained'
+    elseif not st[2] and inserted and st[3] and done >= tonumber(st[3]) then
+      verdict = 'last'
+    elseif inserted then
+      verdict = 'new'
+    else
+      verdict = 'dup'
+    end
   end
+  out[#out + 1] = verdict
 end
-if st[2] then
-  if redis.call('HLEN', KEYS[3]) == 0 then return 'drained' end
-elseif inserted and st[3] and done >= tonumber(st[3]) then
-  return 'last'
-end
-if inserted then return 'new' end
-return 'dup'
+return out
 ",
     )
 });
@@ -401,22 +420,40 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Gate before an upstream call: see [`CallGate`].
-    pub async fn begin_call(&self, batch: &str, line: u64, deadline_ms: i64) -> Result<CallGate> {
-        let verdict: String = BEGIN_CALL
-            .key(self.keys.batch_meta(batch))
-            .key(self.keys.batch_rows(batch))
+    /// Gate before the upstream calls of `lines` (of one batch, in one script call): one
+    /// [`CallGate`] per line, in order.
+    pub async fn begin_calls(
+        &self,
+        batch: &str,
+        lines: &[u64],
+        deadline_ms: i64,
+    ) -> Result<Vec<CallGate>> {
+        let mut inv = BEGIN_CALL.key(self.keys.batch_meta(batch));
+        inv.key(self.keys.batch_rows(batch))
             .key(self.keys.batch_inflight(batch))
-            .arg(line)
-            .arg(deadline_ms)
-            .invoke_async(&mut self.conn())
-            .await?;
-        match verdict.as_str() {
-            "go" => Ok(CallGate::Go),
-            "dup" => Ok(CallGate::Duplicate),
-            "stopped" => Ok(CallGate::Stopped),
-            v => Err(StoreError::Protocol(v.to_owned())),
+            .arg(deadline_ms);
+        for line in lines {
+            inv.arg(*line);
         }
+        let verdicts: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
+        if verdicts.len() == 1 && verdicts[0] == "stopped" {
+            return Ok(vec![CallGate::Stopped; lines.len()]);
+        }
+        if verdicts.len() != lines.len() {
+            return Err(StoreError::Protocol(format!(
+                "begin_call: {} verdicts for {} lines",
+                verdicts.len(),
+                lines.len()
+            )));
+        }
+        verdicts
+            .iter()
+            .map(|v| match v.as_str() {
+                "go" => Ok(CallGate::Go),
+                "dup" => Ok(CallGate::Duplicate),
+                v => Err(StoreError::Protocol(v.to_owned())),
+            })
+            .collect()
     }
 
     /// Clears a line's in-flight mark without writing a row (it waits to retry).
@@ -428,36 +465,45 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a line's row once and counts it: see [`RowWrite`].
-    pub async fn write_row(
+    /// Writes each line's row once and counts it (lines of one batch, in one script call, in
+    /// order): one [`RowWrite`] per row.
+    pub async fn write_rows(
         &self,
         batch: &str,
-        line: u64,
-        row: &Row,
-        usage: Usage,
-    ) -> Result<RowWrite> {
-        let verdict: String = WRITE_ROW
-            .key(self.keys.batch_meta(batch))
-            .key(self.keys.batch_rows(batch))
-            .key(self.keys.batch_inflight(batch))
-            .arg(line)
-            .arg(row.encode())
-            .arg(if row.ok { "1" } else { "0" })
-            .arg(usage.input)
-            .arg(usage.cached)
-            .arg(usage.output)
-            .arg(usage.reasoning)
-            .arg(usage.total)
-            .invoke_async(&mut self.conn())
-            .await?;
-        match verdict.as_str() {
-            "new" => Ok(RowWrite::Inserted),
-            "last" => Ok(RowWrite::Last),
-            "drained" => Ok(RowWrite::Drained),
-            "dup" => Ok(RowWrite::Duplicate),
-            "late" => Ok(RowWrite::Late),
-            v => Err(StoreError::Protocol(v.to_owned())),
+        rows: &[(u64, Row, Usage)],
+    ) -> Result<Vec<RowWrite>> {
+        let mut inv = WRITE_ROW.key(self.keys.batch_meta(batch));
+        inv.key(self.keys.batch_rows(batch))
+            .key(self.keys.batch_inflight(batch));
+        for (line, row, usage) in rows {
+            inv.arg(*line)
+                .arg(row.encode())
+                .arg(if row.ok { "1" } else { "0" })
+                .arg(usage.input)
+                .arg(usage.cached)
+                .arg(usage.output)
+                .arg(usage.reasoning)
+                .arg(usage.total);
         }
+        let verdicts: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
+        if verdicts.len() != rows.len() {
+            return Err(StoreError::Protocol(format!(
+                "write_row: {} verdicts for {} rows",
+                verdicts.len(),
+                rows.len()
+            )));
+        }
+        verdicts
+            .iter()
+            .map(|v| match v.as_str() {
+                "new" => Ok(RowWrite::Inserted),
+                "last" => Ok(RowWrite::Last),
+                "drained" => Ok(RowWrite::Drained),
+                "dup" => Ok(RowWrite::Duplicate),
+                "late" => Ok(RowWrite::Late),
+                v => Err(StoreError::Protocol(v.to_owned())),
+            })
+            .collect()
     }
 
     /// Writes error rows for the lines among `rows` that have none yet; returns how many were added.

@@ -1,6 +1,6 @@
 //! The dispatcher: on a batch's control message, validates every line of its input file, then
-//! publishes one message per line with pipelined publisher confirms and moves the batch to
-//! `in_progress`.
+//! publishes its lines (`worker.lines_per_message` consecutive lines per message) with pipelined
+//! publisher confirms and moves the batch to `in_progress`.
 //!
 //! Fairness: a batch has at most a window of lines in the work queue (dispatched, not finished)
 //! at a time: `worker.batch_window` lines, or `worker.batch_window_secs` of the batch's own recent
@@ -23,7 +23,7 @@ use futures::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use sluice_shared::domain::{
-    BatchError, BatchEvent, BatchMeta, BatchStatus, ItemMessage, now_millis,
+    BatchError, BatchEvent, BatchMeta, BatchStatus, LineItem, LinesMessage, now_millis,
 };
 use sluice_shared::queue::check_confirm;
 use sluice_shared::store::Transition;
@@ -31,11 +31,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
 use crate::lease::Lease;
-use crate::lines::{LineProbe, RequestLines};
+use crate::lines::{LineProbe, RequestLine, RequestLines};
 use crate::validate::Validator;
 
 /// How often the checkpoint is saved, in confirmed lines.
 const CHECKPOINT_EVERY: u64 = 2_000;
+
+/// A message closes once its lines' bytes pass this, whatever `lines_per_message` says, so
+/// messages of large lines stay small enough for the broker to move quickly.
+const MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Consumes control messages until `shutdown`. Unfinished dispatches stop at their next line and
 /// leave their message unacked: closing the channel hands it back to the broker, and the next
@@ -349,49 +353,54 @@ async fn enqueue(
     };
     let channel = ctx.publisher.channel().await?;
     let queue = ctx.keys.items_queue();
-    let window = ctx.settings.worker.publish_window.max(1);
+    let per_message = ctx.settings.worker.lines_per_message.max(1);
+    // `publish_window` counts lines; messages in flight carry up to `per_message` each.
+    let max_pending = ctx
+        .settings
+        .worker
+        .publish_window
+        .div_ceil(per_message)
+        .max(1);
     let mut pending = FuturesUnordered::new();
+    // First line of each message not yet confirmed.
     let mut outstanding = BTreeSet::new();
     let mut saved = start;
     let mut confirmed_since_save = 0u64;
+    let mut message: Vec<RequestLine> = Vec::with_capacity(per_message);
+    let mut message_bytes = 0usize;
 
     let mut next_line = lines.next_line().await?;
     loop {
-        // Refill the window, then wait for one confirm; this keeps `window` publishes in flight.
-        while pending.len() < window {
+        // Fill messages until `max_pending` are in flight, then wait for one confirm.
+        while pending.len() < max_pending {
             let Some(line) = next_line.take() else { break };
-            next_line = None;
+            let stop = shutdown.is_cancelled() || lease.is_lost() || line.index + 1 >= total;
             if line.index >= start && line.index < total {
-                let probe = LineProbe::parse(&line.bytes)
-                    .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?;
-                let msg = ItemMessage {
-                    b: batch_id.into(),
-                    l: line.index,
-                    c: probe.custom_id().unwrap_or_default().into(),
-                    body: probe
-                        .body
-                        .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?,
-                    a: 0,
-                    t: 0,
-                };
-                let payload = serde_json::to_vec(&msg)?;
-                let confirm = ctx.publisher.send(&channel, &queue, &payload).await?;
-                let index = line.index;
-                outstanding.insert(index);
-                pending.push(async move { (index, confirm.await) });
+                message_bytes += line.bytes.len();
+                message.push(line);
             }
-            if shutdown.is_cancelled() || lease.is_lost() || line.index + 1 >= total {
+            next_line = if stop { None } else { lines.next_line().await? };
+            let full = message.len() >= per_message || message_bytes >= MESSAGE_BYTES;
+            if !message.is_empty() && (full || next_line.is_none()) {
+                let payload = encode_message(batch_id, &message)?;
+                let (first, count) = (message[0].index, message.len() as u64);
+                message.clear();
+                message_bytes = 0;
+                let confirm = ctx.publisher.send(&channel, &queue, &payload).await?;
+                outstanding.insert(first);
+                pending.push(async move { (first, count, confirm.await) });
+            }
+            if next_line.is_none() {
                 break;
             }
-            next_line = lines.next_line().await?;
         }
-        let Some((index, result)) = pending.next().await else {
+        let Some((first, count, result)) = pending.next().await else {
             break;
         };
         check_confirm(result?)?;
-        outstanding.remove(&index);
-        ctx.metrics.lines_enqueued.inc();
-        confirmed_since_save += 1;
+        outstanding.remove(&first);
+        ctx.metrics.lines_enqueued.inc_by(count);
+        confirmed_since_save += count;
         if confirmed_since_save >= CHECKPOINT_EVERY {
             confirmed_since_save = 0;
             saved = checkpoint(
@@ -422,6 +431,30 @@ async fn enqueue(
     } else {
         "enqueued"
     }))
+}
+
+/// The work-queue message for `lines` (consecutive lines of `batch_id`, already validated).
+fn encode_message(batch_id: &str, lines: &[RequestLine]) -> anyhow::Result<Vec<u8>> {
+    let items = lines
+        .iter()
+        .map(|line| {
+            let probe = LineProbe::parse(&line.bytes)
+                .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?;
+            Ok(LineItem {
+                l: line.index,
+                c: probe.custom_id().unwrap_or_default().into(),
+                body: probe
+                    .body
+                    .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?,
+                a: 0,
+                t: 0,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(serde_json::to_vec(&LinesMessage {
+        b: batch_id.into(),
+        lines: items,
+    })?)
 }
 
 /// Saves the lowest line not yet confirmed, so a resumed dispatch starts there.

@@ -1,6 +1,6 @@
 //! Sluice's back-end roles.
 //!
-//! - [`dispatcher`]: validates an input file and enqueues one message per line.
+//! - [`dispatcher`]: validates an input file and enqueues its lines, several per message.
 //! - [`work`]: calls the upstream for each line and records its row; dead-lettered lines too.
 //! - [`aggregator`]: writes result files, finishes batches, expires and recovers them.
 //! - [`upstream`]: the HTTP client and the one retry policy.

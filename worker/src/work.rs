@@ -1,25 +1,34 @@
-//! The line worker: calls the upstream for each line message and records its row.
+//! The line worker: calls the upstream for each line of a work-queue message and records its row.
 //!
 //! Invariants:
-//! - a message is acked only after its row write returned (or after deciding the line needs no
-//!   row from us: a duplicate, or a batch that is stopping, whose missing rows the aggregator fills);
-//! - a crash before the ack means redelivery; the row script makes the second write a no-op;
+//! - a message is acked only after every one of its lines has its row written (or needs no row
+//!   from us: a duplicate, a line handed to a delay queue with a confirmed publish, or a batch
+//!   that is stopping, whose missing rows the aggregator fills);
+//! - a crash before the ack means redelivery; the row script makes a second write a no-op, and a
+//!   redelivered message of several lines is split into single-line messages, so a line that
+//!   kills its worker reaches the delivery limit alone and its neighbours are not held with it;
 //! - no upstream call starts unless `begin_call` just saw the batch running (cancel and expiry are
-//!   honoured before every attempt, retries included).
+//!   honoured before every attempt, retries included; a line that waited long for a call slot
+//!   asks again).
+//!
+//! A message's lines run concurrently, each holding one of the worker's `concurrency` call slots;
+//! rows that finish together are written with one script call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions};
-use sluice_shared::domain::{BatchEvent, ItemMessage, Row, Usage, now_millis};
+use sluice_shared::domain::{BatchEvent, LineItem, LinesMessage, Row, Usage, now_millis};
 use sluice_shared::keys::retry_tier;
 use sluice_shared::pacing::{
     BreakerState, CallOutcome, Grant, Hold, LEASE_MS, MAX_FLEET_PAUSE, PaceLimits, Pacer, TokenUse,
 };
 use sluice_shared::store::{CallGate, RowWrite};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
@@ -68,8 +77,14 @@ impl BatchInfoCache {
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let conn = sluice_shared::queue::connect(&ctx.settings.amqp_url, "sluice-worker").await?;
     let concurrency = ctx.settings.worker.concurrency;
-    let (channel, mut consumer) =
-        crate::amqp::consume(&conn, &ctx.settings, &ctx.keys.items_queue(), concurrency).await?;
+    let (channel, mut consumer) = crate::amqp::consume(
+        &conn,
+        &ctx.settings,
+        &ctx.keys.items_queue(),
+        prefetch(&ctx),
+    )
+    .await?;
+    let slots = Arc::new(Semaphore::new(concurrency as usize));
     let tracker = tokio_util::task::TaskTracker::new();
     // In-flight lines stop early only when the grace runs out; a fresh token lets them outlive `shutdown`.
     let abandon = CancellationToken::new();
@@ -81,8 +96,17 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
         };
         let Some(delivery) = delivery else { break };
         let delivery = delivery?;
-        let (ctx, abandon, cache) = (ctx.clone(), abandon.clone(), cache.clone());
-        tracker.spawn(async move { handle(&ctx, &cache, delivery, &abandon).await });
+        let (ctx, abandon, cache, slots) =
+            (ctx.clone(), abandon.clone(), cache.clone(), slots.clone());
+        tracker.spawn(async move {
+            let run = Run {
+                ctx: &ctx,
+                cache: &cache,
+                abandon: &abandon,
+                slots: &slots,
+            };
+            handle(run, delivery).await
+        });
     }
     if let Err(e) = channel
         .basic_cancel(consumer.tag(), BasicCancelOptions::default())
@@ -105,13 +129,28 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
-async fn handle(
-    ctx: &WorkerContext,
-    cache: &BatchInfoCache,
-    delivery: Delivery,
-    abandon: &CancellationToken,
-) {
-    let msg: ItemMessage<'_> = match serde_json::from_slice(&delivery.data) {
+/// Messages a worker takes at once: enough that its call slots stay busy while some messages wait
+/// for their slowest line.
+fn prefetch(ctx: &WorkerContext) -> u16 {
+    let w = &ctx.settings.worker;
+    (w.concurrency as usize)
+        .div_ceil(w.lines_per_message.max(1))
+        .saturating_mul(2)
+        .clamp(1, u16::MAX as usize) as u16
+}
+
+/// What every line of one worker shares.
+#[derive(Clone, Copy)]
+struct Run<'r> {
+    ctx: &'r WorkerContext,
+    cache: &'r BatchInfoCache,
+    abandon: &'r CancellationToken,
+    /// One permit per upstream call in flight (`worker.concurrency`).
+    slots: &'r Semaphore,
+}
+
+async fn handle(run: Run<'_>, delivery: Delivery) {
+    let msg: LinesMessage<'_> = match serde_json::from_slice(&delivery.data) {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(error = %e, "Dropping a malformed line message.");
@@ -119,21 +158,43 @@ async fn handle(
             return;
         }
     };
-    match process(ctx, cache, &msg, abandon).await {
+    let outcome = if delivery.redelivered && msg.lines.len() > 1 {
+        split(run.ctx, &msg, &run.ctx.keys.items_queue())
+            .await
+            .map(Some)
+    } else {
+        process_message(run, &msg).await
+    };
+    match outcome {
         Ok(Some(())) => ack(&delivery).await,
         Ok(None) => {} // abandoned at shutdown: the channel close requeues it
         Err(e) => {
-            // Redis or broker trouble: hand the line back rather than ack without a row.
-            tracing::warn!(batch_id = %msg.b, line = msg.l, error = %e, "Line failed; requeueing.");
+            // Redis or broker trouble: hand the lines back rather than ack without their rows.
+            tracing::warn!(batch_id = %msg.b, lines = msg.lines.len(), error = %e, "Lines failed; requeueing.");
             tokio::time::sleep(Duration::from_millis(200)).await;
             if let Err(e) = delivery
                 .reject(lapin::options::BasicRejectOptions { requeue: true })
                 .await
             {
-                tracing::warn!(error = %e, "Could not requeue a line.");
+                tracing::warn!(error = %e, "Could not requeue a line message.");
             }
         }
     }
+}
+
+/// Publishes each line of `msg` as a message of its own to `queue` (confirmed), so the caller may
+/// ack `msg`. Lines that already have rows are dropped by the gate when they come back.
+async fn split(ctx: &WorkerContext, msg: &LinesMessage<'_>, queue: &str) -> anyhow::Result<()> {
+    tracing::debug!(batch_id = %msg.b, lines = msg.lines.len(), "Splitting a returned line message.");
+    let publishes = msg.lines.iter().map(|item| async move {
+        let single = LinesMessage::single(&msg.b, item.clone());
+        ctx.publisher
+            .publish(queue, &serde_json::to_vec(&single)?)
+            .await?;
+        anyhow::Ok(())
+    });
+    futures::future::try_join_all(publishes).await?;
+    Ok(())
 }
 
 async fn ack(delivery: &Delivery) {
@@ -142,47 +203,59 @@ async fn ack(delivery: &Delivery) {
     }
 }
 
-/// Marks the line in flight if its batch still runs and it has no row; false when the message
-/// needs nothing more (a duplicate, or a batch that stops).
-async fn gate(ctx: &WorkerContext, msg: &ItemMessage<'_>) -> anyhow::Result<bool> {
-    let w = &ctx.settings.worker;
-    let budget = (w.request_timeout_ms + w.max_hold_ms + 5_000) as i64;
-    match ctx
+/// Asks the gate again for a line it let through earlier and that has waited since: renews its
+/// in-flight mark if the batch still runs and the line has no row; otherwise clears the mark (the
+/// batch's drain must not wait for a line that will not call) and returns false.
+async fn regate(ctx: &WorkerContext, batch: &str, item: &LineItem<'_>) -> anyhow::Result<bool> {
+    let gates = ctx
         .store
-        .begin_call(&msg.b, msg.l, now_millis() + budget)
-        .await?
-    {
-        CallGate::Go => Ok(true),
-        CallGate::Duplicate => {
-            ctx.metrics.lines.with_label_values(&["duplicate"]).inc();
-            Ok(false)
-        }
-        CallGate::Stopped => {
-            ctx.metrics.lines.with_label_values(&["skipped"]).inc();
-            Ok(false)
-        }
+        .begin_calls(batch, &[item.l], call_deadline(ctx))
+        .await?;
+    if count_gate(ctx, gates[0]) {
+        return Ok(true);
     }
+    ctx.store.end_call(batch, item.l).await?;
+    Ok(false)
+}
+
+/// How long a line stays marked in flight (the aggregator waits that long for it when its batch
+/// stops): one call and the longest hold before it.
+fn call_deadline(ctx: &WorkerContext) -> i64 {
+    let w = &ctx.settings.worker;
+    now_millis() + (w.request_timeout_ms + w.max_hold_ms + 5_000) as i64
+}
+
+/// Whether the gate lets the line call; counts the lines it drops.
+fn count_gate(ctx: &WorkerContext, gate: CallGate) -> bool {
+    let dropped = match gate {
+        CallGate::Go => return true,
+        CallGate::Duplicate => "duplicate",
+        CallGate::Stopped => "skipped",
+    };
+    ctx.metrics.lines.with_label_values(&[dropped]).inc();
+    false
 }
 
 /// Publishes a copy of the line to the delay queue whose TTL covers `delay`, and waits for the
 /// broker's confirm: the caller may ack the original only after this returned `Ok`.
 async fn requeue(
     ctx: &WorkerContext,
-    msg: &ItemMessage<'_>,
+    batch: &str,
+    item: &LineItem<'_>,
     attempts: u32,
     first_attempt_ms: i64,
     delay: Duration,
 ) -> anyhow::Result<()> {
     let tier = retry_tier(delay.as_millis() as u64);
-    let copy = ItemMessage {
-        b: msg.b.clone(),
-        l: msg.l,
-        c: msg.c.clone(),
-        body: msg.body,
-        a: attempts,
-        t: first_attempt_ms,
-    };
-    ctx.store.end_call(&msg.b, msg.l).await?;
+    let copy = LinesMessage::single(
+        batch,
+        LineItem {
+            a: attempts,
+            t: first_attempt_ms,
+            ..item.clone()
+        },
+    );
+    ctx.store.end_call(batch, item.l).await?;
     ctx.publisher
         .publish(&ctx.keys.retry_queue(tier), &serde_json::to_vec(&copy)?)
         .await?;
@@ -221,7 +294,8 @@ enum Slot {
 /// attempt.
 async fn wait_for_slot(
     ctx: &WorkerContext,
-    msg: &ItemMessage<'_>,
+    batch: &str,
+    item: &LineItem<'_>,
     paced: &Paced,
     abandon: &CancellationToken,
 ) -> anyhow::Result<Slot> {
@@ -239,7 +313,7 @@ async fn wait_for_slot(
                 probe,
                 charged,
             } if wait.is_zero() => {
-                if slept && !gate(ctx, msg).await? {
+                if slept && !regate(ctx, batch, item).await? {
                     release_unused(ctx, paced, charged).await;
                     return Ok(Slot::Done);
                 }
@@ -276,7 +350,7 @@ async fn wait_for_slot(
                 wait_ms = wait.as_millis() as u64,
                 "Line goes to a delay queue."
             );
-            requeue(ctx, msg, msg.a, msg.t, wait).await?;
+            requeue(ctx, batch, item, item.a, item.t, wait).await?;
             return Ok(Slot::Done);
         }
         // Spread the holders of one pause or breaker so they do not all come back at once.
@@ -303,7 +377,7 @@ async fn wait_for_slot(
             release_unused(ctx, paced, charged).await;
             continue;
         }
-        if !gate(ctx, msg).await? {
+        if !regate(ctx, batch, item).await? {
             release_unused(ctx, paced, charged).await;
             return Ok(Slot::Done);
         }
@@ -439,21 +513,125 @@ async fn report(
     }
 }
 
-/// Runs one line to its row, or to a delay queue. `Ok(None)` means it was abandoned for shutdown
-/// and must not be acked.
-#[tracing::instrument(skip_all, fields(batch_id = %msg.b, line = msg.l))]
-async fn process(
-    ctx: &WorkerContext,
-    cache: &BatchInfoCache,
-    msg: &ItemMessage<'_>,
-    abandon: &CancellationToken,
-) -> anyhow::Result<Option<()>> {
-    let Some(info) = cache.get(ctx, &msg.b).await? else {
-        ctx.metrics.lines.with_label_values(&["orphan"]).inc();
+/// How one line of a message ended.
+enum LineEnd {
+    /// Its row, to be written.
+    Row(u64, Row, Usage),
+    /// Nothing to write: it went to a delay queue, or needs no call any more.
+    Handled,
+    /// Abandoned for shutdown: the message must not be acked.
+    Abandoned,
+}
+
+/// A line that waited longer than this for a call slot asks the gate again before calling.
+const REGATE_AFTER: Duration = Duration::from_millis(250);
+
+/// Runs every line of `msg` to its row (or a delay queue) and writes the rows, those that finish
+/// together in one script call. `Ok(None)` means a line was abandoned for shutdown and the message
+/// must not be acked.
+#[tracing::instrument(skip_all, fields(batch_id = %msg.b, lines = msg.lines.len()))]
+async fn process_message(run: Run<'_>, msg: &LinesMessage<'_>) -> anyhow::Result<Option<()>> {
+    let ctx = run.ctx;
+    let Some(info) = run.cache.get(ctx, &msg.b).await? else {
+        ctx.metrics
+            .lines
+            .with_label_values(&["orphan"])
+            .inc_by(msg.lines.len() as u64);
         return Ok(Some(()));
     };
-    if !gate(ctx, msg).await? {
-        return Ok(Some(()));
+    let indices: Vec<u64> = msg.lines.iter().map(|item| item.l).collect();
+    let gates = ctx
+        .store
+        .begin_calls(&msg.b, &indices, call_deadline(ctx))
+        .await?;
+    let mut running: FuturesUnordered<_> = msg
+        .lines
+        .iter()
+        .zip(gates)
+        .filter(|(_, gate)| count_gate(ctx, *gate))
+        .map(|(item, _)| run_line(run, &info, &msg.b, item))
+        .collect();
+    // Lines keep running while rows are written: rows that finish during one write go together
+    // in the next.
+    let (mut abandoned, mut failure) = (false, None);
+    let mut finished: Vec<(u64, Row, Usage)> = Vec::new();
+    let mut writing = None;
+    loop {
+        if writing.is_none() && !finished.is_empty() {
+            let rows = std::mem::take(&mut finished);
+            writing = Some(Box::pin(
+                async move { write_rows(ctx, &msg.b, &rows).await },
+            ));
+        }
+        tokio::select! {
+            Some(end) = running.next(), if !running.is_empty() => match end {
+                Ok(LineEnd::Row(line, row, usage)) => finished.push((line, row, usage)),
+                Ok(LineEnd::Handled) => {}
+                Ok(LineEnd::Abandoned) => abandoned = true,
+                Err(e) => failure = Some(e),
+            },
+            written = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
+                writing = None;
+                if let Err(e) = written {
+                    failure = Some(e);
+                }
+            }
+            else => break,
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok((!abandoned).then_some(()))
+}
+
+/// Writes the rows of lines that just finished, counts them, and tells the aggregator when the
+/// batch may be done.
+async fn write_rows(
+    ctx: &WorkerContext,
+    batch: &str,
+    rows: &[(u64, Row, Usage)],
+) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let written = ctx.store.write_rows(batch, rows).await?;
+    let mut finalize = false;
+    for ((_, row, _), written) in rows.iter().zip(written) {
+        let outcome = match written {
+            RowWrite::Inserted | RowWrite::Last | RowWrite::Drained if row.ok => "succeeded",
+            RowWrite::Inserted | RowWrite::Last | RowWrite::Drained => "failed",
+            RowWrite::Duplicate => "duplicate",
+            RowWrite::Late => "late",
+        };
+        ctx.metrics.lines.with_label_values(&[outcome]).inc();
+        finalize |= written.wants_finalize();
+    }
+    if finalize {
+        notify_aggregator(ctx, batch).await;
+    }
+    Ok(())
+}
+
+/// Runs one gated line to its row, or to a delay queue, holding a call slot meanwhile.
+#[tracing::instrument(skip_all, fields(line = item.l))]
+async fn run_line(
+    run: Run<'_>,
+    info: &BatchInfo,
+    batch: &str,
+    item: &LineItem<'_>,
+) -> anyhow::Result<LineEnd> {
+    let ctx = run.ctx;
+    let asked = Instant::now();
+    let _slot = tokio::select! {
+        _ = run.abandon.cancelled() => {
+            ctx.store.end_call(batch, item.l).await.ok();
+            return Ok(LineEnd::Abandoned);
+        }
+        permit = run.slots.acquire() => permit?,
+    };
+    if asked.elapsed() > REGATE_AFTER && !regate(ctx, batch, item).await? {
+        return Ok(LineEnd::Handled);
     }
     let w = &ctx.settings.worker;
     let paced = ctx
@@ -462,7 +640,7 @@ async fn process(
         .map(|(_, p)| {
             let limits = PaceLimits::new(&p.pacing, w);
             let tokens = if limits.counts_tokens() {
-                estimate_tokens(&info.endpoint, msg.body, w.default_max_tokens)
+                estimate_tokens(&info.endpoint, item.body, w.default_max_tokens)
             } else {
                 0
             };
@@ -475,24 +653,24 @@ async fn process(
         });
     let (mut probe, mut charged) = (false, 0);
     if let Some(paced) = &paced {
-        match wait_for_slot(ctx, msg, paced, abandon).await? {
+        match wait_for_slot(ctx, batch, item, paced, run.abandon).await? {
             Slot::Call {
                 probe: p,
                 charged: c,
             } => (probe, charged) = (p, c),
-            Slot::Done => return Ok(Some(())),
+            Slot::Done => return Ok(LineEnd::Handled),
             Slot::Abandoned => {
-                ctx.store.end_call(&msg.b, msg.l).await.ok();
-                return Ok(None);
+                ctx.store.end_call(batch, item.l).await.ok();
+                return Ok(LineEnd::Abandoned);
             }
         }
     }
-    let first_attempt = if msg.t > 0 { msg.t } else { now_millis() };
+    let first_attempt = if item.t > 0 { item.t } else { now_millis() };
     ctx.metrics.inflight.inc();
     let started = Instant::now();
     let call = ctx
         .upstream
-        .attempt(&info.endpoint, &info.model, &msg.c, msg.body);
+        .attempt(&info.endpoint, &info.model, &item.c, item.body);
     let (result, header_pause) = match &paced {
         Some(paced) if Pacer::leases(&paced.limits) => {
             // Keep the concurrency lease alive while the call runs (it expires if we die).
@@ -526,7 +704,7 @@ async fn process(
         } => {
             // A failure while the provider's breaker is open is the outage's: it spends neither
             // an attempt nor the time budget (only the batch's deadline still bounds the line).
-            let attempts = if outage { msg.a } else { msg.a + 1 };
+            let attempts = if outage { item.a } else { item.a + 1 };
             let policy = RetryPolicy::from_settings(w);
             let elapsed = if outage {
                 Duration::ZERO
@@ -551,8 +729,8 @@ async fn process(
                         delay_ms = delay.as_millis() as u64,
                         "Retry scheduled."
                     );
-                    requeue(ctx, msg, attempts, first_attempt, delay).await?;
-                    return Ok(Some(()));
+                    requeue(ctx, batch, item, attempts, first_attempt, delay).await?;
+                    return Ok(LineEnd::Handled);
                 }
                 NextStep::GiveUp(budget) => {
                     ctx.metrics
@@ -564,18 +742,7 @@ async fn process(
             }
         }
     };
-    let written = ctx.store.write_row(&msg.b, msg.l, &row, usage).await?;
-    let outcome = match written {
-        RowWrite::Inserted | RowWrite::Last | RowWrite::Drained if row.ok => "succeeded",
-        RowWrite::Inserted | RowWrite::Last | RowWrite::Drained => "failed",
-        RowWrite::Duplicate => "duplicate",
-        RowWrite::Late => "late",
-    };
-    ctx.metrics.lines.with_label_values(&[outcome]).inc();
-    if written.wants_finalize() {
-        notify_aggregator(ctx, &msg.b).await;
-    }
-    Ok(Some(()))
+    Ok(LineEnd::Row(item.l, row, usage))
 }
 
 fn observe(ctx: &WorkerContext, result: &Attempt, elapsed: Duration) {
@@ -628,29 +795,39 @@ pub async fn run_dead_letters(
         };
         let Some(delivery) = delivery else { break };
         let delivery = delivery?;
-        let Ok(msg) = serde_json::from_slice::<ItemMessage<'_>>(&delivery.data) else {
+        let Ok(msg) = serde_json::from_slice::<LinesMessage<'_>>(&delivery.data) else {
             tracing::error!("Dropping a malformed dead-lettered message.");
             ack(&delivery).await;
             continue;
         };
-        let row = Row::error(
-            &msg.c,
-            "processing_failed",
-            &format!(
-                "This request could not be processed after {} delivery attempts.",
-                ctx.settings.worker.delivery_limit
-            ),
+        if msg.lines.len() > 1 {
+            // Only a single line is known to have reached the limit on its own: the lines of a
+            // message of several go back to the work queue one by one.
+            split(&ctx, &msg, &ctx.keys.items_queue()).await?;
+            ack(&delivery).await;
+            continue;
+        }
+        let message = format!(
+            "This request could not be processed after {} delivery attempts.",
+            ctx.settings.worker.delivery_limit
         );
-        let written = ctx
-            .store
-            .write_row(&msg.b, msg.l, &row, Usage::default())
-            .await?;
-        tracing::warn!(batch_id = %msg.b, line = msg.l, "Line reached the delivery limit.");
+        let rows: Vec<(u64, Row, Usage)> = msg
+            .lines
+            .iter()
+            .map(|item| {
+                let row = Row::error(&item.c, "processing_failed", &message);
+                (item.l, row, Usage::default())
+            })
+            .collect();
+        for (line, _, _) in &rows {
+            tracing::warn!(batch_id = %msg.b, line, "Line reached the delivery limit.");
+        }
         ctx.metrics
             .lines
             .with_label_values(&["dead_lettered"])
-            .inc();
-        if written.wants_finalize() {
+            .inc_by(rows.len() as u64);
+        let written = ctx.store.write_rows(&msg.b, &rows).await?;
+        if written.iter().any(|w| w.wants_finalize()) {
             notify_aggregator(&ctx, &msg.b).await;
         }
         ack(&delivery).await;

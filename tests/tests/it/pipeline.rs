@@ -84,3 +84,69 @@ async fn a_small_batch_finishes_quickly_without_waiting_for_a_sweep() {
     assert_eq!(batch["request_counts"]["completed"], 10);
     app.cleanup().await;
 }
+
+/// Messages in the work queue of this app's namespace.
+async fn queued_messages(app: &TestApp) -> u32 {
+    let conn = sluice_shared::queue::connect(&app.settings.amqp_url, "sluice-test-count")
+        .await
+        .expect("broker");
+    let channel = conn.create_channel().await.expect("channel");
+    let queue = channel
+        .queue_declare(
+            app.keys().items_queue().as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("work queue exists");
+    queue.message_count()
+}
+
+/// The dispatcher packs consecutive lines into messages of `lines_per_message`, closes a message
+/// early once its lines pass 64 KiB, and the line workers run such messages to exactly one row
+/// per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lines_travel_several_to_a_message_and_big_lines_close_a_message_early() {
+    let mut app = spawn_app_with(AppOptions::default(), |s| {
+        // Dispatch only: the lines stay in the queue to be counted.
+        s.worker.lines = false;
+        s.worker.lines_per_message = 4;
+    })
+    .await;
+    let small = chat_lines(10);
+    let big: Vec<Value> = (0..3)
+        .map(|i| chat_line(&format!("big-{i}"), &"x".repeat(40 * 1024)))
+        .collect();
+    let small_id = app.submit(KEY_A, &small).await;
+    let big_id = app.submit(KEY_A, &big).await;
+    for id in [&small_id, &big_id] {
+        app.wait_for(KEY_A, id, Duration::from_secs(15), |b| {
+            b["status"] == "in_progress"
+        })
+        .await;
+    }
+    // 10 lines by 4: 3 messages. 3 lines of 40 KiB: two fill one message past 64 KiB, one more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while queued_messages(&app).await < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(queued_messages(&app).await, 5);
+
+    app.settings.worker.lines = true;
+    app.spawn_worker_process();
+    for (id, lines) in [(&small_id, &small), (&big_id, &big)] {
+        let batch = app.wait_terminal(KEY_A, id, Duration::from_secs(30)).await;
+        assert_eq!(batch["status"], "completed", "{batch:#}");
+        let (output, errors) = app.results(KEY_A, &batch).await;
+        let expected: Vec<String> = lines
+            .iter()
+            .map(|l| l["custom_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_exactly_once(&output, &errors, &expected);
+    }
+    assert_eq!(app.upstream_stats().calls, 13);
+    app.cleanup().await;
+}
