@@ -112,6 +112,10 @@ pub struct WorkerSettings {
     /// is acked when its last line has its row, and one that comes back (its worker died) is
     /// split into single-line messages, so a line that kills workers is dead-lettered alone.
     pub lines_per_message: usize,
+    /// Batches of at most this many lines go through the express work queue, which every line
+    /// worker consumes beside the main one: a small batch does not wait behind the window of a
+    /// big batch (0 turns the express queue off).
+    pub express_lines: u64,
     /// How long a worker lets in-flight lines finish after SIGTERM.
     pub shutdown_grace_ms: u64,
     /// Whether this worker calls the upstream for lines; `false` makes a dispatch-only worker
@@ -317,6 +321,7 @@ impl Default for WorkerSettings {
             delivery_limit: 5,
             publish_window: 1_000,
             lines_per_message: 16,
+            express_lines: 1_000,
             shutdown_grace_ms: 30_000,
             lines: true,
             max_retry_elapsed_secs: 3_600,

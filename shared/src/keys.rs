@@ -77,9 +77,14 @@ impl Keys {
     pub fn control_queue(&self) -> String {
         format!("{}.control", self.ns)
     }
-    /// Quorum queue of one message per input line.
+    /// Quorum queue of line messages (several lines of one batch each).
     pub fn items_queue(&self) -> String {
         format!("{}.items", self.ns)
+    }
+    /// Quorum queue of the line messages of small batches, consumed beside [`Keys::items_queue`]
+    /// so a small batch never queues behind a big one's window.
+    pub fn express_queue(&self) -> String {
+        format!("{}.items.express", self.ns)
     }
     /// Exchange receiving line messages past their delivery limit.
     pub fn dead_letter_exchange(&self) -> String {
@@ -106,6 +111,7 @@ impl Keys {
         let mut queues = vec![
             self.control_queue(),
             self.items_queue(),
+            self.express_queue(),
             self.items_dlq(),
             self.finalize_queue(),
         ];

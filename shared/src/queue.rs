@@ -121,13 +121,15 @@ pub async fn declare_topology(channel: &Channel, keys: &Keys, delivery_limit: u3
         .queue_declare(dlq.as_str().into(), durable, quorum_args())
         .await?;
     declare_exchange_for(channel, &keys.dead_letter_exchange(), &dlq).await?;
-    channel
-        .queue_declare(
-            items.as_str().into(),
-            durable,
-            limit(dead_lettering_args(&keys.dead_letter_exchange(), &dlq)),
-        )
-        .await?;
+    for work in [&items, &keys.express_queue()] {
+        channel
+            .queue_declare(
+                work.as_str().into(),
+                durable,
+                limit(dead_lettering_args(&keys.dead_letter_exchange(), &dlq)),
+            )
+            .await?;
+    }
     channel
         .queue_declare(
             keys.control_queue().as_str().into(),

@@ -352,7 +352,11 @@ async fn enqueue(
         }
     };
     let channel = ctx.publisher.channel().await?;
-    let queue = ctx.keys.items_queue();
+    let queue = if all <= ctx.settings.worker.express_lines {
+        ctx.keys.express_queue()
+    } else {
+        ctx.keys.items_queue()
+    };
     let per_message = ctx.settings.worker.lines_per_message.max(1);
     // `publish_window` counts lines; messages in flight carry up to `per_message` each.
     let max_pending = ctx

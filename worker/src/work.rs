@@ -77,13 +77,17 @@ impl BatchInfoCache {
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let conn = sluice_shared::queue::connect(&ctx.settings.amqp_url, "sluice-worker").await?;
     let concurrency = ctx.settings.worker.concurrency;
-    let (channel, mut consumer) = crate::amqp::consume(
-        &conn,
-        &ctx.settings,
-        &ctx.keys.items_queue(),
-        prefetch(&ctx),
-    )
-    .await?;
+    // The main and the express work queue, each on a channel with its own prefetch; their lines
+    // share the call slots.
+    let mut channels = Vec::new();
+    let mut consumers = Vec::new();
+    for queue in [ctx.keys.items_queue(), ctx.keys.express_queue()] {
+        let (channel, consumer) =
+            crate::amqp::consume(&conn, &ctx.settings, &queue, prefetch(&ctx)).await?;
+        channels.push((channel, consumer.tag()));
+        consumers.push(consumer);
+    }
+    let mut consumer = futures::stream::select_all(consumers);
     let slots = Arc::new(Semaphore::new(concurrency as usize));
     let tracker = tokio_util::task::TaskTracker::new();
     // In-flight lines stop early only when the grace runs out; a fresh token lets them outlive `shutdown`.
@@ -108,11 +112,13 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
             handle(run, delivery).await
         });
     }
-    if let Err(e) = channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await
-    {
-        tracing::debug!(error = %e, "Consumer cancel failed (channel already closed).");
+    for (channel, tag) in &channels {
+        if let Err(e) = channel
+            .basic_cancel(tag.clone(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::debug!(error = %e, "Consumer cancel failed (channel already closed).");
+        }
     }
     tracker.close();
     let grace = Duration::from_millis(ctx.settings.worker.shutdown_grace_ms);
@@ -121,9 +127,11 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
         abandon.cancel();
         tracker.wait().await;
     }
-    // Closing the channel returns every unacked delivery (prefetched or abandoned) to the queue.
-    if let Err(e) = channel.close(200, "worker shutting down".into()).await {
-        tracing::debug!(error = %e, "Channel close failed.");
+    // Closing a channel returns every unacked delivery (prefetched or abandoned) to its queue.
+    for (channel, _) in channels {
+        if let Err(e) = channel.close(200, "worker shutting down".into()).await {
+            tracing::debug!(error = %e, "Channel close failed.");
+        }
     }
     drop(conn);
     Ok(())

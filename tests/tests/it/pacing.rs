@@ -305,6 +305,8 @@ async fn a_small_batch_of_another_tenant_is_not_starved_by_a_big_one() {
     // 1,200 RPM: tenant A's 240 lines need about 12 s; each batch has at most 20 lines queued.
     let app = spawn_app_with(AppOptions::default(), |s| {
         s.worker.batch_window = 20;
+        // Both batches in the main queue: this is the window policy on its own.
+        s.worker.express_lines = 0;
         pace_rpm(s, 1_200, 200)
     })
     .await;
@@ -343,6 +345,39 @@ async fn a_small_batch_of_another_tenant_is_not_starved_by_a_big_one() {
     let (output, errors) = app.results(KEY_A, &a_batch).await;
     let ids: Vec<String> = (0..240).map(|i| format!("a-{i}")).collect();
     assert_exactly_once(&output, &errors, &ids);
+    app.cleanup().await;
+}
+
+/// A small batch goes through the express queue: it does not wait behind the lines of a big batch
+/// already in the main queue, even when that batch's window holds all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_batch_takes_the_express_queue_past_a_big_batch_already_queued() {
+    let app = spawn_app_with(AppOptions::default(), |s| {
+        s.worker.express_lines = 100;
+        s.worker.batch_window = 10_000;
+    })
+    .await;
+    // 16 calls of 50 ms at once: A's 600 lines need about 2 s.
+    let big = healthy(600, json!({"delay_ms": 50}));
+    let a = app.submit(KEY_A, &big).await;
+    app.wait_for(KEY_A, &a, Duration::from_secs(30), |b| {
+        b["request_counts"]["completed"].as_u64().unwrap_or(0) >= 32
+    })
+    .await;
+
+    let small: Vec<Value> = (0..5)
+        .map(|i| chat_line_with_mock(&format!("b-{i}"), json!({"delay_ms": 50})))
+        .collect();
+    let b = app.submit(KEY_B, &small).await;
+    let b_batch = app.wait_terminal(KEY_B, &b, Duration::from_secs(30)).await;
+    assert_eq!(b_batch["status"], "completed", "{b_batch:#}");
+    let a_done = app.get_batch(KEY_A, &a).await["request_counts"]["completed"]
+        .as_u64()
+        .unwrap();
+    // Behind A's queue B would finish after all 600 of A's lines.
+    assert!(a_done < 400, "B finished after {a_done} of A's 600 lines");
+
+    completes(&app, &a, &big, Duration::from_secs(60)).await;
     app.cleanup().await;
 }
 

@@ -85,7 +85,7 @@ async fn a_small_batch_finishes_quickly_without_waiting_for_a_sweep() {
     app.cleanup().await;
 }
 
-/// Messages in the work queue of this app's namespace.
+/// Messages in the express work queue (of batches up to `worker.express_lines` lines).
 async fn queued_messages(app: &TestApp) -> u32 {
     let conn = sluice_shared::queue::connect(&app.settings.amqp_url, "sluice-test-count")
         .await
@@ -93,7 +93,7 @@ async fn queued_messages(app: &TestApp) -> u32 {
     let channel = conn.create_channel().await.expect("channel");
     let queue = channel
         .queue_declare(
-            app.keys().items_queue().as_str().into(),
+            app.keys().express_queue().as_str().into(),
             lapin::options::QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -106,8 +106,8 @@ async fn queued_messages(app: &TestApp) -> u32 {
 }
 
 /// The dispatcher packs consecutive lines into messages of `lines_per_message`, closes a message
-/// early once its lines pass 64 KiB, and the line workers run such messages to exactly one row
-/// per line.
+/// early once its lines pass 64 KiB, and publishes small batches to the express queue; the line
+/// workers run such messages to exactly one row per line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lines_travel_several_to_a_message_and_big_lines_close_a_message_early() {
     let mut app = spawn_app_with(AppOptions::default(), |s| {
