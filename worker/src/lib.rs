@@ -13,6 +13,7 @@ pub mod amqp;
 pub mod dispatcher;
 pub mod lease;
 pub mod lines;
+pub mod local_pace;
 pub mod mock_tasks;
 pub mod mock_upstream;
 pub mod ops;
@@ -43,6 +44,8 @@ pub struct WorkerContext {
     pub metrics: Metrics,
     /// The fleet-wide limiter and circuit breaker of every provider.
     pub pacer: Pacer,
+    /// This process's smoothing of its asks to `pacer`.
+    pub local_pace: local_pace::LocalPace,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -83,6 +86,7 @@ impl WorkerContext {
             }
         }
         let pacer = Pacer::new(store.clone());
+        let local_pace = local_pace::LocalPace::new(&settings.providers);
         Ok(Self {
             settings: Arc::new(settings),
             keys,
@@ -92,6 +96,7 @@ impl WorkerContext {
             upstream,
             metrics,
             pacer,
+            local_pace,
         })
     }
 }

@@ -309,7 +309,13 @@ async fn wait_for_slot(
 ) -> anyhow::Result<Slot> {
     let hold = Duration::from_millis(ctx.settings.worker.max_hold_ms);
     let name = paced.provider.as_str();
-    let mut slept = false;
+    let asked = Instant::now();
+    tokio::select! {
+        _ = abandon.cancelled() => return Ok(Slot::Abandoned),
+        _ = ctx.local_pace.until_ready(name) => {}
+    }
+    // A line that waited here asks the gate again before its call, as after any other wait.
+    let mut slept = asked.elapsed() > REGATE_AFTER;
     loop {
         let grant = ctx
             .pacer
