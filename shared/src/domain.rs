@@ -492,7 +492,42 @@ pub struct LineItem<'a> {
     pub t: i64,
 }
 
+/// The one-line message of builds before [`LinesMessage`]; still read, so an upgrade with lines
+/// in the queues loses none.
+#[derive(Debug, Deserialize)]
+struct SingleLineMessage<'a> {
+    #[serde(borrow)]
+    b: std::borrow::Cow<'a, str>,
+    l: u64,
+    #[serde(borrow)]
+    c: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    body: &'a RawValue,
+    #[serde(default)]
+    a: u32,
+    #[serde(default)]
+    t: i64,
+}
+
 impl<'a> LinesMessage<'a> {
+    /// Reads a work-queue message: this shape, or the one-line shape of earlier builds.
+    pub fn decode(bytes: &'a [u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(bytes).or_else(|e| {
+            let SingleLineMessage {
+                b,
+                l,
+                c,
+                body,
+                a,
+                t,
+            } = serde_json::from_slice(bytes).map_err(|_| e)?;
+            Ok(Self {
+                b,
+                lines: vec![LineItem { l, c, body, a, t }],
+            })
+        })
+    }
+
     /// A message carrying `line` alone (retries, and lines split off a redelivered message).
     pub fn single(batch: &'a str, line: LineItem<'a>) -> Self {
         Self {
@@ -514,6 +549,25 @@ pub struct BatchEvent {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_work_message_of_an_earlier_build_still_decodes_as_one_line() {
+        let old = br#"{"b":"batch_1","l":7,"c":"req-7","body":{"model":"m"},"a":2,"t":5}"#;
+        let msg = LinesMessage::decode(old).expect("old shape decodes");
+        assert_eq!(msg.b, "batch_1");
+        assert_eq!(msg.lines.len(), 1);
+        let line = &msg.lines[0];
+        assert_eq!(
+            (line.l, line.c.as_ref(), line.a, line.t),
+            (7, "req-7", 2, 5)
+        );
+        assert_eq!(line.body.get(), r#"{"model":"m"}"#);
+
+        let new =
+            br#"{"b":"batch_1","lines":[{"l":0,"c":"x","body":{}},{"l":1,"c":"y","body":[]}]}"#;
+        assert_eq!(LinesMessage::decode(new).expect("decodes").lines.len(), 2);
+        assert!(LinesMessage::decode(br#"{"b":"batch_1"}"#).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -158,7 +158,7 @@ struct Run<'r> {
 }
 
 async fn handle(run: Run<'_>, delivery: Delivery) {
-    let msg: LinesMessage<'_> = match serde_json::from_slice(&delivery.data) {
+    let msg = match LinesMessage::decode(&delivery.data) {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(error = %e, "Dropping a malformed line message.");
@@ -809,7 +809,7 @@ pub async fn run_dead_letters(
         };
         let Some(delivery) = delivery else { break };
         let delivery = delivery?;
-        let Ok(msg) = serde_json::from_slice::<LinesMessage<'_>>(&delivery.data) else {
+        let Ok(msg) = LinesMessage::decode(&delivery.data) else {
             tracing::error!("Dropping a malformed dead-lettered message.");
             ack(&delivery).await;
             continue;
