@@ -628,6 +628,16 @@ mod tests {
     }
 
     #[test]
+    fn zero_lines_per_message_is_refused_and_zero_express_lines_is_allowed() {
+        let mut s = Settings::default();
+        s.worker.express_lines = 0;
+        s.validate().unwrap();
+        s.worker.lines_per_message = 0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("lines_per_message"), "{err}");
+    }
+
+    #[test]
     fn defaults_validate() {
         Settings::default().validate().unwrap();
     }

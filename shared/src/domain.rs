@@ -512,7 +512,7 @@ struct SingleLineMessage<'a> {
 impl<'a> LinesMessage<'a> {
     /// Reads a work-queue message: this shape, or the one-line shape of earlier builds.
     pub fn decode(bytes: &'a [u8]) -> serde_json::Result<Self> {
-        serde_json::from_slice(bytes).or_else(|e| {
+        let msg: Self = serde_json::from_slice(bytes).or_else(|e| {
             let SingleLineMessage {
                 b,
                 l,
@@ -525,7 +525,11 @@ impl<'a> LinesMessage<'a> {
                 b,
                 lines: vec![LineItem { l, c, body, a, t }],
             })
-        })
+        })?;
+        if msg.lines.is_empty() {
+            return Err(serde::de::Error::custom("a line message carries no line"));
+        }
+        Ok(msg)
     }
 
     /// A message carrying `line` alone (retries, and lines split off a redelivered message).
@@ -566,6 +570,7 @@ mod tests {
             br#"{"b":"batch_1","lines":[{"l":0,"c":"x","body":{}},{"l":1,"c":"y","body":[]}]}"#;
         assert_eq!(LinesMessage::decode(new).expect("decodes").lines.len(), 2);
         assert!(LinesMessage::decode(br#"{"b":"batch_1"}"#).is_err());
+        assert!(LinesMessage::decode(br#"{"b":"batch_1","lines":[]}"#).is_err());
     }
 
     use super::*;

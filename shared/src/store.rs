@@ -63,6 +63,25 @@ impl RowWrite {
     }
 }
 
+/// Reads a script's reply of one verdict per line: exactly `lines` of them, each one `parse` knows.
+fn per_line_verdicts<T>(
+    script: &str,
+    verdicts: Vec<String>,
+    lines: usize,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<T>> {
+    if verdicts.len() != lines {
+        return Err(StoreError::Protocol(format!(
+            "{script}: {} verdicts for {lines} lines",
+            verdicts.len()
+        )));
+    }
+    verdicts
+        .iter()
+        .map(|v| parse(v).ok_or_else(|| StoreError::Protocol(format!("{script}: {v}"))))
+        .collect()
+}
+
 static BEGIN_CALL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -439,21 +458,11 @@ impl Store {
         if verdicts.len() == 1 && verdicts[0] == "stopped" {
             return Ok(vec![CallGate::Stopped; lines.len()]);
         }
-        if verdicts.len() != lines.len() {
-            return Err(StoreError::Protocol(format!(
-                "begin_call: {} verdicts for {} lines",
-                verdicts.len(),
-                lines.len()
-            )));
-        }
-        verdicts
-            .iter()
-            .map(|v| match v.as_str() {
-                "go" => Ok(CallGate::Go),
-                "dup" => Ok(CallGate::Duplicate),
-                v => Err(StoreError::Protocol(v.to_owned())),
-            })
-            .collect()
+        per_line_verdicts("begin_call", verdicts, lines.len(), |v| match v {
+            "go" => Some(CallGate::Go),
+            "dup" => Some(CallGate::Duplicate),
+            _ => None,
+        })
     }
 
     /// Clears a line's in-flight mark without writing a row (it waits to retry).
@@ -486,24 +495,14 @@ impl Store {
                 .arg(usage.total);
         }
         let verdicts: Vec<String> = inv.invoke_async(&mut self.conn()).await?;
-        if verdicts.len() != rows.len() {
-            return Err(StoreError::Protocol(format!(
-                "write_row: {} verdicts for {} rows",
-                verdicts.len(),
-                rows.len()
-            )));
-        }
-        verdicts
-            .iter()
-            .map(|v| match v.as_str() {
-                "new" => Ok(RowWrite::Inserted),
-                "last" => Ok(RowWrite::Last),
-                "drained" => Ok(RowWrite::Drained),
-                "dup" => Ok(RowWrite::Duplicate),
-                "late" => Ok(RowWrite::Late),
-                v => Err(StoreError::Protocol(v.to_owned())),
-            })
-            .collect()
+        per_line_verdicts("write_row", verdicts, rows.len(), |v| match v {
+            "new" => Some(RowWrite::Inserted),
+            "last" => Some(RowWrite::Last),
+            "drained" => Some(RowWrite::Drained),
+            "dup" => Some(RowWrite::Duplicate),
+            "late" => Some(RowWrite::Late),
+            _ => None,
+        })
     }
 
     /// Writes error rows for the lines among `rows` that have none yet; returns how many were added.

@@ -41,6 +41,9 @@ struct BatchInfo {
     model: String,
     /// Unix seconds after which the batch expires.
     expires_at: Option<i64>,
+    /// The provider the batch's model routes to and its fleet limits; `None` when no provider
+    /// serves it (the call then fails with the router's error).
+    pacing: Option<(String, PaceLimits)>,
 }
 
 /// Per-process cache of [`BatchInfo`], so a line costs no extra Redis read.
@@ -59,10 +62,19 @@ impl BatchInfoCache {
         let Some(meta) = ctx.store.get_batch(batch).await? else {
             return Ok(None);
         };
+        let endpoint = meta.get("endpoint").unwrap_or_default().to_owned();
+        let model = meta.get("model").unwrap_or_default().to_owned();
+        let pacing = ctx.upstream.provider_of(&model, &endpoint).map(|(_, p)| {
+            (
+                p.name.clone(),
+                PaceLimits::new(&p.pacing, &ctx.settings.worker),
+            )
+        });
         let info = Arc::new(BatchInfo {
-            endpoint: meta.get("endpoint").unwrap_or_default().to_owned(),
-            model: meta.get("model").unwrap_or_default().to_owned(),
+            endpoint,
+            model,
             expires_at: meta.int("expires_at"),
+            pacing,
         });
         let mut map = self.0.lock().expect("cache lock");
         if map.len() > 10_000 {
@@ -167,9 +179,7 @@ async fn handle(run: Run<'_>, delivery: Delivery) {
         }
     };
     let outcome = if delivery.redelivered && msg.lines.len() > 1 {
-        split(run.ctx, &msg, &run.ctx.keys.items_queue())
-            .await
-            .map(Some)
+        split(run.ctx, &msg).await.map(Some)
     } else {
         process_message(run, &msg).await
     };
@@ -190,10 +200,12 @@ async fn handle(run: Run<'_>, delivery: Delivery) {
     }
 }
 
-/// Publishes each line of `msg` as a message of its own to `queue` (confirmed), so the caller may
-/// ack `msg`. Lines that already have rows are dropped by the gate when they come back.
-async fn split(ctx: &WorkerContext, msg: &LinesMessage<'_>, queue: &str) -> anyhow::Result<()> {
+/// Publishes each line of `msg` as a message of its own to the main work queue (confirmed), so
+/// the caller may ack `msg`. Lines that already have rows are dropped by the gate when they come
+/// back.
+async fn split(ctx: &WorkerContext, msg: &LinesMessage<'_>) -> anyhow::Result<()> {
     tracing::debug!(batch_id = %msg.b, lines = msg.lines.len(), "Splitting a returned line message.");
+    let queue = &ctx.keys.items_queue();
     let publishes = msg.lines.iter().map(|item| async move {
         let single = LinesMessage::single(&msg.b, item.clone());
         ctx.publisher
@@ -279,9 +291,9 @@ async fn pause(abandon: &CancellationToken, d: Duration) -> bool {
 }
 
 /// The fleet pacing of one line's call: the provider it goes to and that provider's limits.
-struct Paced {
-    provider: String,
-    limits: PaceLimits,
+struct Paced<'b> {
+    provider: &'b str,
+    limits: &'b PaceLimits,
     lease: String,
     tokens: u64,
 }
@@ -304,11 +316,11 @@ async fn wait_for_slot(
     ctx: &WorkerContext,
     batch: &str,
     item: &LineItem<'_>,
-    paced: &Paced,
+    paced: &Paced<'_>,
     abandon: &CancellationToken,
 ) -> anyhow::Result<Slot> {
     let hold = Duration::from_millis(ctx.settings.worker.max_hold_ms);
-    let name = paced.provider.as_str();
+    let name = paced.provider;
     let asked = Instant::now();
     tokio::select! {
         _ = abandon.cancelled() => return Ok(Slot::Abandoned),
@@ -319,7 +331,7 @@ async fn wait_for_slot(
     loop {
         let grant = ctx
             .pacer
-            .acquire(name, &paced.limits, paced.tokens, &paced.lease)
+            .acquire(name, paced.limits, paced.tokens, &paced.lease)
             .await?;
         let (wait, why, probe) = match grant {
             Grant::Go {
@@ -399,12 +411,12 @@ async fn wait_for_slot(
     }
 }
 
-async fn release_unused(ctx: &WorkerContext, paced: &Paced, charged: u64) {
+async fn release_unused(ctx: &WorkerContext, paced: &Paced<'_>, charged: u64) {
     if let Err(e) = ctx
         .pacer
         .release(
-            &paced.provider,
-            &paced.limits,
+            paced.provider,
+            paced.limits,
             &paced.lease,
             CallOutcome::Unused,
             TokenUse {
@@ -424,7 +436,7 @@ async fn release_unused(ctx: &WorkerContext, paced: &Paced, charged: u64) {
 /// is the outage's, not the line's, and costs the line no attempt.
 async fn report(
     ctx: &WorkerContext,
-    paced: &Paced,
+    paced: &Paced<'_>,
     result: &Attempt,
     header_pause: Option<Duration>,
     probe: bool,
@@ -463,7 +475,7 @@ async fn report(
         } => (CallOutcome::Failed, Some(*asked), "retry_after", None),
         Attempt::Retry { .. } => (CallOutcome::Failed, header_pause, "ratelimit_headers", None),
     };
-    let name = paced.provider.as_str();
+    let name = paced.provider;
     if outcome == CallOutcome::Throttled {
         ctx.metrics.throttled.with_label_values(&[name]).inc();
     }
@@ -486,7 +498,7 @@ async fn report(
     };
     match ctx
         .pacer
-        .release(name, &paced.limits, &paced.lease, outcome, tokens, pause)
+        .release(name, paced.limits, &paced.lease, outcome, tokens, pause)
         .await
     {
         Ok(released) => {
@@ -648,23 +660,19 @@ async fn run_line(
         return Ok(LineEnd::Handled);
     }
     let w = &ctx.settings.worker;
-    let paced = ctx
-        .upstream
-        .provider_of(&info.model, &info.endpoint)
-        .map(|(_, p)| {
-            let limits = PaceLimits::new(&p.pacing, w);
-            let tokens = if limits.counts_tokens() {
-                estimate_tokens(&info.endpoint, item.body, w.default_max_tokens)
-            } else {
-                0
-            };
-            Paced {
-                provider: p.name.clone(),
-                limits,
-                lease: uuid::Uuid::new_v4().simple().to_string(),
-                tokens,
-            }
-        });
+    let paced = info.pacing.as_ref().map(|(provider, limits)| {
+        let tokens = if limits.counts_tokens() {
+            estimate_tokens(&info.endpoint, item.body, w.default_max_tokens)
+        } else {
+            0
+        };
+        Paced {
+            provider,
+            limits,
+            lease: uuid::Uuid::new_v4().simple().to_string(),
+            tokens,
+        }
+    });
     let (mut probe, mut charged) = (false, 0);
     if let Some(paced) = &paced {
         match wait_for_slot(ctx, batch, item, paced, run.abandon).await? {
@@ -686,7 +694,7 @@ async fn run_line(
         .upstream
         .attempt(&info.endpoint, &info.model, &item.c, item.body);
     let (result, header_pause) = match &paced {
-        Some(paced) if Pacer::leases(&paced.limits) => {
+        Some(paced) if Pacer::leases(paced.limits) => {
             // Keep the concurrency lease alive while the call runs (it expires if we die).
             tokio::pin!(call);
             let every = Duration::from_millis(LEASE_MS / 3);
@@ -694,7 +702,7 @@ async fn run_line(
                 tokio::select! {
                     r = &mut call => break r,
                     _ = tokio::time::sleep(every) => {
-                        if let Err(e) = ctx.pacer.renew(&paced.provider, &paced.lease).await {
+                        if let Err(e) = ctx.pacer.renew(paced.provider, &paced.lease).await {
                             tracing::debug!(error = %e, "Could not renew a concurrency lease.");
                         }
                     }
@@ -734,7 +742,7 @@ async fn run_line(
                     if let Some(paced) = &paced {
                         ctx.metrics
                             .requeued
-                            .with_label_values(&[paced.provider.as_str(), "retry"])
+                            .with_label_values(&[paced.provider, "retry"])
                             .inc();
                     }
                     tracing::debug!(
@@ -817,29 +825,25 @@ pub async fn run_dead_letters(
         if msg.lines.len() > 1 {
             // Only a single line is known to have reached the limit on its own: the lines of a
             // message of several go back to the work queue one by one.
-            split(&ctx, &msg, &ctx.keys.items_queue()).await?;
+            split(&ctx, &msg).await?;
             ack(&delivery).await;
             continue;
         }
+        let item = &msg.lines[0];
         let message = format!(
             "This request could not be processed after {} delivery attempts.",
             ctx.settings.worker.delivery_limit
         );
-        let rows: Vec<(u64, Row, Usage)> = msg
-            .lines
-            .iter()
-            .map(|item| {
-                let row = Row::error(&item.c, "processing_failed", &message);
-                (item.l, row, Usage::default())
-            })
-            .collect();
-        for (line, _, _) in &rows {
-            tracing::warn!(batch_id = %msg.b, line, "Line reached the delivery limit.");
-        }
+        let rows = [(
+            item.l,
+            Row::error(&item.c, "processing_failed", &message),
+            Usage::default(),
+        )];
+        tracing::warn!(batch_id = %msg.b, line = item.l, "Line reached the delivery limit.");
         ctx.metrics
             .lines
             .with_label_values(&["dead_lettered"])
-            .inc_by(rows.len() as u64);
+            .inc();
         let written = ctx.store.write_rows(&msg.b, &rows).await?;
         if written.iter().any(|w| w.wants_finalize()) {
             notify_aggregator(&ctx, &msg.b).await;
