@@ -28,7 +28,7 @@ use sluice_shared::pacing::{
     BreakerState, CallOutcome, Grant, Hold, LEASE_MS, MAX_FLEET_PAUSE, PaceLimits, Pacer, TokenUse,
 };
 use sluice_shared::store::{CallGate, RowWrite};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
@@ -540,9 +540,10 @@ async fn report(
 }
 
 /// How one line of a message ended.
-enum LineEnd {
-    /// Its row, to be written.
-    Row(u64, Row, Usage),
+enum LineEnd<'s> {
+    /// Its row, to be written, and the call slot it keeps until then: a worker that dies has at
+    /// most `concurrency` lines called without their rows written.
+    Row(u64, Row, Usage, SemaphorePermit<'s>),
     /// Nothing to write: it went to a delay queue, or needs no call any more.
     Handled,
     /// Abandoned for shutdown: the message must not be acked.
@@ -581,17 +582,24 @@ async fn process_message(run: Run<'_>, msg: &LinesMessage<'_>) -> anyhow::Result
     // in the next.
     let (mut abandoned, mut failure) = (false, None);
     let mut finished: Vec<(u64, Row, Usage)> = Vec::new();
+    let mut slots = Vec::new();
     let mut writing = None;
     loop {
         if writing.is_none() && !finished.is_empty() {
             let rows = std::mem::take(&mut finished);
-            writing = Some(Box::pin(
-                async move { write_rows(ctx, &msg.b, &rows).await },
-            ));
+            let slots = std::mem::take(&mut slots);
+            writing = Some(Box::pin(async move {
+                let written = write_rows(ctx, &msg.b, &rows).await;
+                drop(slots);
+                written
+            }));
         }
         tokio::select! {
             Some(end) = running.next(), if !running.is_empty() => match end {
-                Ok(LineEnd::Row(line, row, usage)) => finished.push((line, row, usage)),
+                Ok(LineEnd::Row(line, row, usage, slot)) => {
+                    finished.push((line, row, usage));
+                    slots.push(slot);
+                }
                 Ok(LineEnd::Handled) => {}
                 Ok(LineEnd::Abandoned) => abandoned = true,
                 Err(e) => failure = Some(e),
@@ -639,17 +647,17 @@ async fn write_rows(
     Ok(())
 }
 
-/// Runs one gated line to its row, or to a delay queue, holding a call slot meanwhile.
+/// Runs one gated line to its row (handed back with its call slot), or to a delay queue.
 #[tracing::instrument(skip_all, fields(line = item.l))]
-async fn run_line(
-    run: Run<'_>,
+async fn run_line<'r>(
+    run: Run<'r>,
     info: &BatchInfo,
     batch: &str,
     item: &LineItem<'_>,
-) -> anyhow::Result<LineEnd> {
+) -> anyhow::Result<LineEnd<'r>> {
     let ctx = run.ctx;
     let asked = Instant::now();
-    let _slot = tokio::select! {
+    let slot = tokio::select! {
         _ = run.abandon.cancelled() => {
             ctx.store.end_call(batch, item.l).await.ok();
             return Ok(LineEnd::Abandoned);
@@ -764,7 +772,7 @@ async fn run_line(
             }
         }
     };
-    Ok(LineEnd::Row(item.l, row, usage))
+    Ok(LineEnd::Row(item.l, row, usage, slot))
 }
 
 fn observe(ctx: &WorkerContext, result: &Attempt, elapsed: Duration) {
