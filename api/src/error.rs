@@ -12,6 +12,11 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use sluice_shared::config::StorageQuota;
+use sluice_shared::lifecycle_store::{QuotaPart, StorageUsage};
+
+/// Longest `error.message` answered.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 
 /// Header the OpenAI SDKs obey over their own retry policy.
 pub const SHOULD_RETRY: &str = "x-should-retry";
@@ -57,6 +62,14 @@ pub enum ApiError {
         code: &'static str,
         errors: Option<Value>,
     },
+    /// 409 `idempotency_key_in_progress`: another request with the same `Idempotency-Key` is still
+    /// running. The only 4xx the SDKs should retry: a later attempt gets that request's answer.
+    #[error("{message}")]
+    KeyInProgress { message: String },
+    /// 429 `budget_exceeded`: the tenant's token or request budget is spent until `reset_at`
+    /// (unix seconds), sent in the `sluice-budget-reset` and `retry-after` headers too.
+    #[error("{message}")]
+    BudgetExceeded { message: String, reset_at: i64 },
     /// 500: our fault. The client sees an opaque message; the source is logged.
     #[error("The server had an error while processing your request.")]
     Internal(#[from] anyhow::Error),
@@ -72,6 +85,18 @@ struct Enveloped;
 struct ServerErrorSource(Arc<anyhow::Error>);
 
 impl ApiError {
+    /// 429 `insufficient_capacity`: with `limits.admission = "strict"`, the batch cannot finish
+    /// within its completion window under the provider's current load.
+    pub fn insufficient_capacity(message: String) -> Self {
+        Self::Coded {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message,
+            param: Some("completion_window".into()),
+            code: "insufficient_capacity",
+            errors: None,
+        }
+    }
+
     /// 400 `invalid_value` on `param`.
     pub fn invalid_value(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidRequest {
@@ -111,6 +136,63 @@ impl ApiError {
         }
     }
 
+    /// 403 `storage_quota_exceeded`: storing `adding` more bytes (one more file) would take the
+    /// tenant past its quota. Deterministic until the tenant deletes files or they expire.
+    pub fn storage_quota_exceeded(
+        part: QuotaPart,
+        usage: StorageUsage,
+        quota: StorageQuota,
+        adding: u64,
+    ) -> Self {
+        let message = match part {
+            QuotaPart::Bytes => format!(
+                "Storage quota exceeded: this file ({adding} bytes) would bring your stored files \
+                 to {} bytes, over your quota of {} bytes ({} bytes in use). Delete files, or let \
+                 them expire, and upload again.",
+                usage.bytes.saturating_add(adding),
+                quota.bytes,
+                usage.bytes
+            ),
+            QuotaPart::Files => format!(
+                "Storage quota exceeded: you store {} files, and your quota is {} files. Delete \
+                 files, or let them expire, and upload again.",
+                usage.files, quota.files
+            ),
+        };
+        Self::Coded {
+            status: StatusCode::FORBIDDEN,
+            message,
+            param: Some("file".into()),
+            code: "storage_quota_exceeded",
+            errors: None,
+        }
+    }
+
+    /// 409 `idempotency_key_reused`: the key is bound to a request that differs from this one.
+    pub fn idempotency_key_reused() -> Self {
+        Self::Coded {
+            status: StatusCode::CONFLICT,
+            message: "This Idempotency-Key was already used with a different request (another \
+                      body, form or endpoint). A retry must repeat the first request exactly; \
+                      use a new key for a new request."
+                .into(),
+            param: Some(crate::idempotency::HEADER.into()),
+            code: "idempotency_key_reused",
+            errors: None,
+        }
+    }
+
+    /// 409 `idempotency_key_in_progress` after waiting `waited_ms` for the request holding the key.
+    pub fn idempotency_key_in_progress(waited_ms: u64) -> Self {
+        Self::KeyInProgress {
+            message: format!(
+                "Another request with this Idempotency-Key is still in progress (waited \
+                 {waited_ms} ms for its answer). Retry later: the retry gets that request's \
+                 answer."
+            ),
+        }
+    }
+
     /// 404 for a file id the caller cannot see.
     pub fn file_not_found(id: &str) -> Self {
         Self::NotFound {
@@ -132,11 +214,12 @@ impl ApiError {
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Conflict { .. } | Self::KeyInProgress { .. } => StatusCode::CONFLICT,
             Self::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Status { status, .. } => *status,
             Self::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Coded { status, .. } => *status,
+            Self::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -148,6 +231,11 @@ impl ApiError {
             Self::Unauthenticated { .. } => (None, Some("invalid_api_key")),
             Self::FileTooLarge { .. } => (Some("file"), Some("file_too_large")),
             Self::Coded { param, code, .. } => (param.as_deref(), Some(*code)),
+            Self::KeyInProgress { .. } => (
+                Some(crate::idempotency::HEADER),
+                Some("idempotency_key_in_progress"),
+            ),
+            Self::BudgetExceeded { .. } => (None, Some("budget_exceeded")),
             _ => (None, None),
         };
         let kind = if self.status().is_server_error() {
@@ -155,9 +243,14 @@ impl ApiError {
         } else {
             "invalid_request_error"
         };
+        // A message may echo client text; a bounded answer whatever a handler put in it.
+        let mut message = self.to_string();
+        if message.len() > MAX_MESSAGE_BYTES {
+            message = sluice_shared::validate::clip(&message, MAX_MESSAGE_BYTES).into_owned();
+        }
         let mut body = json!({
             "error": {
-                "message": self.to_string(),
+                "message": message,
                 "type": kind,
                 "param": param,
                 "code": code,
@@ -180,11 +273,15 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(self.body())).into_response();
         // A 4xx other than 429 will fail the same way again; without this the SDK retries 409s.
         // A coded 5xx (501, 503 "not configured") is deterministic too.
-        let deterministic = status.is_client_error() || matches!(self, Self::Coded { .. });
+        let deterministic = (status.is_client_error() || matches!(self, Self::Coded { .. }))
+            && !matches!(self, Self::KeyInProgress { .. });
         if deterministic && status != StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()
                 .insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+        }
+        if let Self::BudgetExceeded { reset_at, .. } = &self {
+            budget_headers(response.headers_mut(), *reset_at);
         }
         response.extensions_mut().insert(Enveloped);
         if let Self::Internal(source) = self {
@@ -195,6 +292,21 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// When a spent budget resets: `sluice-budget-reset` (unix seconds) and `retry-after` (seconds
+/// from now). The SDKs wait out a `retry-after` of a minute at most, so a later reset is marked
+/// not worth retrying.
+fn budget_headers(headers: &mut axum::http::HeaderMap, reset_at: i64) {
+    let wait = (reset_at - sluice_shared::domain::now_secs()).max(1);
+    headers.insert(BUDGET_RESET, HeaderValue::from(reset_at));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(wait));
+    if wait > 60 {
+        headers.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+    }
+}
+
+/// Header of a `budget_exceeded` answer: when the budget resets (unix seconds).
+pub const BUDGET_RESET: &str = "sluice-budget-reset";
 
 /// Middleware (via `map_response`): logs the source of our 5xx, and re-wraps any error response
 /// that did not come from [`ApiError`] (framework 405s, body-limit 413s…) in the envelope.
@@ -338,6 +450,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_key_in_progress_is_retried_but_a_reused_key_is_not() {
+        let (status, retry, body) = parts(ApiError::idempotency_key_in_progress(10)).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(retry, None);
+        assert_eq!(body["error"]["code"], "idempotency_key_in_progress");
+        assert_eq!(body["error"]["param"], "Idempotency-Key");
+        let (status, retry, body) = parts(ApiError::idempotency_key_reused()).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(retry.as_deref(), Some("false"));
+        assert_eq!(body["error"]["code"], "idempotency_key_reused");
+    }
+
+    #[tokio::test]
     async fn file_too_large_names_the_limit_and_the_file_param() {
         let (status, _, body) = parts(ApiError::FileTooLarge { limit: 1024 }).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -346,6 +471,36 @@ mod tests {
             json!({"message": "File is too large: the limit is 1024 bytes.",
                    "type": "invalid_request_error", "param": "file", "code": "file_too_large"})
         );
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_says_when_it_resets() {
+        let far = sluice_shared::domain::now_secs() + 3_600;
+        let response = ApiError::BudgetExceeded {
+            message: "spent".into(),
+            reset_at: far,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[BUDGET_RESET], far.to_string().as_str());
+        let wait: i64 = response.headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((3_590..=3_600).contains(&wait), "{wait}");
+        assert_eq!(response.headers()[SHOULD_RETRY], "false");
+        let (_, retry, body) = parts(ApiError::BudgetExceeded {
+            message: "spent".into(),
+            reset_at: sluice_shared::domain::now_secs() + 5,
+        })
+        .await;
+        assert_eq!(
+            retry, None,
+            "a reset within a minute is worth the SDK's wait"
+        );
+        assert_eq!(body["error"]["code"], "budget_exceeded");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
     }
 
     #[tokio::test]

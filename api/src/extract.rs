@@ -76,9 +76,10 @@ pub fn int_param(
                 name,
                 format!(
                     "Invalid value for '{name}': expected an integer between {} and {}, but got \
-                     '{raw}' instead.",
+                     '{}' instead.",
                     range.start(),
-                    range.end()
+                    range.end(),
+                    sluice_shared::validate::clip(raw, 64)
                 ),
             )
         })

@@ -6,8 +6,10 @@
 //! - [`state`]: the handles handlers share.
 //! - [`error`]: [`ApiError`], the only error response, in OpenAI's envelope.
 //! - [`auth`]: API key → [`auth::Tenant`].
+//! - [`idempotency`]: `Idempotency-Key` on creates (first answer replayed, one object per key).
 //! - [`extract`]: extractors whose rejections are [`ApiError`]s.
 //! - [`routes`]: the handlers.
+//! - `server`: the accept loop and the per-connection and per-request limits.
 //!
 //! The API only records and announces work: batches are validated, run and finalized by the
 //! worker roles, which it reaches through Redis and the broker alone.
@@ -15,17 +17,22 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use sluice_shared::deps::{Health, Startup};
 use sluice_shared::metrics::Metrics;
 use sluice_shared::queue::Publisher;
-use sluice_shared::{Keys, Settings, Store};
+use sluice_shared::{Settings, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub mod auth;
 pub mod error;
 pub mod extract;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod idempotency;
 pub mod openapi;
 pub mod routes;
+mod server;
 pub mod state;
 
 pub use error::ApiError;
@@ -37,6 +44,7 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
+    server: sluice_shared::config::ApiSettings,
     store: Store,
     publisher: Publisher,
 }
@@ -53,18 +61,21 @@ impl Application {
     /// Connects to Redis, the broker and object storage, and binds `settings.api.listen`
     /// (port 0 picks a free port; see [`Application::port`]).
     pub async fn build(settings: Settings, metrics: Metrics) -> anyhow::Result<Self> {
-        let store = Store::open(&settings)
-            .await
-            .context("Failed to connect to Redis")?;
-        let publisher = Publisher::connect(
-            &settings.amqp_url,
-            "sluice-api",
-            Keys::new(&settings.namespace),
-            settings.worker.delivery_limit,
-        )
-        .await
-        .context("Failed to connect to the message broker")?;
-        let files = sluice_shared::storage::build(&settings.storage)
+        let startup = Startup::new(&settings.dependencies, Health::default());
+        Self::build_with(settings, metrics, &startup).await
+    }
+
+    /// [`Application::build`], reaching Redis and the broker through `startup`: retried with a
+    /// `warn` line per failed attempt, reported to its [`Health`], until its deadline if any.
+    pub async fn build_with(
+        settings: Settings,
+        metrics: Metrics,
+        startup: &Startup,
+    ) -> anyhow::Result<Self> {
+        let store = startup.store("api", &settings).await?;
+        let publisher = startup.publisher("api", &settings, "sluice-api").await?;
+        startup.health().connected(&store, &publisher);
+        let files = sluice_shared::storage::build_with(&settings.storage, &settings.dependencies)
             .context("Failed to set up object storage")?;
         let listener = TcpListener::bind(settings.api.listen)
             .await
@@ -72,11 +83,13 @@ impl Application {
         let addr = listener
             .local_addr()
             .context("Failed to read the API's bound address")?;
+        let server = settings.api.clone();
         let state = AppState::new(settings, store.clone(), publisher.clone(), files, metrics);
         Ok(Self {
             listener,
             addr,
-            router: router(state),
+            router: server::with_limits(router(state.clone()), &state),
+            server,
             store,
             publisher,
         })
@@ -100,9 +113,7 @@ impl Application {
     /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.addr, "API listening.");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .context("The API server failed")
+        server::serve(self.listener, self.router, &self.server, shutdown).await;
+        Ok(())
     }
 }

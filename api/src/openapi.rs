@@ -24,6 +24,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
     tags(
         (name = "files", description = "Input and result files."),
         (name = "batches", description = "Batches of requests run against an upstream model."),
+        (name = "usage", description = "The tenant's token and request budget."),
         (name = "health", description = "Liveness and readiness."),
     ),
 )]
@@ -126,7 +127,8 @@ pub struct Batch {
     /// Always `batch`.
     pub object: String,
     pub endpoint: String,
-    /// The model every request of the batch names.
+    /// The model every request of the batch names; null until validated, and for a batch whose
+    /// requests name different models (`limits.one_model_per_batch = false`).
     pub model: Option<String>,
     pub errors: Option<BatchErrors>,
     pub input_file_id: String,
@@ -148,6 +150,10 @@ pub struct Batch {
     pub request_counts: RequestCounts,
     pub usage: BatchUsage,
     pub metadata: Option<BTreeMap<String, String>>,
+    /// Only on a batch made by `POST /v1/batches/{batch_id}/retry`: the batch it retries.
+    pub retry_of: Option<String>,
+    /// Only on a batch that was retried: its retries, oldest first.
+    pub retries: Option<Vec<String>>,
 }
 
 /// Why validation failed: one entry per bad line.
@@ -221,6 +227,31 @@ pub struct CreateBatchRequest {
     pub output_expires_after: Option<ExpiresAfter>,
     /// Inline requests, instead of `input_file_id`.
     pub requests: Option<Vec<InlineRequest>>,
+}
+
+/// `POST /v1/batches/{batch_id}/retry`: which rows of the finished batch to run again, and the
+/// new batch's settings. Every field is optional.
+#[derive(Serialize, ToSchema)]
+pub struct RetryBatchRequest {
+    /// Rows to take by outcome (default: all three): `failed` (ran and failed), `expired` and
+    /// `cancelled` (never ran: the batch expired or was cancelled first).
+    pub statuses: Option<Vec<RetryStatus>>,
+    /// Only rows with one of these error codes (`error.code`, else the upstream error's `code`
+    /// or `type`), or HTTP statuses such as `"429"`.
+    pub codes: Option<Vec<String>>,
+    /// The new batch's window (default: the retried batch's).
+    pub completion_window: Option<String>,
+    /// The new batch's metadata (default: the retried batch's).
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Outcomes of rows a retry can take.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryStatus {
+    Failed,
+    Expired,
+    Cancelled,
 }
 
 /// The endpoints a batch can call.

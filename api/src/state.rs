@@ -34,6 +34,7 @@ impl AppState {
         files: Arc<dyn ObjectStore>,
         metrics: Metrics,
     ) -> Self {
+        metrics.init_tenants(settings.tenants.iter().map(|t| t.id.as_str()));
         Self {
             api_keys: Arc::new(settings.key_digests()),
             settings: Arc::new(settings),

@@ -26,9 +26,23 @@ impl Keys {
     pub fn batch_meta(&self, batch: &str) -> String {
         format!("{}:b:{{{batch}}}:meta", self.ns)
     }
-    /// Hash: 0-based line index → finished row (`1`/`0` ok flag, then the output line).
+    /// Hash: 0-based line index → finished row (`1`/`0` ok flag, then the output line), for the
+    /// rows not yet compacted into a segment.
     pub fn batch_rows(&self, batch: &str) -> String {
         format!("{}:b:{{{batch}}}:rows", self.ns)
+    }
+    /// Bitmap: bit `line` is set once the line has a row (in [`Keys::batch_rows`] or a segment).
+    /// The truth of "this line is done": counters move exactly when a bit goes 0 → 1.
+    pub fn batch_done(&self, batch: &str) -> String {
+        format!("{}:b:{{{batch}}}:done", self.ns)
+    }
+    /// Hash: segment name → `first last rows bytes` of each registered segment of the batch.
+    pub fn batch_segments(&self, batch: &str) -> String {
+        format!("{}:b:{{{batch}}}:segments", self.ns)
+    }
+    /// String with a short expiry: a compaction of the batch was asked for (dedupes the asks).
+    pub fn batch_compact_ask(&self, batch: &str) -> String {
+        format!("{}:b:{{{batch}}}:compact", self.ns)
     }
     /// Hash: line index → deadline (unix ms) of an upstream call in progress.
     pub fn batch_inflight(&self, batch: &str) -> String {
@@ -46,6 +60,11 @@ impl Keys {
     pub fn file(&self, file: &str) -> String {
         format!("{}:f:{{{file}}}", self.ns)
     }
+    /// Sorted set: ids of the unfinished batches reading the file as input, scored by when they
+    /// took it (unix ms). Same hash tag as [`Keys::file`], so one script sees both.
+    pub fn file_users(&self, file: &str) -> String {
+        format!("{}:f:{{{file}}}:users", self.ns)
+    }
     /// Sorted set: the tenant's batch ids by creation sequence.
     pub fn tenant_batches(&self, tenant: &str) -> String {
         format!("{}:t:{{{tenant}}}:batches", self.ns)
@@ -59,9 +78,28 @@ impl Keys {
     pub fn tenant_open(&self, tenant: &str) -> String {
         format!("{}:t:{{{tenant}}}:open", self.ns)
     }
+    /// String with expiry: what `tenant`'s `Idempotency-Key` (by its SHA-256, hex) is bound to:
+    /// the claim token of the request in progress, then the first successful response.
+    pub fn idempotency(&self, tenant: &str, key_sha256: &str) -> String {
+        format!("{}:t:{{{tenant}}}:idem:{key_sha256}", self.ns)
+    }
+    /// Hash (`requests`, `tokens`): the tenant's usage counted toward its budget in one window
+    /// (`window`: `d<start>` for a day, `m<start>` for a month, start in unix seconds).
+    pub fn tenant_budget(&self, tenant: &str, window: &str) -> String {
+        format!("{}:t:{{{tenant}}}:budget:{window}", self.ns)
+    }
+    /// Bitmap: bit `2·line` is set once a line of `batch` counted as a request toward its tenant's
+    /// budget, bit `2·line + 1` once its tokens did, so a redelivered line counts once.
+    pub fn tenant_billed(&self, tenant: &str, batch: &str) -> String {
+        format!("{}:t:{{{tenant}}}:billed:{batch}", self.ns)
+    }
     /// Sorted set: non-terminal batch ids scored by `expires_at` (unix seconds).
     pub fn active(&self) -> String {
         format!("{}:active", self.ns)
+    }
+    /// Hash: batch id → scheduling entry (JSON) of each running batch of a rate-limited provider.
+    pub fn schedule(&self, provider: &str) -> String {
+        format!("{}:sched:{{{provider}}}", self.ns)
     }
     /// Pacing state of one provider (`part`: `rq`/`tk` rate TATs, `pause`, `conc` leases, `aimd`,
     /// `breaker`). Every part shares the hash tag `{<provider>}`, so one script can touch them all.
@@ -106,6 +144,27 @@ impl Keys {
     pub fn finalize_queue(&self) -> String {
         format!("{}.finalize", self.ns)
     }
+    /// Quorum queue of webhook jobs (one event for one endpoint each), consumed by aggregators.
+    pub fn webhooks_queue(&self) -> String {
+        format!("{}.webhooks", self.ns)
+    }
+    /// Delay queue: a webhook job published here comes back to the webhooks queue after `ms`.
+    pub fn webhooks_retry_queue(&self, ms: u64) -> String {
+        format!("{}.webhooks.retry.{ms}", self.ns)
+    }
+    /// Exchange that routes webhook jobs coming out of a delay queue back to the webhooks queue.
+    pub fn webhooks_requeue_exchange(&self) -> String {
+        format!("{}.webhooks.requeue", self.ns)
+    }
+    /// Queue of webhook jobs that ran out of retries (or were refused); nothing consumes it.
+    pub fn webhooks_dlq(&self) -> String {
+        format!("{}.webhooks.dlq", self.ns)
+    }
+    /// String with expiry: the event was delivered to the endpoint (`endpoint`: a digest of its
+    /// URL), so another announcement of it is not sent again.
+    pub fn webhook_delivered(&self, event_id: &str, endpoint: &str) -> String {
+        format!("{}:wh:{{{event_id}}}:{endpoint}", self.ns)
+    }
     /// Every queue of the namespace (tests delete them when done).
     pub fn all_queues(&self) -> Vec<String> {
         let mut queues = vec![
@@ -114,8 +173,15 @@ impl Keys {
             self.express_queue(),
             self.items_dlq(),
             self.finalize_queue(),
+            self.webhooks_queue(),
+            self.webhooks_dlq(),
         ];
         queues.extend(RETRY_TIERS_MS.iter().map(|ms| self.retry_queue(*ms)));
+        queues.extend(
+            WEBHOOK_TIERS_MS
+                .iter()
+                .map(|ms| self.webhooks_retry_queue(*ms)),
+        );
         queues
     }
 }
@@ -125,6 +191,11 @@ impl Keys {
 pub const RETRY_TIERS_MS: &[u64] = &[
     250, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
 ];
+
+/// Delays of the webhook delay queues (ms). Few, since every quorum queue costs the broker file
+/// handles: a job carries when it is due and goes round the largest tier not above its remaining
+/// wait until then (a 40 s wait is 30 s + 10 × 1 s).
+pub const WEBHOOK_TIERS_MS: &[u64] = &[1_000, 30_000, 300_000];
 
 /// The delay tier for a wait of `ms`.
 pub fn retry_tier(ms: u64) -> u64 {

@@ -1,9 +1,10 @@
 //! Every Prometheus series Sluice exports, declared and registered once in a private registry.
-//! Labels stay bounded: never a batch id, custom id or tenant.
+//! Labels stay bounded: never a batch id or custom id; a `tenant` label only on the budget series,
+//! whose tenants come from the configuration.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The process's metrics.
@@ -32,6 +33,13 @@ pub struct Metrics {
     pub lines_enqueued: IntCounter,
     /// Bytes received in uploads.
     pub upload_bytes: IntCounter,
+    /// Objects the lifecycle sweep removed: `kind` = `file` (expired) or `batch` (past retention).
+    pub lifecycle_removed: IntCounterVec,
+    /// Uploads and body creates refused for the tenant's storage quota, by `limit` (`bytes`, `files`).
+    pub quota_refusals: IntCounterVec,
+    /// Creates that carried an `Idempotency-Key`, by outcome (`created`, `replayed`, `mismatch`,
+    /// `in_progress`, `released`).
+    pub idempotent_requests: IntCounterVec,
     /// Messages ready in each queue of the namespace (`items`, `items.dlq`, `control`, …), as
     /// last sampled by an aggregator.
     pub queue_messages: IntGaugeVec,
@@ -55,6 +63,27 @@ pub struct Metrics {
     /// Lines that ended because their retry budget ran out, by budget (`attempts`, `elapsed`,
     /// `deadline`).
     pub retry_budget_exhausted: IntCounterVec,
+    /// Rows moved from Redis into segment objects.
+    pub rows_compacted: IntCounter,
+    /// Segment objects registered by compactions.
+    pub segments_written: IntCounter,
+    /// Duration of one compaction (collect, write, register).
+    pub compaction_seconds: Histogram,
+    /// Usage counted toward the tenants' budgets, by tenant and kind (`requests`, `tokens`).
+    pub tenant_usage: IntCounterVec,
+    /// Lines that found their tenant's budget spent, by tenant and action (`held` until the reset,
+    /// `failed` with `budget_exceeded`).
+    pub budget_lines: IntCounterVec,
+    /// Batch creates refused with `budget_exceeded`, by tenant.
+    pub budget_refusals: IntCounterVec,
+    /// Webhook delivery attempts and their ends, by outcome (`delivered`, `failed`: an attempt
+    /// that will be retried, `dead_lettered`: out of retries, `refused`: the endpoint resolves to
+    /// an address webhooks may not call, `dropped`: the endpoint or batch is gone, or the event
+    /// is stale).
+    pub webhook_deliveries: IntCounterVec,
+    /// Running batches of a rate-limited provider that cannot finish before `expires_at` at the
+    /// rate their scheduled window gives them, as this process last planned.
+    pub batch_at_risk: IntGaugeVec,
 }
 
 impl Metrics {
@@ -130,6 +159,30 @@ impl Metrics {
         let lines_enqueued =
             IntCounter::new("lines_enqueued_total", "Lines published to the work queue.")
                 .expect("static metric");
+        let lifecycle_removed = IntCounterVec::new(
+            Opts::new(
+                "lifecycle_removed_total",
+                "Expired files and batch records past retention removed by the lifecycle sweep.",
+            ),
+            &["kind"],
+        )
+        .expect("static metric");
+        let quota_refusals = IntCounterVec::new(
+            Opts::new(
+                "storage_quota_refusals_total",
+                "Uploads refused for the tenant's storage quota.",
+            ),
+            &["limit"],
+        )
+        .expect("static metric");
+        let idempotent_requests = IntCounterVec::new(
+            Opts::new(
+                "idempotent_requests_total",
+                "Creates that carried an Idempotency-Key, by outcome.",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
         let upload_bytes = IntCounter::new("upload_bytes_total", "Bytes received in file uploads.")
             .expect("static metric");
         let queue_messages = IntGaugeVec::new(
@@ -201,8 +254,76 @@ impl Metrics {
             &["budget"],
         )
         .expect("static metric");
+        let rows_compacted = IntCounter::new(
+            "rows_compacted_total",
+            "Rows moved from Redis into segment objects.",
+        )
+        .expect("static metric");
+        let segments_written = IntCounter::new(
+            "segments_written_total",
+            "Segment objects registered by compactions.",
+        )
+        .expect("static metric");
+        let compaction_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "compaction_duration_seconds",
+                "Duration of one compaction of pending rows into a segment.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("static metric");
+        let batch_at_risk = IntGaugeVec::new(
+            Opts::new(
+                "batch_at_risk",
+                "Running batches that cannot finish in time under the provider's current load.",
+            ),
+            &["provider"],
+        )
+        .expect("static metric");
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "webhook_deliveries_total",
+                "Webhook delivery attempts and their ends, by outcome.",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
+        let tenant_usage = IntCounterVec::new(
+            Opts::new(
+                "tenant_usage_total",
+                "Requests and tokens counted toward the tenants' budgets.",
+            ),
+            &["tenant", "kind"],
+        )
+        .expect("static metric");
+        let budget_lines = IntCounterVec::new(
+            Opts::new(
+                "budget_lines_total",
+                "Lines that found their tenant's budget spent, held until the reset or failed.",
+            ),
+            &["tenant", "action"],
+        )
+        .expect("static metric");
+        let budget_refusals = IntCounterVec::new(
+            Opts::new(
+                "budget_refusals_total",
+                "Batch creates refused because the tenant's budget is spent.",
+            ),
+            &["tenant"],
+        )
+        .expect("static metric");
         for c in [
-            Box::new(pacing_wait.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tenant_usage.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(budget_lines.clone()),
+            Box::new(budget_refusals.clone()),
+            Box::new(pacing_wait.clone()),
+            Box::new(webhook_deliveries.clone()),
+            Box::new(batch_at_risk.clone()),
+            Box::new(rows_compacted.clone()),
+            Box::new(segments_written.clone()),
+            Box::new(compaction_seconds.clone()),
             Box::new(requeued.clone()),
             Box::new(throttled.clone()),
             Box::new(fleet_pauses.clone()),
@@ -220,6 +341,9 @@ impl Metrics {
             Box::new(finalize_seconds.clone()),
             Box::new(lines_enqueued.clone()),
             Box::new(upload_bytes.clone()),
+            Box::new(lifecycle_removed.clone()),
+            Box::new(quota_refusals.clone()),
+            Box::new(idempotent_requests.clone()),
             Box::new(queue_messages.clone()),
         ] {
             registry
@@ -263,6 +387,18 @@ impl Metrics {
         for status in ["completed", "failed", "expired", "cancelled"] {
             batches_finished.with_label_values(&[status]);
         }
+        for kind in ["file", "batch"] {
+            lifecycle_removed.with_label_values(&[kind]);
+        }
+        for limit in ["bytes", "files"] {
+            quota_refusals.with_label_values(&[limit]);
+        }
+        for outcome in ["created", "replayed", "mismatch", "in_progress", "released"] {
+            idempotent_requests.with_label_values(&[outcome]);
+        }
+        for outcome in ["delivered", "failed", "dead_lettered", "refused", "dropped"] {
+            webhook_deliveries.with_label_values(&[outcome]);
+        }
         Self {
             registry,
             process,
@@ -276,6 +412,9 @@ impl Metrics {
             finalize_seconds,
             lines_enqueued,
             upload_bytes,
+            lifecycle_removed,
+            quota_refusals,
+            idempotent_requests,
             queue_messages,
             pacing_wait,
             requeued,
@@ -285,6 +424,28 @@ impl Metrics {
             breaker_transitions,
             pacing_limit,
             retry_budget_exhausted,
+            rows_compacted,
+            segments_written,
+            compaction_seconds,
+            tenant_usage,
+            budget_lines,
+            budget_refusals,
+            webhook_deliveries,
+            batch_at_risk,
+        }
+    }
+
+    /// Creates the per-tenant series of the configured tenants at 0, so rate() sees their first
+    /// event.
+    pub fn init_tenants<'t>(&self, tenants: impl IntoIterator<Item = &'t str>) {
+        for tenant in tenants {
+            for kind in ["requests", "tokens"] {
+                self.tenant_usage.with_label_values(&[tenant, kind]);
+            }
+            for action in ["held", "failed"] {
+                self.budget_lines.with_label_values(&[tenant, action]);
+            }
+            self.budget_refusals.with_label_values(&[tenant]);
         }
     }
 

@@ -63,8 +63,19 @@ impl Store {
         tenant: &str,
         reserved_before_ms: i64,
     ) -> Result<u64, StoreError> {
-        let key = self.keys().tenant_open(tenant);
-        let entries: Vec<(String, f64)> = self.conn().zrange_withscores(&key, 0, -1).await?;
+        self.prune_batch_set(&self.keys().tenant_open(tenant), reserved_before_ms)
+            .await
+    }
+
+    /// Drops from the sorted set `key` of batch ids (scored by when each was taken, in ms) the
+    /// batches that are terminal, and those taken before `taken_before_ms` whose batch was never
+    /// stored; returns how many were dropped.
+    pub(crate) async fn prune_batch_set(
+        &self,
+        key: &str,
+        taken_before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let entries: Vec<(String, f64)> = self.conn().zrange_withscores(key, 0, -1).await?;
         if entries.is_empty() {
             return Ok(0);
         }
@@ -76,8 +87,8 @@ impl Store {
         let stale: Vec<&str> = entries
             .iter()
             .zip(&statuses)
-            .filter(|((_, reserved_at), status)| match status {
-                None => (*reserved_at as i64) < reserved_before_ms,
+            .filter(|((_, taken_at), status)| match status {
+                None => (*taken_at as i64) < taken_before_ms,
                 Some(s) => BatchStatus::parse(s).is_some_and(BatchStatus::is_terminal),
             })
             .map(|((id, _), _)| id.as_str())
@@ -85,7 +96,6 @@ impl Store {
         if stale.is_empty() {
             return Ok(0);
         }
-        let removed: u64 = self.conn().zrem(&key, &stale).await?;
-        Ok(removed)
+        Ok(self.conn().zrem(key, &stale).await?)
     }
 }

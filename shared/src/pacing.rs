@@ -3,7 +3,9 @@
 //! One provider's state lives under the hash tag `{<provider>}` (see [`Keys::pacing`]), and two Lua
 //! scripts touch it atomically:
 //!
-//! - [`Pacer::acquire`] runs before every call. It checks, in order, the circuit breaker (open:
+//! - [`Pacer::acquire`] runs before every call to a paced provider (one with a rate or
+//!   concurrency limit; an unpaced provider's calls read [`Pacer::view`], cached per worker, and
+//!   come here only while the breaker is not closed). It checks, in order, the circuit breaker (open:
 //!   wait; half-open: only a few probes), the fleet pause (set after a 429 or an exhausted
 //!   `x-ratelimit-remaining-*`), the adaptive concurrency limit (leases that expire, so a dead
 //!   worker holds a slot no longer than one call's timeout), then the request and token rates.
@@ -12,7 +14,8 @@
 //!   `max(TAT, S) + cost·T`. The caller sleeps until `S`, so calls leave the fleet evenly spaced.
 //!   A reservation further away than `reserve_ahead` is not taken: the caller waits and asks
 //!   again (the line keeps its consumer slot; the queue holds the rest).
-//! - [`Pacer::release`] runs after every call: it frees the lease, corrects the token bucket by
+//! - [`Pacer::release`] runs after every call that has something to say at once (successes
+//!   without a lease are summed into [`Pacer::report_successes`]): it frees the lease, corrects the token bucket by
 //!   (actual − charged) tokens, learns the provider's ratio of actual to estimated tokens (an
 //!   average that scales the next charges, so reservations taken ahead are right too), applies
 //!   AIMD to the concurrency limit (halve on a 429 at most once a second, +1 per `limit`
@@ -45,6 +48,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ri, ti, cost, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxc, lease, lease_ms, hold = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local cooldown, probes_max, tburst = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local max_charge = tonumber(ARGV[12])
 -- circuit breaker
 local probe = 0
 local b = redis.call('HMGET', KEYS[6], 'state', 'until', 'probes')
@@ -80,7 +84,7 @@ end
 local charged = 0
 if ti > 0 then
   local ratio = tonumber(redis.call('HGET', KEYS[5], 'tk_ratio') or '') or 1
-  charged = math.max(1, math.floor(cost * ratio + 0.5))
+  charged = math.min(max_charge, math.max(1, math.floor(cost * ratio + 0.5)))
 end
 local s = now
 local rtat, ttat = 0, 0
@@ -136,6 +140,8 @@ local lease, outcome, maxc = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local delta, ti = tonumber(ARGV[4]), tonumber(ARGV[5])
 local threshold, cooldown, pause_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local estimate, actual = tonumber(ARGV[9]), tonumber(ARGV[10])
+-- calls summed into this report (estimate and actual are their sums)
+local samples = tonumber(ARGV[11] or '1') or 1
 -- lease and AIMD
 local lim = 0
 if maxc > 0 then
@@ -156,7 +162,11 @@ end
 -- token correction, and the ratio of actual to estimated tokens that scales later charges
 if ti > 0 and actual >= 0 and estimate > 0 then
   local ratio = tonumber(redis.call('HGET', KEYS[5], 'tk_ratio') or '') or 1
-  ratio = math.min(4, math.max(0.02, 0.8 * ratio + 0.2 * actual / estimate))
+  -- one call moves the average by a bounded step, whatever it reports
+  local sample = math.min(ratio * 4, math.max(ratio / 4, actual / estimate))
+  -- n samples move the average as n single steps of 0.2 would if they were alike
+  local step = 1 - 0.8 ^ math.max(1, samples)
+  ratio = math.min(4, math.max(0.02, ratio + step * (sample - ratio)))
   redis.call('HSET', KEYS[5], 'tk_ratio', string.format('%.4f', ratio))
   redis.call('PEXPIRE', KEYS[5], 3600000)
 end
@@ -183,6 +193,10 @@ if outcome == 'fail' then
     st = 'open'
     changed = 1
   end
+elseif outcome == 'oks' then
+  -- successes summed over a while: they reset the failure count, but calls that started before
+  -- the breaker opened do not close it (only its probes do)
+  if st == 'closed' then redis.call('HSET', KEYS[6], 'fails', 0) end
 elseif outcome == 'ok' or outcome == 'throttled' then
   if st == 'half' then
     redis.call('HSET', KEYS[6], 'state', 'closed', 'fails', 0, 'probes', 0)
@@ -217,6 +231,8 @@ pub struct PaceLimits {
     breaker_failures: u32,
     breaker_cooldown_ms: u64,
     breaker_probes: u32,
+    /// Largest token cost one call is charged (`pacing.max_call_tokens`, else `tpm`).
+    max_call_tokens: u64,
 }
 
 impl PaceLimits {
@@ -237,7 +253,25 @@ impl PaceLimits {
             breaker_failures: w.breaker_failures,
             breaker_cooldown_ms: w.breaker_cooldown_ms,
             breaker_probes: w.breaker_probes,
+            max_call_tokens: p.max_call_tokens.or(p.tpm).unwrap_or(u64::MAX),
         }
+    }
+
+    /// The token cost to charge for a call estimated at `estimate`, and whether it was capped.
+    /// A capped estimate says nothing about the provider (the line asked for an absurd budget),
+    /// so it must not teach the limiter's actual/estimate ratio either.
+    pub fn charge_for(&self, estimate: u64) -> (u64, bool) {
+        if estimate > self.max_call_tokens {
+            (self.max_call_tokens, true)
+        } else {
+            (estimate, false)
+        }
+    }
+
+    /// What a call's `usage` may count toward the token bucket: an upstream that reports more than
+    /// a call can use would otherwise push every tenant's calls far into the future.
+    pub fn plausible_usage(&self, actual: u64) -> u64 {
+        actual.min(self.max_call_tokens)
     }
 
     /// Longest time ahead a rate reservation is taken.
@@ -249,6 +283,27 @@ impl PaceLimits {
     pub fn counts_tokens(&self) -> bool {
         self.token_interval_ms > 0.0
     }
+
+    /// Whether no rate or concurrency limit applies: a call then needs only the fleet pause and
+    /// the breaker, which workers read from a cached [`FleetView`] instead of a script per call.
+    pub fn unpaced(&self) -> bool {
+        self.request_interval_ms == 0.0
+            && self.token_interval_ms == 0.0
+            && self.max_concurrency == 0
+    }
+}
+
+/// What every replica must see of a provider without running a script: its fleet pause and its
+/// breaker, read with one pipelined round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetView {
+    /// Time left of the fleet pause, if one is set.
+    pub paused_for: Option<Duration>,
+    /// The breaker's state as stored (an open breaker past its cool-down still reads open: the
+    /// acquire script moves it to half-open).
+    pub breaker: BreakerState,
+    /// Failures counted toward opening the breaker since the last success reported.
+    pub fails: u64,
 }
 
 /// Why a call cannot start now.
@@ -324,6 +379,15 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    /// The state the scripts store (`None`: no breaker hash yet, so closed).
+    fn parse(stored: Option<&str>) -> Self {
+        match stored {
+            Some("open") => Self::Open,
+            Some("half") => Self::HalfOpen,
+            _ => Self::Closed,
+        }
+    }
+
     /// Gauge value: 0 closed, 1 half-open, 2 open.
     pub fn gauge(self) -> i64 {
         match self {
@@ -352,6 +416,47 @@ pub struct TokenUse {
     pub charged: u64,
     /// What the answer's `usage` says it used (`None`: no answer, or no call).
     pub actual: Option<u64>,
+}
+
+/// Successful calls of one provider summed for one report ([`Pacer::report_successes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Successes {
+    /// Calls summed.
+    pub calls: u64,
+    /// Sum of (actual − charged) tokens.
+    pub token_delta: i64,
+    /// Sums of the estimate and the actual tokens of the calls that teach the ratio.
+    pub estimate: u64,
+    pub actual: u64,
+    /// Calls that teach the ratio (an estimate and a reported usage).
+    pub samples: u64,
+}
+
+impl Successes {
+    /// One successful call's tokens.
+    pub fn of(tokens: TokenUse) -> Self {
+        let teaches = tokens.estimate > 0 && tokens.actual.is_some();
+        Self {
+            calls: 1,
+            token_delta: tokens.actual.unwrap_or(0) as i64 - tokens.charged as i64,
+            estimate: if teaches { tokens.estimate } else { 0 },
+            actual: if teaches {
+                tokens.actual.unwrap_or(0)
+            } else {
+                0
+            },
+            samples: u64::from(teaches),
+        }
+    }
+
+    /// Adds `other` to the sums.
+    pub fn add(&mut self, other: Self) {
+        self.calls += other.calls;
+        self.token_delta += other.token_delta;
+        self.estimate += other.estimate;
+        self.actual += other.actual;
+        self.samples += other.samples;
+    }
 }
 
 /// What [`Pacer::release`] left behind.
@@ -406,7 +511,8 @@ impl Pacer {
             .arg(limits.reserve_ahead_ms)
             .arg(limits.breaker_cooldown_ms)
             .arg(limits.breaker_probes)
-            .arg(limits.token_tolerance_ms);
+            .arg(limits.token_tolerance_ms)
+            .arg(limits.max_call_tokens);
         let (verdict, wait, flag, charged): (String, i64, i64, i64) =
             inv.invoke_async(&mut self.store.conn()).await?;
         let wait = Duration::from_millis(wait.max(0) as u64);
@@ -467,16 +573,46 @@ impl Pacer {
             .arg(tokens.actual.map_or(-1, |a| a as i64));
         let (state, changed, limit): (String, i64, i64) =
             inv.invoke_async(&mut self.store.conn()).await?;
-        let breaker = match state.as_str() {
-            "open" => BreakerState::Open,
-            "half" => BreakerState::HalfOpen,
-            _ => BreakerState::Closed,
-        };
+        let breaker = BreakerState::parse(Some(&state));
         Ok(Released {
             breaker,
             breaker_changed: changed == 1,
             concurrency_limit: limit.max(0) as u32,
         })
+    }
+
+    /// Reports successful calls summed over a while: their token corrections, what they teach the
+    /// actual/estimate ratio, and a reset of the breaker's failure count. No lease, AIMD step,
+    /// pause or breaker transition rides on it; those are reported per call.
+    pub async fn report_successes(
+        &self,
+        provider: &str,
+        limits: &PaceLimits,
+        sum: Successes,
+    ) -> Result<()> {
+        let keys = self.keys(provider);
+        let mut inv = RELEASE.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        let (estimate, actual) = if sum.samples > 0 {
+            (sum.estimate, sum.actual as i64)
+        } else {
+            (0, -1)
+        };
+        inv.arg("")
+            .arg("oks")
+            .arg(0)
+            .arg(sum.token_delta)
+            .arg(limits.token_interval_ms)
+            .arg(limits.breaker_failures)
+            .arg(limits.breaker_cooldown_ms)
+            .arg(0)
+            .arg(estimate)
+            .arg(actual)
+            .arg(sum.samples.max(1));
+        let _: (String, i64, i64) = inv.invoke_async(&mut self.store.conn()).await?;
+        Ok(())
     }
 
     /// Whether calls hold concurrency leases (then they must be renewed while the call runs).
@@ -493,6 +629,25 @@ impl Pacer {
             .invoke_async(&mut self.store.conn())
             .await?;
         Ok(n == 1)
+    }
+
+    /// The provider's fleet pause and breaker, in one round trip.
+    pub async fn view(&self, provider: &str) -> Result<FleetView> {
+        let k = self.store.keys();
+        let (left, (state, fails)): (i64, (Option<String>, Option<u64>)) = redis::pipe()
+            .cmd("PTTL")
+            .arg(k.pacing(provider, "pause"))
+            .cmd("HMGET")
+            .arg(k.pacing(provider, "breaker"))
+            .arg("state")
+            .arg("fails")
+            .query_async(&mut self.store.conn())
+            .await?;
+        Ok(FleetView {
+            paused_for: (left > 0).then(|| Duration::from_millis(left as u64)),
+            breaker: BreakerState::parse(state.as_deref()),
+            fails: fails.unwrap_or(0),
+        })
     }
 
     /// How much longer the provider's fleet pause lasts, if one is set.

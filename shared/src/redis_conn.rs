@@ -18,8 +18,6 @@ use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 /// How many commands of a split pipeline are in flight at once on a cluster.
 const CLUSTER_PIPELINE_FANOUT: usize = 32;
 
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRIES: u32 = 6;
 
 /// A multiplexed, auto-reconnecting Redis connection, cheap to clone.
@@ -32,12 +30,17 @@ pub enum RedisConn {
 }
 
 impl RedisConn {
-    /// Connects to one server at `url`.
-    pub async fn single(url: &str) -> RedisResult<Self> {
+    /// Connects to one server at `url`. Every command (scripts included) fails after
+    /// `response_timeout` without a reply, so a stalled server cannot wedge a caller.
+    pub async fn single(
+        url: &str,
+        connection_timeout: Duration,
+        response_timeout: Duration,
+    ) -> RedisResult<Self> {
         let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+            .set_response_timeout(Some(response_timeout))
+            .set_connection_timeout(Some(connection_timeout))
             .set_number_of_retries(RETRIES as usize);
         Ok(Self::Single(
             ConnectionManager::new_with_config(client, config).await?,
@@ -45,10 +48,14 @@ impl RedisConn {
     }
 
     /// Connects to the cluster that `seeds` (node URLs) belong to.
-    pub async fn cluster(seeds: &[&str]) -> RedisResult<Self> {
+    pub async fn cluster(
+        seeds: &[&str],
+        connection_timeout: Duration,
+        response_timeout: Duration,
+    ) -> RedisResult<Self> {
         let client = ClusterClient::builder(seeds.iter().copied())
-            .response_timeout(RESPONSE_TIMEOUT)
-            .connection_timeout(CONNECTION_TIMEOUT)
+            .response_timeout(response_timeout)
+            .connection_timeout(connection_timeout)
             .retries(RETRIES)
             .build()?;
         Ok(Self::Cluster(client.get_async_connection().await?))

@@ -14,10 +14,8 @@
 //! endpoint wins; when none does, the first one's reason is the error.
 
 use crate::config::{ProviderSettings, TaskSettings};
-use crate::domain::SUPPORTED_ENDPOINTS;
+use crate::domain::task_model;
 
-/// The model names that select a task of the batch router rather than a provider's model.
-pub const TASK_MODELS: &[&str] = &["extract", "summarize", "classify"];
 /// The one endpoint task models run on.
 pub const TASK_ENDPOINT: &str = "/v1/chat/completions";
 
@@ -112,11 +110,6 @@ impl ProviderSettings {
         }
         Ok(())
     }
-}
-
-/// Whether `model` names a task model.
-pub fn task_model(model: &str) -> Option<&'static str> {
-    TASK_MODELS.iter().copied().find(|t| *t == model)
 }
 
 /// Resolves a model to a provider (task models are not considered; see [`resolve_target`]).
@@ -235,42 +228,6 @@ pub fn resolve_target(
     }
 }
 
-/// Configuration check of one provider.
-pub fn check_provider(provider: &ProviderSettings) -> Result<(), String> {
-    for endpoint in &provider.endpoints {
-        if !SUPPORTED_ENDPOINTS.contains(&endpoint.as_str()) {
-            return Err(format!(
-                "providers[{}].endpoints holds {endpoint:?}, which is not one of {}",
-                provider.name,
-                SUPPORTED_ENDPOINTS.join(", ")
-            ));
-        }
-    }
-    if let Some(flavor) = provider
-        .flavors
-        .iter()
-        .find(|f| f.is_empty() || f.contains(':'))
-    {
-        return Err(format!(
-            "providers[{}].flavors holds {flavor:?}: a flavor is a non-empty word without ':'",
-            provider.name
-        ));
-    }
-    Ok(())
-}
-
-/// Configuration check of `[tasks]`.
-pub fn check_tasks(tasks: &TaskSettings) -> Result<(), String> {
-    if let Some(model) = &tasks.model
-        && (model.is_empty() || task_model(model).is_some())
-    {
-        return Err(format!(
-            "tasks.model is {model:?}: it must name a provider's model, not a task model"
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,12 +337,5 @@ mod tests {
             resolve_target(&providers, &tasks, "gpt-4o-mini", CHAT).unwrap(),
             Target::Model(_)
         ));
-        assert!(
-            check_tasks(&TaskSettings {
-                model: Some("extract".into()),
-                ..TaskSettings::default()
-            })
-            .is_err()
-        );
     }
 }

@@ -79,6 +79,12 @@ const missing = await client.batches.retrieve('batch_does_not_exist').catch((e) 
 assert.ok(missing instanceof OpenAI.NotFoundError, String(missing));
 assert.equal(missing.error?.type, 'invalid_request_error');
 
+// The input file of a batch that has not ended is in use (409): wait for the cancel to land.
+let last = await client.batches.retrieve(second.id);
+for (let i = 0; i < 300 && !terminal.includes(last.status); i++) {
+  await new Promise((r) => setTimeout(r, 100));
+  last = await client.batches.retrieve(second.id);
+}
 const deleted = await client.files.delete(file.id);
 assert.deepEqual(deleted, { id: file.id, object: 'file', deleted: true });
 const gone = await client.files.retrieve(file.id).catch((e) => e);

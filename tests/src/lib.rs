@@ -5,21 +5,23 @@
 //! worker as a separate `sluice` process for tests that kill it.
 
 pub mod bench;
+pub mod lossy_proxy;
 pub mod node;
 pub mod python;
 pub mod rabbitmq_server;
 pub mod redis_server;
+pub mod s3_server;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sluice_cli::mock_upstream::{MockConfig, MockStats, MockUpstream};
 use sluice_shared::config::{ProviderSettings, StorageSettings, TenantSettings, hash_api_key};
 use sluice_shared::metrics::Metrics;
 use sluice_shared::{Keys, Settings, Store};
 use sluice_worker::WorkerContext;
-use sluice_worker::mock_upstream::{MockConfig, MockStats, MockUpstream};
 use tokio_util::sync::CancellationToken;
 
 /// API key of tenant A in every test app.
@@ -64,6 +66,18 @@ pub struct AppOptions {
     pub aggregator: bool,
     /// Behaviour of the mock upstream.
     pub mock: MockConfig,
+    /// Where files are stored.
+    pub storage: StorageKind,
+}
+
+/// The object store a test app uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StorageKind {
+    /// A fresh local directory.
+    #[default]
+    Local,
+    /// A fresh bucket on a real S3-compatible server ([`s3_server::S3Server::shared`]).
+    S3,
 }
 
 impl Default for AppOptions {
@@ -72,6 +86,7 @@ impl Default for AppOptions {
             worker: true,
             aggregator: true,
             mock: MockConfig::default(),
+            storage: StorageKind::Local,
         }
     }
 }
@@ -117,6 +132,10 @@ pub fn test_settings(upstream_base: &str) -> Settings {
     s.api.listen = ([127, 0, 0, 1], 0).into();
     s.api.metrics_listen = ([127, 0, 0, 1], 0).into();
     s.storage = StorageSettings::Local { path: dir };
+    // A run may point at another broker (a private node while the shared one is sick).
+    if let Ok(url) = std::env::var("SLUICE_AMQP_URL") {
+        s.amqp_url = url;
+    }
     s.aggregator.sweep_interval_ms = 300;
     s.aggregator.redispatch_after_ms = 3_000;
     s.aggregator.lease_ms = 5_000;
@@ -145,14 +164,12 @@ pub fn test_settings(upstream_base: &str) -> Settings {
         TenantSettings {
             id: "tenant-a".into(),
             api_key_sha256: vec![hash_api_key(KEY_A)],
-            completed_as: None,
-            errors_in_output: false,
+            ..Default::default()
         },
         TenantSettings {
             id: "tenant-b".into(),
             api_key_sha256: vec![hash_api_key(KEY_B)],
-            completed_as: None,
-            errors_in_output: false,
+            ..Default::default()
         },
     ];
     s
@@ -179,10 +196,17 @@ pub async fn spawn_app_with(options: AppOptions, tweak: impl FnOnce(&mut Setting
         .await
         .expect("mock upstream starts");
     let mut settings = test_settings(&upstream);
+    if options.storage == StorageKind::S3 {
+        settings.storage = s3_server::S3Server::shared().new_bucket_settings();
+    }
     tweak(&mut settings);
+    // The test's own directory (config files for child processes), removed at cleanup: never a
+    // shared one such as the temp directory itself.
     let dir = match &settings.storage {
         StorageSettings::Local { path } => path.clone(),
-        StorageSettings::S3 { .. } => std::env::temp_dir(),
+        StorageSettings::S3 { .. } => std::env::temp_dir()
+            .join("sluice-tests")
+            .join(&settings.namespace),
     };
     let metrics = Metrics::new();
     let api = sluice_api::Application::build(settings.clone(), metrics.clone())
@@ -342,6 +366,17 @@ impl TestApp {
     }
 
     /// The batch object (tenant A's view unless `key` says otherwise).
+    /// `GET {path}` (under `/v1`) as `key`, answered with JSON.
+    pub async fn get_json(&self, key: &str, path: &str) -> Value {
+        self.req(reqwest::Method::GET, path, key)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     pub async fn get_batch(&self, key: &str, id: &str) -> Value {
         let (status, body) = self.get_batch_raw(key, id).await;
         assert_eq!(status, 200, "get batch: {body}");
@@ -357,6 +392,25 @@ impl TestApp {
             )
         })
         .await
+    }
+
+    /// Waits (up to a minute) until batch `id` has at least `n` finished lines, reading Redis
+    /// directly rather than through the API, which a dependency outage may be failing.
+    pub async fn wait_done(&self, id: &str, n: u64) {
+        let start = Instant::now();
+        loop {
+            let meta = self
+                .store
+                .get_batch(id)
+                .await
+                .expect("redis")
+                .expect("batch");
+            if meta.done() >= n {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{meta:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Polls until `done(batch)` holds; panics with the last state after `timeout`.
@@ -430,11 +484,18 @@ impl TestApp {
     pub fn write_config(&self) -> PathBuf {
         std::fs::create_dir_all(&self.dir).expect("test dir");
         let path = self.dir.join("sluice.toml");
+        // Written aside and renamed into place: a role started just before may still be reading
+        // the file, and a truncated read would start it on the defaults (another namespace, port
+        // 9090) instead of failing.
+        let staged = self
+            .dir
+            .join(format!("sluice.toml.{}", uuid::Uuid::new_v4().simple()));
         std::fs::write(
-            &path,
+            &staged,
             toml::to_string(&self.settings).expect("settings serialize"),
         )
         .expect("write config");
+        std::fs::rename(&staged, &path).expect("config into place");
         path
     }
 
@@ -446,7 +507,11 @@ impl TestApp {
             .arg("--config")
             .arg(config)
             .env("SLUICE_LOG__FORMAT", "pretty")
-            .env("RUST_LOG", "warn")
+            // SLUICE_TEST_CHILD_LOG=info shows what a child role did when a test fails.
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -456,9 +521,63 @@ impl TestApp {
         pid
     }
 
+    /// Starts `sluice api` as a child process on a spare port and waits until its `/readyz`
+    /// answers; points [`TestApp::base`] at it. Another test may take the spare port between
+    /// choosing it and the child binding it: a child that exits before it is ready is started
+    /// again on another port.
+    pub async fn spawn_ready_api_process(&mut self) -> u32 {
+        for _attempt in 0..5 {
+            let port = spare_port();
+            self.settings.api.listen = ([127, 0, 0, 1], port).into();
+            let pid = self.spawn_process("api");
+            let ready = format!("http://127.0.0.1:{port}/readyz");
+            // Generous: on a loaded 2-core CI machine start-up waits for Redis and the broker.
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                if self
+                    .http
+                    .get(&ready)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    self.base = format!("http://127.0.0.1:{port}/v1");
+                    return pid;
+                }
+                let child = self
+                    .children
+                    .iter_mut()
+                    .find(|c| c.id() == pid)
+                    .expect("spawned child");
+                if let Some(status) = child.try_wait().expect("child status") {
+                    eprintln!(
+                        "the API process on port {port} exited ({status}); trying another port"
+                    );
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the API process on port {port} never became ready"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        panic!("the API process exited before becoming ready on five ports in a row");
+    }
+
     /// Starts a worker process.
     pub fn spawn_worker_process(&mut self) -> u32 {
         self.spawn_process("worker")
+    }
+
+    /// Waits for a child process to exit on its own; its exit status.
+    pub fn wait_process(&mut self, pid: u32) -> std::process::ExitStatus {
+        let child = self
+            .children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .expect("spawned child");
+        child.wait().expect("child exits")
     }
 
     /// Sends `signal` (e.g. "KILL", "TERM") to a child process and waits for it to exit.
@@ -492,11 +611,18 @@ impl TestApp {
 
 /// A port free now whose companion port + 10000 is free too (a Redis Cluster bus, an Erlang
 /// distribution port).
+///
+/// Chosen below the kernel's ephemeral range (32768 and up), from which every `bind(…:0)` listener
+/// and every outgoing connection of the parallel tests takes its port: a port picked there can be
+/// taken by another test's server between this check and the child binding it, and the test then
+/// talks to the wrong server.
 pub fn spare_port() -> u16 {
+    const FIRST: u16 = 16_000;
+    const SPAN: u16 = 6_000;
     loop {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let port = FIRST + (uuid::Uuid::new_v4().as_u128() % u128::from(SPAN)) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
             return port;
         }
     }

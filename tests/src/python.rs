@@ -92,3 +92,48 @@ pub fn python_with(module: &str, package: &str, venv: &str) -> PathBuf {
     );
     venv_python
 }
+
+/// Runs `tests/python/<script>` with a Python that has the official `openai` SDK (installed into
+/// `target/py-venv` when missing), pointed at `base` with `key` and given `env`; panics with its
+/// output unless it exits 0 within `timeout`. Returns its stdout.
+pub async fn run_openai_script(
+    script: &str,
+    base: &str,
+    key: &str,
+    env: &[(&str, &str)],
+    timeout: std::time::Duration,
+) -> String {
+    let python = tokio::task::spawn_blocking(|| python_with("openai", "openai", "py-venv"))
+        .await
+        .expect("python lookup");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let child = tokio::process::Command::new(&python)
+        .arg(&path)
+        .env("OPENAI_BASE_URL", base)
+        .env("OPENAI_API_KEY", key)
+        .envs(env.iter().copied())
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("PYTHONUNBUFFERED", "1")
+        .env_remove("OPENAI_ORG_ID")
+        .env_remove("OPENAI_PROJECT_ID")
+        .env_remove("OPENAI_WEBHOOK_SECRET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish in {timeout:?}"))
+        .unwrap_or_else(|e| panic!("{script} does not run: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

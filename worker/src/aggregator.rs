@@ -13,6 +13,7 @@ use object_store::buffered::BufWriter;
 use sluice_shared::domain::{
     BatchEvent, BatchMeta, BatchStatus, Row, StopReason, now_millis, now_secs, result_file_ids,
 };
+use sluice_shared::segments::Merge;
 use sluice_shared::storage::result_path;
 use sluice_shared::store::Transition;
 use tokio::io::AsyncWriteExt;
@@ -20,10 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
 use crate::lease::Lease;
-use crate::lines::{LineProbe, RequestLines};
+use sluice_shared::lines::{LineProbe, RequestLines};
 
-/// Rows read from Redis per round trip while writing result files.
+/// Rows filled per script call, and rows merged between two looks at the lease.
 const ROW_CHUNK: u64 = 1_000;
+/// Part size of the result files' multipart writes (S3's minimum part is 5 MiB).
+const WRITE_PART_BYTES: usize = 8 * 1024 * 1024;
 
 /// Runs the finalize-event consumer and the sweep until `shutdown`.
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -73,6 +76,9 @@ async fn sweep_loop(ctx: WorkerContext, shutdown: CancellationToken) {
         }
         if let Err(e) = sweep(&ctx).await {
             tracing::warn!(error = %e, "Sweep failed.");
+        }
+        if let Err(e) = crate::lifecycle::sweep(&ctx).await {
+            tracing::warn!(error = %e, "Lifecycle sweep failed.");
         }
     }
 }
@@ -192,7 +198,14 @@ pub async fn finalize_if_ready(ctx: &WorkerContext, batch_id: &str) -> anyhow::R
         return Ok(());
     };
     if matches!(next_step(&meta), Next::Nothing) {
-        return Ok(());
+        // Not done yet: its finished rows may be due to leave Redis.
+        crate::compaction::compact_if_due(ctx, batch_id).await?;
+        // The batch's last row may have landed meanwhile, and its finalize event found the lease
+        // held by this compaction: finish it now rather than at the next sweep.
+        match ctx.store.get_batch(batch_id).await? {
+            Some(meta) if !matches!(next_step(&meta), Next::Nothing) => {}
+            _ => return Ok(()),
+        }
     }
     let ttl = Duration::from_millis(ctx.settings.aggregator.lease_ms);
     let Some(lease) = Lease::acquire(&ctx.store, ctx.keys.batch_lease(batch_id), ttl).await? else {
@@ -248,9 +261,17 @@ async fn finalize_leased(ctx: &WorkerContext, batch_id: &str, lease: &Lease) -> 
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(());
     };
+    // No row can be added any more (every line has its bit): move the rest into segments.
+    if !crate::compaction::compact_all(ctx, batch_id, lease).await? {
+        return Ok(());
+    }
     let Some((output, errors)) = write_files(ctx, batch_id, &meta, lease).await? else {
         return Ok(());
     };
+    // Only registered segments count; the rest is dead weight from compactions that died.
+    if let Err(e) = crate::compaction::delete_orphans(ctx, batch_id).await {
+        tracing::warn!(%batch_id, error = %e, "Could not delete orphan segments.");
+    }
     end(ctx, batch_id, &meta, terminal, output, errors, started).await
 }
 
@@ -273,7 +294,13 @@ async fn end(
     if meta.total().is_none() {
         extra.push(("total", "0".to_owned()));
     }
+    // Before the status: once it is written, its event must already be in the broker.
+    crate::webhooks::announce(ctx, batch_id, meta.tenant(), terminal).await?;
     if let Transition::Applied(_) = ctx.store.transition(batch_id, terminal, &extra).await? {
+        if ctx.settings.aggregator.exit_after_terminal_status {
+            tracing::error!(%batch_id, "Exiting right after a terminal status (fault injection).");
+            std::process::exit(86);
+        }
         ctx.metrics
             .batches_finished
             .with_label_values(&[terminal.as_str()])
@@ -309,14 +336,18 @@ async fn fill_missing(
         .get_file(meta.get("input_file_id").unwrap_or_default())
         .await?;
     let mut lines = match &input {
-        Some(f) => Some(
-            RequestLines::open(
-                &ctx.objects,
-                &object_store::path::Path::from(f.path()),
-                ctx.settings.limits.max_line_bytes as usize,
-            )
-            .await?,
-        ),
+        Some(f) => match RequestLines::open(
+            &ctx.objects,
+            &object_store::path::Path::from(f.path()),
+            ctx.settings.limits.max_line_bytes as usize,
+        )
+        .await
+        {
+            Ok(lines) => Some(lines),
+            // Bytes lost by storage: the batch must still end, with empty custom ids.
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        },
         None => None,
     };
     let mut chunk = Vec::with_capacity(ROW_CHUNK as usize);
@@ -339,13 +370,20 @@ async fn fill_missing(
                 return Ok(false);
             }
             chunk.clear();
+            // A large stopped batch fills many rows: they leave Redis as they go.
+            if let Some(meta) = ctx.store.get_batch(batch_id).await?
+                && crate::compaction::due(ctx, &meta)
+            {
+                crate::compaction::compact_once(ctx, batch_id, lease).await?;
+            }
         }
     }
     Ok(true)
 }
 
-/// Streams the rows, in input order, into the output and error files and registers them.
-/// Returns the two file ids (None where a file would be empty), or None if the lease was lost.
+/// Streams the rows, in input order (a k-way merge of the batch's segments), into the output and
+/// error files and registers them. Returns the two file ids (None where a file would be empty),
+/// or None if the lease was lost.
 async fn write_files(
     ctx: &WorkerContext,
     batch_id: &str,
@@ -356,44 +394,60 @@ async fn write_files(
     let (output_id, error_id) = result_file_ids(batch_id);
     let out_path = result_path(batch_id, "output");
     let err_path = result_path(batch_id, "errors");
-    let mut out = BufWriter::with_capacity(ctx.objects.clone(), out_path.clone(), 8 * 1024 * 1024);
-    let mut err = BufWriter::with_capacity(ctx.objects.clone(), err_path.clone(), 8 * 1024 * 1024);
+    // Parts in flight are bounded too: memory is the merge's readers plus a few parts, whatever
+    // the batch's size.
+    let writer = |path: &object_store::path::Path| {
+        BufWriter::with_capacity(ctx.objects.clone(), path.clone(), WRITE_PART_BYTES)
+            .with_max_concurrency(2)
+    };
+    let Some(segments) = crate::compaction::merge_down(ctx, batch_id, lease).await? else {
+        return Ok(None);
+    };
+    let (mut out, mut err) = (writer(&out_path), writer(&err_path));
     let (mut out_bytes, mut err_bytes) = (0u64, 0u64);
     let errors_in_output = ctx
         .settings
         .tenants
         .iter()
         .any(|t| t.id == meta.tenant() && t.errors_in_output);
-    let mut start = 0u64;
-    while start < total {
-        let end = (start + ROW_CHUNK).min(total);
-        let rows = ctx.store.get_rows(batch_id, start..end).await?;
-        for (offset, stored) in rows.iter().enumerate() {
-            let line = start + offset as u64;
-            let (ok, text) = stored.as_deref().and_then(Row::decode).ok_or_else(|| {
-                anyhow::anyhow!("row {line} of {batch_id} is missing at finalize")
-            })?;
-            let (writer, bytes) = if ok {
-                (&mut out, &mut out_bytes)
-            } else {
-                (&mut err, &mut err_bytes)
-            };
-            writer.write_all(text).await?;
-            writer.write_all(b"\n").await?;
-            *bytes += text.len() as u64 + 1;
-            if !ok && errors_in_output {
-                let failed = with_error_set(text)?;
-                out.write_all(&failed).await?;
-                out.write_all(b"\n").await?;
-                out_bytes += failed.len() as u64 + 1;
-            }
+    let mut merge = Merge::open(&ctx.objects, batch_id, &segments).await?;
+    let mut expected = 0u64;
+    while let Some((line, stored)) = merge.next().await? {
+        anyhow::ensure!(
+            line == expected,
+            "row {expected} of {batch_id} is missing at finalize"
+        );
+        expected += 1;
+        let (ok, text) = Row::decode(stored)
+            .ok_or_else(|| anyhow::anyhow!("row {line} of {batch_id} is empty"))?;
+        let (writer, bytes) = if ok {
+            (&mut out, &mut out_bytes)
+        } else {
+            (&mut err, &mut err_bytes)
+        };
+        writer.write_all(text).await?;
+        writer.write_all(b"\n").await?;
+        *bytes += text.len() as u64 + 1;
+        if !ok && errors_in_output {
+            let failed = with_error_set(text)?;
+            out.write_all(&failed).await?;
+            out.write_all(b"\n").await?;
+            out_bytes += failed.len() as u64 + 1;
         }
-        if lease.is_lost() {
+        if line % ROW_CHUNK == 0 && lease.is_lost() {
             out.abort().await.ok();
             err.abort().await.ok();
             return Ok(None);
         }
-        start = end;
+    }
+    anyhow::ensure!(
+        expected == total,
+        "row {expected} of {batch_id} is missing at finalize"
+    );
+    if lease.is_lost() {
+        out.abort().await.ok();
+        err.abort().await.ok();
+        return Ok(None);
     }
     let created_at = now_secs();
     let expires_at = created_at + meta.int("output_expires_after_secs").unwrap_or(30 * 86_400);
@@ -432,8 +486,12 @@ async fn write_files(
 
 /// A failed result line with `error` set (from the upstream's answer when the line has none), for
 /// output files that carry failures too.
+/// A row that does not parse (one stored by an older build, nested past the parser's limit) is
+/// written as it is: failing here would fail the finalize again on every attempt.
 fn with_error_set(line: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut value: serde_json::Value = serde_json::from_slice(line)?;
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return Ok(line.to_vec());
+    };
     if value.get("error").is_none_or(serde_json::Value::is_null) {
         value["error"] = sluice_shared::domain::failure_of(&value);
     }

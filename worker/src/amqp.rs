@@ -8,40 +8,56 @@ use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use sluice_shared::deps::within;
 use sluice_shared::{Keys, Settings, queue};
 use tokio_util::sync::CancellationToken;
 
 /// Opens a channel on `conn` consuming `queue_name` with `prefetch` unacked deliveries at most.
+/// Each step waits at most `dependencies.connect_timeout_ms`: a broker that stops answering fails
+/// the session (and its supervisor retries) instead of wedging it.
 pub async fn consume(
     conn: &Connection,
     settings: &Settings,
     queue_name: &str,
     prefetch: u16,
-) -> lapin::Result<(Channel, Consumer)> {
-    let channel = conn.create_channel().await?;
-    queue::declare_topology(
-        &channel,
-        &Keys::new(&settings.namespace),
-        settings.worker.delivery_limit,
+) -> anyhow::Result<(Channel, Consumer)> {
+    let timeout = settings.dependencies.connect_timeout();
+    let channel = within("opening a channel", timeout, conn.create_channel()).await?;
+    within(
+        "the topology declaration",
+        timeout,
+        queue::declare_topology(
+            &channel,
+            &Keys::new(&settings.namespace),
+            settings.worker.delivery_limit,
+        ),
     )
-    .await
-    .map_err(|e| match e {
-        queue::QueueError::Amqp(e) => e,
-        queue::QueueError::NotConfirmed => unreachable!("declaring does not publish"),
-    })?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
+    .await?;
+    within(
+        "setting the prefetch",
+        timeout,
+        channel.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await?;
     let tag = format!("{queue_name}-{}", uuid::Uuid::new_v4().simple());
-    let consumer = channel
-        .basic_consume(
+    let consumer = within(
+        "starting a consumer",
+        timeout,
+        channel.basic_consume(
             queue_name.into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     Ok((channel, consumer))
+}
+
+/// A consumer connection of this role (heartbeats on, connect bounded: see
+/// [`queue::connect_with`]).
+pub async fn connect(settings: &Settings, connection_name: &str) -> anyhow::Result<Connection> {
+    Ok(queue::connect_with(&settings.amqp_url, connection_name, &settings.dependencies).await?)
 }
 
 /// Consumes `queue_name` on a connection of its own (named `connection_name`) until `shutdown`,
@@ -59,7 +75,7 @@ where
     H: Fn(Delivery) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let conn = queue::connect(&settings.amqp_url, connection_name).await?;
+    let conn = connect(settings, connection_name).await?;
     let (channel, mut consumer) = consume(&conn, settings, queue_name, prefetch).await?;
     let tracker = tokio_util::task::TaskTracker::new();
     loop {

@@ -4,7 +4,8 @@
 //!
 //! Fairness: a batch has at most a window of lines in the work queue (dispatched, not finished)
 //! at a time: `worker.batch_window` lines, or `worker.batch_window_secs` of the batch's own recent
-//! throughput when that is more. The dispatcher publishes one window, records it in `dispatched`, acks the
+//! throughput when that is more; on a rate-limited provider, the window the fleet-wide schedule
+//! gives it (weights, deadlines, priority tiers: [`crate::schedule`]). The dispatcher publishes one window, records it in `dispatched`, acks the
 //! control message and then tops the window up every 200 ms as rows land, stamping
 //! `dispatch_alive_ms`; if it dies, the aggregator's sweep sees the stamp go stale and publishes
 //! the dispatch again (it resumes from `dispatched`). Another batch's lines thus queue behind at
@@ -23,16 +24,18 @@ use futures::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use sluice_shared::domain::{
-    BatchError, BatchEvent, BatchMeta, BatchStatus, LineItem, LinesMessage, now_millis,
+    BatchError, BatchEvent, BatchMeta, BatchStatus, LineItem, LinesMessage, StopReason, now_millis,
+    now_secs,
 };
-use sluice_shared::queue::check_confirm;
+use sluice_shared::queue::{QueueError, check_confirm};
 use sluice_shared::store::Transition;
 use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
 use crate::lease::Lease;
-use crate::lines::{LineProbe, RequestLine, RequestLines};
-use crate::validate::Validator;
+use crate::schedule::{Tracker, Window};
+use sluice_shared::lines::{LineProbe, RequestLine, RequestLines};
+use sluice_shared::validate::Validator;
 
 /// How often the checkpoint is saved, in confirmed lines.
 const CHECKPOINT_EVERY: u64 = 2_000;
@@ -64,15 +67,8 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
         return;
     };
     let started = Instant::now();
-    match dispatch(
-        &ctx,
-        &event.batch_id,
-        &shutdown,
-        ctx.settings.worker.batch_window,
-        &mut None,
-    )
-    .await
-    {
+    let mut tracker = Tracker::default();
+    match dispatch(&ctx, &event.batch_id, &shutdown, &mut tracker, &mut None).await {
         Ok(Dispatched::Done(result @ ("windowed" | "window_full"))) => {
             ctx.metrics
                 .dispatch_seconds
@@ -82,7 +78,7 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
             // consumer timeout; if this process dies, the sweep sees `dispatch_alive_ms` go
             // stale and publishes the dispatch again.
             ack(&delivery).await;
-            top_up(&ctx, &event.batch_id, &shutdown).await;
+            top_up(&ctx, &event.batch_id, &shutdown, &mut tracker).await;
         }
         Ok(Dispatched::Done(result)) => {
             ctx.metrics
@@ -108,6 +104,7 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
             }
         }
     }
+    tracker.leave(&ctx, &event.batch_id).await;
 }
 
 /// How often a dispatcher tops a batch's window up.
@@ -115,12 +112,23 @@ const TOP_UP_EVERY: Duration = Duration::from_millis(200);
 
 /// Keeps publishing a batch's next lines as its earlier ones finish, one window at a time, until
 /// every line is enqueued, the batch stops, another dispatcher holds it, or shutdown.
-async fn top_up(ctx: &WorkerContext, batch_id: &str, shutdown: &CancellationToken) {
-    let w = &ctx.settings.worker;
-    let mut window = w.batch_window;
+async fn top_up(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    shutdown: &CancellationToken,
+    tracker: &mut Tracker,
+) {
+    top_up_rounds(ctx, batch_id, shutdown, tracker).await;
+    tracker.leave(ctx, batch_id).await;
+}
+
+async fn top_up_rounds(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    shutdown: &CancellationToken,
+    tracker: &mut Tracker,
+) {
     let mut cursor = None;
-    let mut last: Option<(u64, Instant)> = None;
-    let mut rate = 0.0f64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -134,24 +142,7 @@ async fn top_up(ctx: &WorkerContext, batch_id: &str, shutdown: &CancellationToke
             tracing::warn!(%batch_id, error = %e, "Could not stamp a dispatch; retrying.");
             continue;
         }
-        // The window covers `batch_window_secs` of the batch's own recent throughput (at least
-        // `batch_window` lines), so a fast batch is never starved by its own window while a slow
-        // (rate-limited) one keeps few lines ahead of other batches.
-        if let Ok(Some(meta)) = ctx.store.get_batch(batch_id).await {
-            let done = meta.done();
-            if let Some((before, at)) = last {
-                let secs = at.elapsed().as_secs_f64().max(1e-3);
-                let now_rate = done.saturating_sub(before) as f64 / secs;
-                rate = if rate == 0.0 {
-                    now_rate
-                } else {
-                    0.7 * rate + 0.3 * now_rate
-                };
-                window = ((rate * w.batch_window_secs as f64) as u64).max(w.batch_window);
-            }
-            last = Some((done, Instant::now()));
-        }
-        match dispatch(ctx, batch_id, shutdown, window, &mut cursor).await {
+        match dispatch(ctx, batch_id, shutdown, tracker, &mut cursor).await {
             Ok(Dispatched::Done("windowed" | "window_full")) => {}
             Ok(_) => return,
             Err(e) => {
@@ -176,7 +167,7 @@ async fn dispatch(
     ctx: &WorkerContext,
     batch_id: &str,
     shutdown: &CancellationToken,
-    window: u64,
+    tracker: &mut Tracker,
     cursor: &mut Option<RequestLines>,
 ) -> anyhow::Result<Dispatched> {
     let lease_ttl = Duration::from_millis(ctx.settings.aggregator.lease_ms);
@@ -191,7 +182,7 @@ async fn dispatch(
         // aggregator's sweep publishes the dispatch again).
         return Ok(Dispatched::Done("busy"));
     };
-    let result = dispatch_leased(ctx, batch_id, shutdown, &lease, window, cursor).await;
+    let result = dispatch_leased(ctx, batch_id, shutdown, &lease, tracker, cursor).await;
     lease.release().await;
     result
 }
@@ -201,7 +192,7 @@ async fn dispatch_leased(
     batch_id: &str,
     shutdown: &CancellationToken,
     lease: &Lease,
-    window: u64,
+    tracker: &mut Tracker,
     cursor: &mut Option<RequestLines>,
 ) -> anyhow::Result<Dispatched> {
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
@@ -221,6 +212,7 @@ async fn dispatch_leased(
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
     };
+    let window = tracker.window(ctx, batch_id, &meta).await;
     enqueue(ctx, batch_id, &meta, shutdown, lease, window, cursor).await
 }
 
@@ -228,11 +220,18 @@ async fn dispatch_leased(
 async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyhow::Result<bool> {
     let endpoint = meta.get("endpoint").unwrap_or_default().to_owned();
     let input_id = meta.get("input_file_id").unwrap_or_default().to_owned();
-    let file = ctx
+    let mut file = ctx
         .store
         .get_file(&input_id)
         .await?
         .filter(|f| f.tenant() == meta.tenant());
+    // An expired file is one the expiry sweep may delete any time: only a batch that took it
+    // before it expired (the sweep waits for those) may read it.
+    if file.as_ref().is_some_and(|f| f.expired(now_secs()))
+        && !ctx.store.is_file_user(&input_id, batch_id).await?
+    {
+        file = None;
+    }
     let opened = match &file {
         Some(f) => RequestLines::open(
             &ctx.objects,
@@ -253,7 +252,7 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
             param: Some("file_id".into()),
             line: None,
         };
-        fail(ctx, batch_id, vec![error]).await?;
+        fail(ctx, batch_id, meta, vec![error]).await?;
         return Ok(false);
     };
     if file.as_ref().and_then(|f| f.get("purpose")) != Some("batch") {
@@ -263,24 +262,34 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
             param: Some("input_file_id".into()),
             line: None,
         };
-        fail(ctx, batch_id, vec![error]).await?;
+        fail(ctx, batch_id, meta, vec![error]).await?;
         return Ok(false);
     }
-    let serves = |model: &str| crate::validate::check_model(&ctx.settings, model, &endpoint);
-    let mut validator = Validator::new(&endpoint, ctx.settings.limits.max_lines, &serves);
-    while let Some(line) = lines.next_line().await? {
+    let serves =
+        |model: &str| sluice_shared::validate::check_model(&ctx.settings, model, &endpoint);
+    let mut validator = Validator::new(&endpoint, &ctx.settings.limits, &serves)
+        .one_model_per_batch(ctx.settings.one_model_per_batch(meta.tenant()));
+    // Stops at `max_lines + 1` lines: a longer file fails whatever the rest holds, and reading
+    // on would only cost time (the errors kept are bounded either way).
+    while !validator.done()
+        && let Some(line) = lines.next_line().await?
+    {
         validator.check(&line);
     }
-    let (errors, total, model) = validator.finish();
-    if !errors.is_empty() {
-        fail(ctx, batch_id, errors).await?;
+    let verdict = validator.finish();
+    if !verdict.errors.is_empty() {
+        fail(ctx, batch_id, meta, verdict.errors).await?;
         return Ok(false);
     }
-    let extra = [
-        ("total", total.to_string()),
-        ("model", model.unwrap_or_default()),
+    let mut extra = vec![
+        ("total", verdict.lines.to_string()),
         ("dispatched", "0".to_owned()),
     ];
+    // A batch whose lines name different models has none: its `model` stays null, and workers
+    // route each line by its own.
+    if let Some(model) = verdict.model {
+        extra.push(("model", model));
+    }
     match ctx
         .store
         .transition(batch_id, BatchStatus::InProgress, &extra)
@@ -292,8 +301,15 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
     }
 }
 
-async fn fail(ctx: &WorkerContext, batch_id: &str, errors: Vec<BatchError>) -> anyhow::Result<()> {
+async fn fail(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    meta: &BatchMeta,
+    errors: Vec<BatchError>,
+) -> anyhow::Result<()> {
     let errors = serde_json::json!({"object": "list", "data": errors}).to_string();
+    // Before the status: once it is written, its event must already be in the broker.
+    crate::webhooks::announce(ctx, batch_id, meta.tenant(), BatchStatus::Failed).await?;
     if let Transition::Applied(_) = ctx
         .store
         .transition(batch_id, BatchStatus::Failed, &[("errors", errors)])
@@ -321,35 +337,41 @@ async fn enqueue(
     meta: &BatchMeta,
     shutdown: &CancellationToken,
     lease: &Lease,
-    window: u64,
+    window: Window,
     cursor: &mut Option<RequestLines>,
 ) -> anyhow::Result<Dispatched> {
-    let input = ctx
-        .store
-        .get_file(meta.get("input_file_id").unwrap_or_default())
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("input file vanished during dispatch"))?;
+    let input_id = meta.get("input_file_id").unwrap_or_default();
+    let Some(input) = ctx.store.get_file(input_id).await? else {
+        return input_lost(ctx, batch_id, input_id).await;
+    };
     let start = meta.int("dispatched").unwrap_or(0).max(0) as u64;
     // Fairness: at most `batch_window` lines of this batch wait in the work queue (dispatched but
     // not finished). The rest are published later, when the aggregator's sweep sees the window
     // half empty and sends the dispatch again (it resumes from `dispatched`).
     // A round reads the input on from where the previous round of this dispatcher stopped (or from
-    // the top after a resume), and runs once half the window is free.
+    // the top after a resume), and runs once half the window is free (a scheduled window: once
+    // any of it is, as its size is the batch's share of the provider).
     let all = meta.total().unwrap_or(0);
-    let total = all.min(meta.done() + window);
-    if start >= total || (start > meta.done() + window / 2 && total < all) {
+    let total = all.min(meta.done() + window.lines);
+    let half_full = start > meta.done() + window.lines / 2 && total < all;
+    if start >= total || (half_full && !window.eager) {
         return Ok(Dispatched::Done("window_full"));
     }
     let mut lines = match cursor.take() {
         Some(reader) if reader.next_index() <= start => reader,
-        _ => {
-            RequestLines::open(
-                &ctx.objects,
-                &object_store::path::Path::from(input.path()),
-                ctx.settings.limits.max_line_bytes as usize,
-            )
-            .await?
-        }
+        _ => match RequestLines::open(
+            &ctx.objects,
+            &object_store::path::Path::from(input.path()),
+            ctx.settings.limits.max_line_bytes as usize,
+        )
+        .await
+        {
+            Ok(lines) => lines,
+            Err(object_store::Error::NotFound { .. }) => {
+                return input_lost(ctx, batch_id, input_id).await;
+            }
+            Err(e) => return Err(e.into()),
+        },
     };
     let channel = ctx.publisher.channel().await?;
     let queue = if all <= ctx.settings.worker.express_lines {
@@ -398,7 +420,17 @@ async fn enqueue(
                 break;
             }
         }
-        let Some((first, count, result)) = pending.next().await else {
+        // A broker that stopped confirming fails the round; the dispatch comes back and resumes
+        // from the last checkpoint, on a fresh connection.
+        let next = match tokio::time::timeout(ctx.publisher.confirm_timeout(), pending.next()).await
+        {
+            Ok(next) => next,
+            Err(_) => {
+                ctx.publisher.invalidate().await;
+                return Err(QueueError::ConfirmTimeout(ctx.publisher.confirm_timeout()).into());
+            }
+        };
+        let Some((first, count, result)) = next else {
             break;
         };
         check_confirm(result?)?;
@@ -435,6 +467,38 @@ async fn enqueue(
     } else {
         "enqueued"
     }))
+}
+
+/// A running batch whose input file is gone (deleted before files were protected, or lost by
+/// storage) can never enqueue its remaining lines: retrying would spin until expiry. It stops
+/// instead, and the aggregator ends it `failed`, its unrun lines with `input_file_lost` rows.
+async fn input_lost(
+    ctx: &WorkerContext,
+    batch_id: &str,
+    input_id: &str,
+) -> anyhow::Result<Dispatched> {
+    if ctx
+        .store
+        .mark_stopping(batch_id, StopReason::InputLost)
+        .await?
+    {
+        tracing::warn!(%batch_id, %input_id, "The input file of a running batch is gone; the batch fails.");
+        let error = BatchError {
+            code: "input_file_lost".into(),
+            message: format!(
+                "The input file {input_id} was deleted or lost while the batch ran; the lines \
+                 not yet run were not executed."
+            ),
+            param: Some("input_file_id".into()),
+            line: None,
+        };
+        let errors = serde_json::json!({"object": "list", "data": [error]}).to_string();
+        ctx.store
+            .set_batch_fields(batch_id, &[("errors", errors)])
+            .await?;
+        crate::work::notify_aggregator(ctx, batch_id).await;
+    }
+    Ok(Dispatched::Done("input_lost"))
 }
 
 /// The work-queue message for `lines` (consecutive lines of `batch_id`, already validated).

@@ -3,29 +3,37 @@
 //! - [`dispatcher`]: validates an input file and enqueues its lines, several per message.
 //! - [`work`]: calls the upstream for each line and records its row; dead-lettered lines too.
 //! - [`aggregator`]: writes result files, finishes batches, expires and recovers them.
+//! - [`call`]: one attempt at one line, through a provider or a task model.
+//! - [`lifecycle`]: deletes expired files and removes batch records past their retention.
+//! - [`compaction`]: moves finished rows out of Redis into sorted segment objects while a batch runs.
 //! - [`upstream`]: the HTTP client and the one retry policy.
 //! - [`tasks`]: the task models (`extract`, `summarize`, `classify`) run through a backing model.
+//! - [`schedule`]: the window each batch of a rate-limited provider gets, fleet-wide.
 //! - [`queue_depth`]: the queues' backlog as a metric.
-//! - [`mock_upstream`]: an OpenAI-compatible stand-in model server for demos, tests and benchmarks.
+//! - [`webhooks`]: signed batch events, announced with the terminal status and delivered at least once.
 
 pub mod aggregator;
 pub mod amqp;
+pub mod call;
+pub mod compaction;
 pub mod dispatcher;
+pub mod fleet_view;
 pub mod lease;
-pub mod lines;
+pub mod lifecycle;
 pub mod local_pace;
-pub mod mock_tasks;
-pub mod mock_upstream;
 pub mod ops;
+pub mod pace_reports;
 pub mod queue_depth;
+pub mod schedule;
 pub mod tasks;
 pub mod upstream;
-pub mod validate;
+pub mod webhooks;
 pub mod work;
 
 use std::sync::Arc;
 
 use object_store::ObjectStore;
+use sluice_shared::deps::{Health, Startup};
 use sluice_shared::metrics::Metrics;
 use sluice_shared::pacing::Pacer;
 use sluice_shared::queue::Publisher;
@@ -46,6 +54,10 @@ pub struct WorkerContext {
     pub pacer: Pacer,
     /// This process's smoothing of its asks to `pacer`.
     pub local_pace: local_pace::LocalPace,
+    /// This process's copy of its unpaced providers' fleet pause and breaker.
+    pub fleet_views: fleet_view::FleetViews,
+    /// Successes of paced calls, reported to `pacer` summed.
+    pub pace_reports: pace_reports::PaceReports,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -59,16 +71,25 @@ impl std::fmt::Debug for WorkerContext {
 impl WorkerContext {
     /// Connects to Redis, the broker and object storage.
     pub async fn build(settings: Settings, metrics: Metrics) -> anyhow::Result<Self> {
+        let startup = Startup::new(&settings.dependencies, Health::default());
+        Self::build_with(settings, metrics, &startup).await
+    }
+
+    /// [`WorkerContext::build`], reaching Redis and the broker through `startup`: retried with a
+    /// `warn` line per failed attempt, reported to its [`Health`], until its deadline if any.
+    pub async fn build_with(
+        settings: Settings,
+        metrics: Metrics,
+        startup: &Startup,
+    ) -> anyhow::Result<Self> {
         let keys = Keys::new(&settings.namespace);
-        let store = Store::open(&settings).await?;
-        let objects = sluice_shared::storage::build(&settings.storage)?;
-        let publisher = Publisher::connect(
-            &settings.amqp_url,
-            "sluice-worker-publisher",
-            keys.clone(),
-            settings.worker.delivery_limit,
-        )
-        .await?;
+        let store = startup.store("back end", &settings).await?;
+        let objects =
+            sluice_shared::storage::build_with(&settings.storage, &settings.dependencies)?;
+        let publisher = startup
+            .publisher("back end", &settings, "sluice-worker-publisher")
+            .await?;
+        startup.health().connected(&store, &publisher);
         let upstream = upstream::Upstream::new(&settings)?;
         for p in &settings.providers {
             let limits = [
@@ -85,8 +106,18 @@ impl WorkerContext {
                 }
             }
         }
+        metrics.init_tenants(settings.tenants.iter().map(|t| t.id.as_str()));
         let pacer = Pacer::new(store.clone());
         let local_pace = local_pace::LocalPace::new(&settings.providers);
+        let w = &settings.worker;
+        let fleet_views = fleet_view::FleetViews::new(
+            pacer.clone(),
+            std::time::Duration::from_millis(w.fleet_view_ms),
+        );
+        let pace_reports = pace_reports::PaceReports::new(
+            pacer.clone(),
+            std::time::Duration::from_millis(w.pacing_report_ms),
+        );
         Ok(Self {
             settings: Arc::new(settings),
             keys,
@@ -97,6 +128,8 @@ impl WorkerContext {
             metrics,
             pacer,
             local_pace,
+            fleet_views,
+            pace_reports,
         })
     }
 }
@@ -134,10 +167,13 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
     Ok(())
 }
 
-/// Runs the aggregator role until `shutdown`; it also samples the queues' depth.
+/// Runs the aggregator role until `shutdown`; it also samples the queues' depth and delivers
+/// webhooks.
 pub async fn run_aggregator(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let depth = tokio::spawn(queue_depth::run(ctx.clone(), shutdown.clone()));
+    let hooks = tokio::spawn(webhooks::run(ctx.clone(), shutdown.clone()));
     let result = aggregator::run(ctx, shutdown).await;
     depth.abort();
+    hooks.await??;
     result
 }

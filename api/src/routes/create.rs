@@ -4,11 +4,17 @@
 //! - a JSON object with `requests` and no `input_file_id`: an inline batch (seed 000/001);
 //! - a body whose first line is a request line (`custom_id`…), whatever the content type: JSONL;
 //! - anything else: the OpenAI create over an uploaded file, with its usual errors.
+//!
+//! Memory is bounded by configuration: a JSONL body and a large inline body stream into storage
+//! line by line (element by element), and only the first `limits.max_json_body_bytes` of any other
+//! body are held; a body of another form above that is refused with 413.
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
+use bytes::BytesMut;
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::batches::create_from_json;
@@ -25,7 +31,8 @@ use crate::state::AppState;
             (crate::openapi::CreateBatchRequest = "application/json"),
             (String = "application/jsonl"),
         )),
-    responses((status = 200, description = "The new batch, `validating`", body = crate::openapi::Batch), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 413, description = "Over the size limit", body = crate::openapi::ErrorResponse), (status = 429, description = "Too many open batches", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse), (status = 501, description = "The provider does not take batch work", body = crate::openapi::ErrorResponse), (status = 503, description = "Not ready, or no provider configured", body = crate::openapi::ErrorResponse)))]
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the create safe to retry: the same key with the same request within `idempotency.retention_secs` (24 h) answers the first success again (with `idempotent-replayed: true`) and creates nothing. Per tenant; at most `idempotency.max_key_chars` (255) visible ASCII characters.")),
+    responses((status = 200, description = "The new batch, `validating`", body = crate::openapi::Batch, headers(("idempotent-replayed" = String, description = "`true` when this is the recorded answer to an earlier request with the same `Idempotency-Key`."))), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 403, description = "Inline or JSONL-body requests would take the tenant past its storage quota (`storage_quota_exceeded`)", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 409, description = "The `Idempotency-Key` was used with another request (`idempotency_key_reused`), or its first request is still running (`idempotency_key_in_progress`, retryable)", body = crate::openapi::ErrorResponse), (status = 413, description = "Over the size limit", body = crate::openapi::ErrorResponse), (status = 429, description = "Too many open batches (`batch_limit_exceeded`), or the tenant's budget is spent (`budget_exceeded`, with the reset in `sluice-budget-reset` and `retry-after`)", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse), (status = 501, description = "The provider does not take batch work", body = crate::openapi::ErrorResponse), (status = 503, description = "Not ready, or no provider configured", body = crate::openapi::ErrorResponse)))]
 pub async fn create(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -33,29 +40,37 @@ pub async fn create(
 ) -> Result<Json<Value>, ApiError> {
     let jsonl = is_jsonl(request.headers());
     let body: Body = request.into_body();
+    let mut chunks = body.into_data_stream().map(|chunk| {
+        chunk.map_err(|e| ApiError::bad_request(format!("The request body could not be read: {e}")))
+    });
     if jsonl {
-        return jsonl_body::create(&state, &tenant, body.into_data_stream())
+        return jsonl_body::create(&state, &tenant, chunks).await.map(Json);
+    }
+    // Only the first `max_json_body_bytes` (and one chunk) are held: enough to tell the forms
+    // apart and to parse an ordinary create object; a longer body streams or is refused.
+    let cap = state.settings.limits.max_json_body_bytes;
+    let mut head = BytesMut::new();
+    let mut whole = false;
+    while head.len() as u64 <= cap {
+        match chunks.next().await {
+            Some(chunk) => head.extend_from_slice(&chunk?),
+            None => {
+                whole = true;
+                break;
+            }
+        }
+    }
+    let head = head.freeze();
+    if looks_like_lines(&head) {
+        let all = futures::stream::iter([Ok(head)]).chain(chunks);
+        return jsonl_body::create(&state, &tenant, all).await.map(Json);
+    }
+    if !whole {
+        return inline::create_streamed(&state, &tenant, head, chunks)
             .await
             .map(Json);
     }
-    let limit = state.settings.limits.max_upload_bytes;
-    let bytes = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|_| ApiError::Coded {
-            status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!(
-                "The request body could not be read whole: it is over the limit of {limit} \
-                 bytes, or the connection broke."
-            ),
-            param: None,
-            code: "request_too_large",
-            errors: None,
-        })?;
-    if looks_like_lines(&bytes) {
-        let chunks = futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes)]);
-        return jsonl_body::create(&state, &tenant, chunks).await.map(Json);
-    }
-    let body = parse_json(&bytes)?;
+    let body = parse_json(&head)?;
     if let Some(map) = body.as_object()
         && map.contains_key("requests")
         && !map.contains_key("input_file_id")
@@ -65,8 +80,22 @@ pub async fn create(
     create_from_json(&state, &tenant, &body).await.map(Json)
 }
 
+/// 413 for a create body of the `input_file_id` form (or no known form) over its cap.
+pub(crate) fn json_too_large(limit: u64) -> ApiError {
+    ApiError::Coded {
+        status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!(
+            "The request body is too large: a JSON create body is limited to {limit} bytes. \
+             Send many requests inline ('requests'), as a JSONL body, or as an uploaded file."
+        ),
+        param: None,
+        code: "request_too_large",
+        errors: None,
+    }
+}
+
 /// Whether the content type announces JSON Lines.
-fn is_jsonl(headers: &HeaderMap) -> bool {
+pub(crate) fn is_jsonl(headers: &HeaderMap) -> bool {
     let Some(value) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -86,7 +115,7 @@ fn is_jsonl(headers: &HeaderMap) -> bool {
 
 /// Whether a body is request lines rather than one create object: its first non-blank line is a
 /// JSON object with a `custom_id` (and no `input_file_id` / `requests`).
-fn looks_like_lines(bytes: &[u8]) -> bool {
+pub(crate) fn looks_like_lines(bytes: &[u8]) -> bool {
     let Some(first) = bytes
         .split(|b| *b == b'\n')
         .map(<[u8]>::trim_ascii)
@@ -139,5 +168,72 @@ mod tests {
         assert!(!looks_like_lines(b"{\n  \"custom_id\": \"a\"\n}"));
         assert!(!looks_like_lines(br#"{"requests":[{"custom_id":"a"}]}"#));
         assert!(!looks_like_lines(b"not json"));
+    }
+}
+
+#[cfg(test)]
+mod form_properties {
+    use super::*;
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn content_type(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(header::CONTENT_TYPE, v);
+        }
+        h
+    }
+
+    /// Flips the case of the letters `mask` selects.
+    fn recase(s: &str, mask: u64) -> String {
+        s.chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if mask >> (i % 64) & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// The media type decides, whatever its case, surrounding spaces and parameters.
+        #[test]
+        fn jsonl_detection_ignores_case_and_parameters(
+            kind in prop_oneof![
+                Just(("application/jsonl", true)),
+                Just(("application/x-ndjson", true)),
+                Just(("application/json-seq", true)),
+                Just(("application/json", false)),
+                Just(("text/plain", false)),
+            ],
+            mask in any::<u64>(),
+            params in "( ?; ?[a-z]{1,8}=[a-z0-9-]{0,8}){0,3}",
+        ) {
+            let (essence, jsonl) = kind;
+            let value = format!(" {}{params}", recase(essence, mask));
+            prop_assert_eq!(is_jsonl(&content_type(&value)), jsonl, "{}", value);
+        }
+
+        /// Request lines are told from one create object by their first non-blank line alone.
+        #[test]
+        fn lines_are_told_by_their_first_line(
+            blank in "[ \t\r\n]{0,6}",
+            first in prop_oneof![
+                Just((r#"{"custom_id":"a","body":{}}"#, true)),
+                Just((r#"{"custom_id":"a","requests":[]}"#, false)),
+                Just((r#"{"input_file_id":"f","custom_id":"a"}"#, false)),
+                Just((r#"{"requests":[{"custom_id":"a"}]}"#, false)),
+                Just(("[1]", false)),
+            ],
+            rest in prop::collection::vec(any::<String>(), 0..4),
+        ) {
+            let (line, lines) = first;
+            let body = format!("{blank}{line}\n{}", rest.join("\n"));
+            prop_assert_eq!(looks_like_lines(body.as_bytes()), lines, "{:?}", body);
+        }
     }
 }

@@ -30,9 +30,9 @@ use serde_json::{Value, json};
 use sluice_shared::domain::{
     BatchError, BatchStatus, SUPPORTED_ENDPOINTS, failure_of, new_file_id, now_secs,
 };
+use sluice_shared::lines::{LineProbe, RequestLines};
 use sluice_shared::storage::upload_path;
-use sluice_worker::lines::{LineProbe, RequestLines};
-use sluice_worker::validate::{Validator, check_model};
+use sluice_shared::validate::{Validator, check_model};
 
 use super::batches::{
     CreateBatch, load_batch, parse_completion_window, release_batch, reserve_batch, store_reserved,
@@ -46,12 +46,8 @@ use crate::state::AppState;
 pub(crate) const DEFAULT_ENDPOINT: &str = "/v1/chat/completions";
 /// Window of batches created without one (seed 000/001 and 003).
 pub(crate) const DEFAULT_WINDOW: &str = "24h";
-/// Input files created from a request body expire like uploads.
-const INPUT_EXPIRES_AFTER_SECS: i64 = 30 * 86_400;
 /// Bad lines named in the error message (all of them are in `error.errors`).
 const LINES_IN_MESSAGE: usize = 10;
-/// Bad lines listed in `error.errors`.
-const MAX_LISTED_ERRORS: usize = 1_000;
 /// Multipart chunks uploaded at once per file.
 const PART_CONCURRENCY: usize = 2;
 /// Reshaped `/output` bytes gathered before one chunk is sent.
@@ -64,23 +60,24 @@ pub(crate) struct StoredInput {
 }
 
 /// `POST /v1/batches` with a JSONL body: one request per line.
-pub(crate) async fn create<S, E>(
+pub(crate) async fn create<S>(
     state: &AppState,
     tenant: &Tenant,
     chunks: S,
 ) -> Result<Value, ApiError>
 where
-    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
-    E: std::fmt::Display,
+    S: Stream<Item = Result<Bytes, ApiError>> + Send + Unpin,
 {
     let batch_id = reserve_batch(state, tenant).await?;
-    let stored = match store_lines(state, tenant, chunks, None, "requests.jsonl", false).await {
-        Ok(stored) => stored,
-        Err(e) => {
-            release_batch(state, tenant, &batch_id).await;
-            return Err(e);
-        }
-    };
+    let limit = state.settings.limits.max_jsonl_body_bytes;
+    let stored =
+        match store_lines(state, tenant, chunks, None, "requests.jsonl", false, limit).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                release_batch(state, tenant, &batch_id).await;
+                return Err(e);
+            }
+        };
     let (completion_window, window) = default_window(state);
     let params = CreateBatch {
         input_file_id: stored.file_id,
@@ -89,6 +86,7 @@ where
         window,
         metadata: None,
         output_expires_after_secs: None,
+        priority: None,
     };
     store_reserved(state, tenant, &batch_id, params).await
 }
@@ -104,20 +102,21 @@ pub(crate) fn default_window(state: &AppState) -> (String, Duration) {
 
 /// Streams request lines into a new input file of `tenant`, checking each as the dispatcher
 /// will; registers the file only when every line is good. `endpoint` `None` takes it from the
-/// first line's `url`. `inline` names lines as `requests[i]` in messages.
-pub(crate) async fn store_lines<S, E>(
+/// first line's `url`. `inline` names lines as `requests[i]` in messages. Above `limit` bytes of
+/// lines the answer is 413; reading stops early once the verdict is certain (more lines than a
+/// batch may hold).
+pub(crate) async fn store_lines<S>(
     state: &AppState,
     tenant: &Tenant,
     mut chunks: S,
     endpoint: Option<&str>,
     filename: &str,
     inline: bool,
+    limit: u64,
 ) -> Result<StoredInput, ApiError>
 where
-    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
-    E: std::fmt::Display,
+    S: Stream<Item = Result<Bytes, ApiError>> + Send + Unpin,
 {
-    let limit = state.settings.limits.max_upload_bytes;
     let file_id = new_file_id();
     let path = upload_path(&file_id);
     let upload = state
@@ -128,18 +127,14 @@ where
     let mut writer = WriteMultipart::new(upload);
     let (mut tx, rx) = futures::channel::mpsc::channel::<object_store::Result<Bytes>>(4);
 
-    // Producer: the body, to storage and to the checker.
+    // Producer: the body, to storage and to the checker. `Ok(None)`: the checker stopped first.
     let produce = async {
         let mut bytes: u64 = 0;
         let outcome = loop {
             let chunk = match chunks.next().await {
-                None => break Ok(bytes),
+                None => break Ok(Some(bytes)),
                 Some(Ok(chunk)) => chunk,
-                Some(Err(e)) => {
-                    break Err(ApiError::bad_request(format!(
-                        "The request body could not be read: {e}"
-                    )));
-                }
+                Some(Err(e)) => break Err(e),
             };
             bytes += chunk.len() as u64;
             if bytes > limit {
@@ -152,7 +147,7 @@ where
             }
             writer.put(chunk.clone());
             if tx.send(Ok(chunk)).await.is_err() {
-                break Err(anyhow::anyhow!("the line checker stopped early").into());
+                break Ok(None);
             }
         };
         drop(tx);
@@ -161,6 +156,7 @@ where
 
     // Consumer: every line through the dispatcher's validator.
     let settings = state.settings.clone();
+    let one_model = settings.one_model_per_batch(tenant.id());
     let check = async move {
         let mut lines =
             RequestLines::from_stream(rx.boxed(), settings.limits.max_line_bytes as usize);
@@ -176,14 +172,19 @@ where
                 .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
         };
         let serves = |model: &str| check_model(&settings, model, &endpoint);
-        let mut validator = Validator::new(&endpoint, settings.limits.max_lines, &serves);
+        let mut validator =
+            Validator::new(&endpoint, &settings.limits, &serves).one_model_per_batch(one_model);
         let mut next = first;
         while let Some(line) = next {
             validator.check(&line);
-            next = lines.next_line().await?;
+            // More lines than a batch may hold: the answer is known, stop reading the body.
+            next = if validator.done() {
+                None
+            } else {
+                lines.next_line().await?
+            };
         }
-        let (errors, _total, _model) = validator.finish();
-        Ok::<_, object_store::Error>((errors, endpoint))
+        Ok::<_, object_store::Error>((validator.finish(), endpoint))
     };
 
     let (produced, checked) = futures::join!(produce, check);
@@ -192,8 +193,11 @@ where
         (Ok(_), Err(e)) => Err(anyhow::Error::new(e)
             .context("Failed to read back request lines")
             .into()),
-        (Ok(_), Ok((errors, _))) if !errors.is_empty() => Err(line_errors(errors, inline)),
-        (Ok(bytes), Ok((_, endpoint))) => Ok((bytes, endpoint)),
+        (Ok(_), Ok((verdict, _))) if !verdict.errors.is_empty() => {
+            Err(line_errors(verdict.errors, verdict.invalid, inline))
+        }
+        (Ok(None), Ok(_)) => Err(anyhow::anyhow!("the line checker stopped early").into()),
+        (Ok(Some(bytes)), Ok((_, endpoint))) => Ok((bytes, endpoint)),
     };
     let (bytes, endpoint) = match outcome {
         Ok(done) => done,
@@ -214,17 +218,19 @@ where
         ("created_at", created_at.to_string()),
         (
             "expires_at",
-            (created_at + INPUT_EXPIRES_AFTER_SECS).to_string(),
+            (created_at + state.settings.lifecycle.batch_file_expires_after_secs as i64)
+                .to_string(),
         ),
         ("filename", filename.to_owned()),
         ("purpose", "batch".to_owned()),
         ("path", path.to_string()),
     ];
-    state
-        .store
-        .put_file(&file_id, tenant.id(), &fields)
-        .await
-        .context("Failed to record an input file")?;
+    if let Err(e) = super::files::register_upload(state, tenant, &file_id, &fields, bytes).await {
+        if let Err(delete) = state.files.delete(&path).await {
+            tracing::warn!(error = %delete, %file_id, "Failed to delete the bytes of a refused input file.");
+        }
+        return Err(e);
+    }
     Ok(StoredInput { file_id, endpoint })
 }
 
@@ -250,13 +256,15 @@ const LINE_CODES: &[&str] = &[
     "duplicate_custom_id",
     "line_too_long",
     "too_many_tasks",
+    "too_many_errors",
     "empty_file",
     "unsupported_document",
     "unsupported_endpoint",
 ];
 
-/// Bad lines as one answer: 503 / 501 when a model cannot run here at all, else 400 listing them.
-fn line_errors(errors: Vec<BatchError>, inline: bool) -> ApiError {
+/// Bad lines as one answer: 503 / 501 when a model cannot run here at all, else 400 listing them
+/// (`errors` is bounded by the validator; `invalid` counts every bad line, listed or not).
+fn line_errors(errors: Vec<BatchError>, invalid: u64, inline: bool) -> ApiError {
     for (code, status) in [
         ("no_provider_configured", StatusCode::SERVICE_UNAVAILABLE),
         ("not_implemented", StatusCode::NOT_IMPLEMENTED),
@@ -271,7 +279,9 @@ fn line_errors(errors: Vec<BatchError>, inline: bool) -> ApiError {
             };
         }
     }
-    let same_code = errors.iter().all(|e| e.code == errors[0].code);
+    let same_code = errors
+        .iter()
+        .all(|e| e.code == errors[0].code || e.code == "too_many_errors");
     let code = LINE_CODES
         .iter()
         .copied()
@@ -294,11 +304,12 @@ fn line_errors(errors: Vec<BatchError>, inline: bool) -> ApiError {
             .take(LINES_IN_MESSAGE)
             .map(|e| format!("{}: {}", place(e), e.message))
             .collect();
-        format!(
-            "{} requests are invalid; nothing was created. {}",
-            errors.len(),
-            listed.join(" ")
-        )
+        let what = if invalid > 0 {
+            format!("{invalid} requests are invalid")
+        } else {
+            "The requests are invalid".to_owned()
+        };
+        format!("{what}; nothing was created. {}", listed.join(" "))
     };
     if errors.len() > LINES_IN_MESSAGE {
         message.push_str(&format!(
@@ -311,13 +322,12 @@ fn line_errors(errors: Vec<BatchError>, inline: bool) -> ApiError {
     } else {
         None
     };
-    let listed: Vec<&BatchError> = errors.iter().take(MAX_LISTED_ERRORS).collect();
     ApiError::Coded {
         status: StatusCode::BAD_REQUEST,
         message,
         param,
         code,
-        errors: Some(json!(listed)),
+        errors: Some(json!(errors)),
     }
 }
 
@@ -461,20 +471,22 @@ mod tests {
         };
         let err = line_errors(
             vec![e("invalid_json_line", 2), e("model_not_found", 4)],
+            2,
             false,
         );
         assert_eq!(err.status(), StatusCode::BAD_REQUEST);
         let text = err.to_string();
         assert!(text.contains("line 2: invalid_json_line here"), "{text}");
         assert!(text.contains("line 4: model_not_found here"), "{text}");
-        let err = line_errors(vec![e("model_not_found", 1)], true);
+        let err = line_errors(vec![e("model_not_found", 1)], 1, true);
         assert!(err.to_string().contains("requests[0]"), "{err}");
         let err = line_errors(
             vec![e("model_not_found", 1), e("not_implemented", 2)],
+            2,
             false,
         );
         assert_eq!(err.status(), StatusCode::NOT_IMPLEMENTED);
-        let err = line_errors(vec![e("no_provider_configured", 1)], false);
+        let err = line_errors(vec![e("no_provider_configured", 1)], 1, false);
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -22,26 +22,51 @@ use utoipa_axum::routes;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, ensure_envelope};
+use crate::idempotency::{self, Guard};
 use crate::openapi::ApiDoc;
 use crate::state::AppState;
 
 pub mod batches;
+pub mod console;
 pub mod create;
 pub(crate) mod dialect;
 pub mod files;
 pub mod health;
 pub(crate) mod inline;
 pub mod jsonl_body;
+pub mod results;
+pub mod retry;
+pub mod usage;
 
 /// Room for the multipart framing and the small fields around the file part.
 const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
 /// Accepted `expires_after.seconds` / `output_expires_after.seconds` (one hour to 30 days).
 pub(crate) const EXPIRES_AFTER_SECS: std::ops::RangeInclusive<i64> = 3_600..=2_592_000;
+/// Most bytes of client text echoed back in an error message.
+pub(crate) const ECHO_BYTES: usize = 256;
+
+/// 400 on `param` when a client-sent id is longer than `limits.max_id_chars`: such an id names
+/// nothing, and is never looked up, stored or echoed.
+pub(crate) fn check_id(state: &AppState, param: &str, id: &str) -> Result<(), ApiError> {
+    let max = state.settings.limits.max_id_chars;
+    if id.chars().count() as u64 > max {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "Invalid '{param}': string too long. Expected at most {max} characters."
+            ),
+            param: Some(param.to_owned()),
+            code: Some("string_above_max_length"),
+        });
+    }
+    Ok(())
+}
+
 /// Longest wait for the broker to confirm an event before the request gives up on it.
 const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The whole API: `/v1/files…`, `/v1/batches…`, `/livez`, `/readyz` and `/openapi.json`, which
-/// describes the rest (each handler is registered with its `#[utoipa::path]` entry).
+/// describes the rest (each handler is registered with its `#[utoipa::path]` entry), plus the web
+/// console's static page at `/console`.
 pub fn router(state: AppState) -> Router {
     let max_upload = state.settings.limits.max_upload_bytes;
     // Uploads stream past axum's default 2 MiB body limit; the hard cap still stops a client that
@@ -56,15 +81,41 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::map_response_with_state(
             max_upload,
             files::too_large_as_envelope,
+        ))
+        .layer(middleware::from_fn_with_state(
+            Guard::new(state.clone(), max_upload.saturating_add(MULTIPART_OVERHEAD)),
+            idempotency::guard,
         ));
+    let limits = &state.settings.limits;
+    let largest_create = limits
+        .max_json_body_bytes
+        .max(limits.max_inline_body_bytes)
+        .max(limits.max_jsonl_body_bytes);
+    let create = OpenApiRouter::new()
+        .routes(routes!(create::create, batches::list))
+        .layer(middleware::from_fn_with_state(
+            Guard::new(state.clone(), largest_create),
+            idempotency::guard,
+        ));
+    // A retry creates a batch too, and its own retries must not make two.
+    let retry =
+        OpenApiRouter::new()
+            .routes(routes!(retry::retry))
+            .layer(middleware::from_fn_with_state(
+                Guard::new(state.clone(), limits.max_json_body_bytes),
+                idempotency::guard,
+            ));
     let v1 = OpenApiRouter::new()
         .routes(routes!(files::list))
         .routes(routes!(files::retrieve, files::delete))
         .routes(routes!(files::content))
-        .routes(routes!(create::create, batches::list))
+        .merge(create)
         .routes(routes!(batches::retrieve))
         .routes(routes!(jsonl_body::output))
+        .routes(routes!(results::results))
         .routes(routes!(batches::cancel))
+        .routes(routes!(usage::usage))
+        .merge(retry)
         .merge(upload);
     let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/v1", v1)
@@ -72,6 +123,12 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(health::readyz))
         .split_for_parts();
     let spec = Arc::new(spec);
+    let router = if state.settings.api.console {
+        // Not in the OpenAPI document: a page for people, not part of the API.
+        router.merge(console::router())
+    } else {
+        router
+    };
     router
         .route(
             "/openapi.json",

@@ -9,7 +9,13 @@
 //!    rate over a full steady minute and the busiest 10-second window;
 //! 2. `tpm`: a token limit; achieved tokens per minute over a steady minute;
 //! 3. `retry-after`: the upstream answers 429 with `Retry-After: 5` once; the gap in calls;
-//! 4. `fairness`: tenant B's 10-line batch submitted while tenant A's 50,000-line batch runs.
+//! 4. `fairness`: tenant B's 10-line batch submitted while tenant A's 50,000-line batch runs;
+//! 5. `weights`: tenants of weights 3 and 1 compete for a `--sched-rpm` provider (default 1,200);
+//!    calls of each over a minute of contention;
+//! 6. `tenants`: equal weights, tenant A with one batch and tenant B with five;
+//! 7. `deadline`: a `1h` batch created after a `24h` one of the same tenant; who finishes when;
+//! 8. `background`: a `background` batch running when another tenant's batch arrives; its calls
+//!    during that batch's run.
 //!
 //! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench-pacing`
 //! (`-- --only rpm` runs one scenario; `--workers 4` is the default; `--big N` sizes tenant A's
@@ -21,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_shared::config::{PacingSettings, StorageSettings};
 use sluice_shared::{Settings, Store};
-use sluice_tests::bench::{sluice_bin, wait_ready};
+use sluice_tests::bench::{redis_commandstats, sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, KEY_B, MODEL, test_settings};
-use sluice_worker::mock_upstream::{MockConfig, MockUpstream};
 use tokio_util::sync::CancellationToken;
 
 const PORT: u16 = 18_090;
@@ -101,6 +107,17 @@ async fn start(
 
 impl Env {
     async fn submit(&self, key: &str, lines: &[Value]) -> anyhow::Result<String> {
+        self.submit_with(key, lines, json!({"completion_window": "24h"}))
+            .await
+    }
+
+    /// Uploads `lines` and creates a batch with `fields` (at least `completion_window`).
+    async fn submit_with(
+        &self,
+        key: &str,
+        lines: &[Value],
+        fields: Value,
+    ) -> anyhow::Result<String> {
         let mut body = Vec::new();
         for l in lines {
             body.extend_from_slice(l.to_string().as_bytes());
@@ -122,11 +139,14 @@ impl Env {
             .json()
             .await?;
         let file = file["id"].as_str().context("upload")?.to_owned();
+        let mut create = fields;
+        create["input_file_id"] = json!(file);
+        create["endpoint"] = json!("/v1/chat/completions");
         let batch: Value = self
             .http
             .post(format!("{}/batches", self.base))
             .bearer_auth(key)
-            .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+            .json(&create)
             .send()
             .await?
             .json()
@@ -207,6 +227,16 @@ fn max_window(events: &[(u64, u64)], window_ms: u64) -> u64 {
     best
 }
 
+/// Script calls (`EVAL`, `EVALSHA`) Redis has run so far, from `INFO commandstats`.
+async fn script_calls(store: &Store) -> anyhow::Result<u64> {
+    let stats = redis_commandstats(store).await?;
+    Ok(stats
+        .iter()
+        .filter(|(name, _)| name.starts_with("eval"))
+        .map(|(_, n)| n)
+        .sum())
+}
+
 async fn rpm(rpm: u64, workers: usize) -> anyhow::Result<()> {
     let burst_ms = 1_000;
     let env = start(
@@ -229,8 +259,10 @@ async fn rpm(rpm: u64, workers: usize) -> anyhow::Result<()> {
     let lines: Vec<Value> = (0..n)
         .map(|i| line(&format!("r-{i}"), json!({}), None))
         .collect();
+    let scripts_before = script_calls(&env.store).await?;
     let id = env.submit(KEY_A, &lines).await?;
     let status = env.wait_done(&id, Duration::from_secs(300)).await?;
+    let scripts = script_calls(&env.store).await? - scripts_before;
     let times: Vec<(u64, u64)> = env.mock.stats().times.iter().map(|t| (*t, 1)).collect();
     let first = times.iter().map(|e| e.0).min().unwrap_or(0);
     let first_minute = weight_between(&times, first, first + 60_000);
@@ -238,10 +270,11 @@ async fn rpm(rpm: u64, workers: usize) -> anyhow::Result<()> {
     let burst = rpm * burst_ms / 60_000;
     let peak10 = max_window(&times, 10_000);
     println!(
-        "| {rpm} RPM, {workers} workers, {n} lines ({status}) | steady minute (10–70 s): {steady} calls ({:+.2} %); first minute: {first_minute} ({:+.2} %); busiest 10 s: {peak10} calls (limit {} + burst {burst}) |",
+        "| {rpm} RPM, {workers} workers, {n} lines ({status}) | steady minute (10–70 s): {steady} calls ({:+.2} %); first minute: {first_minute} ({:+.2} %); busiest 10 s: {peak10} calls (limit {} + burst {burst}); Redis script calls per line (whole server): {:.2} |",
         (steady as f64 / rpm as f64 - 1.0) * 100.0,
         (first_minute as f64 / rpm as f64 - 1.0) * 100.0,
         rpm / 6,
+        scripts as f64 / n as f64,
     );
     env.finish().await;
     Ok(())
@@ -402,6 +435,177 @@ async fn fairness(workers: usize, big: usize, rpm: Option<u64>) -> anyhow::Resul
     Ok(())
 }
 
+/// `n` lines with custom ids (and mock keys, so calls are told apart) `{prefix}-0…`.
+fn lines_of(prefix: &str, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i}");
+            line(&id, json!({"key": id}), None)
+        })
+        .collect()
+}
+
+/// Arrival times of the calls of lines whose custom id starts with `prefix`, sorted.
+fn call_times(env: &Env, prefix: &str) -> Vec<u64> {
+    let mut times: Vec<u64> = env
+        .mock
+        .stats()
+        .per_key
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .flat_map(|(_, t)| t.iter().copied())
+        .collect();
+    times.sort_unstable();
+    times
+}
+
+fn count_between(times: &[u64], from: u64, to: u64) -> usize {
+    times.iter().filter(|t| **t >= from && **t < to).count()
+}
+
+/// A scheduling scenario's provider: `rpm`, small batches only in the express queue.
+async fn sched_env(
+    workers: usize,
+    rpm: u64,
+    tweak: impl FnOnce(&mut Settings),
+) -> anyhow::Result<Env> {
+    start(
+        MockConfig {
+            latency_ms: 20,
+            ..Default::default()
+        },
+        workers,
+        |s| {
+            s.providers[0].pacing = PacingSettings {
+                rpm: Some(rpm),
+                ..Default::default()
+            };
+            s.worker.express_lines = 10;
+            tweak(s);
+        },
+    )
+    .await
+}
+
+/// Calls of tenant A (prefix `a`) and tenant B (`b`) over the minute from 10 s after the first.
+fn contention_minute(env: &Env) -> (usize, usize) {
+    let (a, b) = (call_times(env, "a"), call_times(env, "b"));
+    let first = a
+        .first()
+        .copied()
+        .unwrap_or(0)
+        .max(b.first().copied().unwrap_or(0));
+    let (from, to) = (first + 10_000, first + 70_000);
+    (count_between(&a, from, to), count_between(&b, from, to))
+}
+
+async fn weights(workers: usize, rpm: u64) -> anyhow::Result<()> {
+    let env = sched_env(workers, rpm, |s| s.tenants[0].weight = 3.0).await?;
+    let per_sec = rpm as usize / 60;
+    // Enough for 80 s of contention each: A takes 3/4 of the rate, B 1/4.
+    let a = env.submit(KEY_A, &lines_of("a", per_sec * 60)).await?;
+    let b = env.submit(KEY_B, &lines_of("b", per_sec * 20)).await?;
+    let (a_status, b_status) = (
+        env.wait_done(&a, Duration::from_secs(600)).await?,
+        env.wait_done(&b, Duration::from_secs(600)).await?,
+    );
+    let (na, nb) = contention_minute(&env);
+    println!(
+        "| weights 3:1, {rpm} RPM, {workers} workers, one batch each ({a_status}/{b_status}) | over a minute of contention: A {na} calls, B {nb} calls, A/B = {:.3} ({:+.1} % from 3) |",
+        na as f64 / nb as f64,
+        (na as f64 / nb as f64 / 3.0 - 1.0) * 100.0
+    );
+    env.finish().await;
+    Ok(())
+}
+
+async fn tenants(workers: usize, rpm: u64) -> anyhow::Result<()> {
+    let env = sched_env(workers, rpm, |_| {}).await?;
+    let per_sec = rpm as usize / 60;
+    let a = env.submit(KEY_A, &lines_of("a", per_sec * 45)).await?;
+    let mut bs = Vec::new();
+    for i in 0..5 {
+        bs.push(
+            env.submit(KEY_B, &lines_of(&format!("b{i}"), per_sec * 9))
+                .await?,
+        );
+    }
+    for b in &bs {
+        env.wait_done(b, Duration::from_secs(600)).await?;
+    }
+    env.wait_done(&a, Duration::from_secs(600)).await?;
+    let (na, nb) = contention_minute(&env);
+    println!(
+        "| equal weights, {rpm} RPM, {workers} workers: A one batch, B five | over a minute of contention: A {na} calls, B {nb} calls, A/B = {:.3} ({:+.1} % from 1) |",
+        na as f64 / nb as f64,
+        (na as f64 / nb as f64 - 1.0) * 100.0
+    );
+    env.finish().await;
+    Ok(())
+}
+
+async fn deadline(workers: usize, rpm: u64) -> anyhow::Result<()> {
+    let env = sched_env(workers, rpm, |_| {}).await?;
+    let n = rpm as usize / 2;
+    let started = Instant::now();
+    let day = env.submit(KEY_A, &lines_of("day", n)).await?;
+    while env.done(&day).await? < (n / 10) as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hour_created = started.elapsed().as_secs_f64();
+    let hour = env
+        .submit_with(
+            KEY_A,
+            &lines_of("hour", n),
+            json!({"completion_window": "1h"}),
+        )
+        .await?;
+    env.wait_done(&hour, Duration::from_secs(600)).await?;
+    let hour_done = started.elapsed().as_secs_f64();
+    env.wait_done(&day, Duration::from_secs(600)).await?;
+    let day_done = started.elapsed().as_secs_f64();
+    let (d, h) = (call_times(&env, "day"), call_times(&env, "hour"));
+    let during = count_between(&d, h[0], *h.last().unwrap_or(&0));
+    println!(
+        "| deadline: {n}-line 24h batch, then at 10 % a {n}-line 1h batch (same tenant), {rpm} RPM, {workers} workers | 1h created at {hour_created:.1} s, done at {hour_done:.1} s; 24h done at {day_done:.1} s; 24h calls during the 1h batch's run: {during} of {} ({:.1} %) |",
+        during + h.len(),
+        100.0 * during as f64 / (during + h.len()) as f64
+    );
+    env.finish().await;
+    Ok(())
+}
+
+async fn background(workers: usize, rpm: u64) -> anyhow::Result<()> {
+    let env = sched_env(workers, rpm, |_| {}).await?;
+    let per_sec = rpm as usize / 60;
+    let bg = env
+        .submit_with(
+            KEY_A,
+            &lines_of("bg", per_sec * 40),
+            json!({"completion_window": "24h", "priority": "background"}),
+        )
+        .await?;
+    while env.done(&bg).await? < (per_sec * 4) as u64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fg = env.submit(KEY_B, &lines_of("fg", per_sec * 20)).await?;
+    env.wait_done(&fg, Duration::from_secs(600)).await?;
+    env.wait_done(&bg, Duration::from_secs(600)).await?;
+    let (b, f) = (call_times(&env, "bg"), call_times(&env, "fg"));
+    let (from, to) = (f[0], *f.last().unwrap_or(&0));
+    let during = count_between(&b, from, to);
+    // Past the background lines queued before the other batch came, and before its tail.
+    let middle = count_between(&b, f[f.len() / 4], f[3 * f.len() / 4]);
+    println!(
+        "| background: a background batch running, another tenant's {}-line batch arrives, {rpm} RPM, {workers} workers | its run took {:.1} s ({:.1} s at the full rate); background calls during it: {during}, in its middle half: {middle} |",
+        f.len(),
+        (to - from) as f64 / 1_000.0,
+        f.len() as f64 / (rpm as f64 / 60.0)
+    );
+    env.finish().await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -432,6 +636,19 @@ async fn main() -> anyhow::Result<()> {
     if run("fairness") {
         let rpm = arg("--fairness-rpm").map(|r| r.parse().expect("--fairness-rpm N"));
         fairness(workers, big, rpm).await?;
+    }
+    let sched_rpm: u64 = arg("--sched-rpm").map_or(1_200, |r| r.parse().expect("--sched-rpm N"));
+    if run("weights") {
+        weights(workers, sched_rpm).await?;
+    }
+    if run("tenants") {
+        tenants(workers, sched_rpm).await?;
+    }
+    if run("deadline") {
+        deadline(workers, sched_rpm).await?;
+    }
+    if run("background") {
+        background(workers, sched_rpm).await?;
     }
     Ok(())
 }

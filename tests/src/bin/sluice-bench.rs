@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_shared::Store;
 use sluice_shared::config::{StorageSettings, hash_api_key};
-use sluice_tests::bench::{sluice_bin, wait_ready};
+use sluice_tests::bench::{
+    CpuMeter, Procs, listener_pid, memory_kib, redis_commandstats, sluice_bin, wait_ready,
+};
 use sluice_tests::{KEY_A, MODEL, test_settings};
-use sluice_worker::mock_upstream::{MockConfig, MockUpstream};
 use tokio_util::sync::CancellationToken;
 
 struct Args {
@@ -63,31 +65,6 @@ fn parse_args() -> Args {
         i += 2;
     }
     a
-}
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            c.kill().ok();
-            c.wait().ok();
-        }
-    }
-}
-
-/// Peak resident set (VmHWM) and current resident set (VmRSS) of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
 }
 
 fn write_input(path: &Path, lines: usize, line_bytes: usize) -> anyhow::Result<u64> {
@@ -229,7 +206,8 @@ async fn main() -> anyhow::Result<()> {
     procs.0.push(spawn("aggregator")?);
     let agg_pid = procs.0[1].id();
     // Ingest is measured first with a dispatch-only worker, so nothing consumes while it enqueues.
-    let mut dispatcher = spawn("dispatcher")?;
+    // Held in `Procs` so a run that fails before the drain still kills it.
+    let dispatcher = Procs(vec![spawn("dispatcher")?]);
     let http = reqwest::Client::new();
     let base = "http://127.0.0.1:18080/v1".to_owned();
     wait_ready(&http, &base).await?;
@@ -277,10 +255,32 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let drain = t.elapsed().as_secs_f64();
-    dispatcher.kill().ok();
-    dispatcher.wait().ok();
+    drop(dispatcher);
 
-    // 3. One big batch, end to end, with the line workers doing the dispatch too.
+    // 3. One big batch, end to end, with the line workers doing the dispatch too. Its CPU cost is
+    // read from /proc for every process; Redis and RabbitMQ are shared with whatever else runs on
+    // the machine, so their figures include that load.
+    let mut meter_procs = vec![
+        ("api".to_owned(), vec![api_pid]),
+        ("aggregator".to_owned(), vec![agg_pid]),
+        (format!("{} worker(s)", args.workers), worker_pids.clone()),
+        (
+            "bench process (mock upstream + status polling)".to_owned(),
+            vec![std::process::id()],
+        ),
+    ];
+    for (label, url) in [
+        ("redis-server", &settings.redis_url),
+        ("RabbitMQ", &settings.amqp_url),
+    ] {
+        let port = url_port(url);
+        match listener_pid(port) {
+            Some(pid) => meter_procs.push((label.to_owned(), vec![pid])),
+            None => eprintln!("no pid found listening on {port}; {label} CPU not measured"),
+        }
+    }
+    let commands_before = redis_commandstats(&store).await?;
+    let meter = CpuMeter::start(meter_procs);
     let t = Instant::now();
     let batch = create(&http, &base, &file).await?;
     wait_status(
@@ -318,6 +318,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let e2e = t.elapsed().as_secs_f64();
+    let cpu = meter.used();
+    let commands_after = redis_commandstats(&store).await?;
     let finalize = rows_done_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
     let enqueued = enqueued_at.unwrap_or(e2e);
 
@@ -414,6 +416,48 @@ async fn main() -> anyhow::Result<()> {
         agg_hwm as f64 / 1024.0
     );
     println!("| upstream calls | {} |", mock.stats().calls);
+    let per_k = 1_000.0 / args.lines as f64;
+    for (label, secs) in &cpu {
+        println!(
+            "| CPU, end-to-end batch: {label} | {secs:.2} s, {:.3} s per 1,000 lines |",
+            secs * per_k
+        );
+    }
+    let sluice: f64 = cpu[..3].iter().map(|(_, s)| s).sum();
+    let with_deps: f64 = sluice + cpu[4..].iter().map(|(_, s)| s).sum::<f64>();
+    println!(
+        "| CPU per line: Sluice roles / + Redis and RabbitMQ | {:.0} µs / {:.0} µs |",
+        sluice * 1e6 / args.lines as f64,
+        with_deps * 1e6 / args.lines as f64
+    );
+    let mut commands: Vec<(String, u64)> = commands_after
+        .iter()
+        .map(|(name, n)| {
+            (
+                name.clone(),
+                n - commands_before.get(name).copied().unwrap_or(0),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    commands.sort_by_key(|c| std::cmp::Reverse(c.1));
+    let total: u64 = commands.iter().map(|(_, n)| n).sum();
+    let scripts: u64 = commands
+        .iter()
+        .filter(|(name, _)| name.starts_with("eval"))
+        .map(|(_, n)| n)
+        .sum();
+    let top: Vec<String> = commands
+        .iter()
+        .take(8)
+        .map(|(name, n)| format!("{name} {:.3}", *n as f64 / args.lines as f64))
+        .collect();
+    println!(
+        "| Redis commands per line, end-to-end batch (whole server, other clients included; commands run inside scripts counted too) | {:.2} in all, {:.3} script calls; {} |",
+        total as f64 / args.lines as f64,
+        scripts as f64 / args.lines as f64,
+        top.join(", ")
+    );
 
     drop(procs);
     let base = baselines(&settings, args.lines, args.line_bytes).await?;
@@ -454,6 +498,17 @@ async fn main() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir).ok();
     anyhow::ensure!(status == "completed", "the benchmark batch ended {status}");
     Ok(())
+}
+
+/// The port of a `redis://` or `amqp://` URL on this machine (the scheme's default if none).
+fn url_port(url: &str) -> u16 {
+    let default = if url.starts_with("amqp") { 5672 } else { 6379 };
+    url.split_once("://")
+        .map(|(_, rest)| rest.rsplit_once('@').map_or(rest, |(_, host)| host))
+        .and_then(|host| host.split(['/', '?']).next())
+        .and_then(|host| host.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Raw rates of the broker and Redis on this machine, for reading the figures above as fractions.

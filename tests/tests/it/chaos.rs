@@ -74,8 +74,14 @@ async fn assert_all_succeeded_once(app: &TestApp, batch: &Value, expected: &[Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
+    worker_killed_mid_batch(StorageKind::Local).await;
+}
+
+/// Two worker processes on `storage`, one killed with `-9` mid-batch: every line ends exactly once.
+pub(crate) async fn worker_killed_mid_batch(storage: StorageKind) {
     let options = AppOptions {
         worker: false,
+        storage,
         ..AppOptions::default()
     };
     let mut app = spawn_app_with(options, |_| {}).await;

@@ -1,14 +1,14 @@
 //! Compatibility with the official `openai` SDKs: `tests/python/compat.py` drives a running Sluice
 //! in strict response validation mode, `tests/node/compat.mjs` with the Node SDK.
 //!
-//! The tests find or install the SDKs (see [`python_with`] and [`script_with_openai`]).
+//! The tests find or install the SDKs (see [`run_openai_script`] and [`script_with_openai`]).
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use sluice_tests::node::script_with_openai;
-use sluice_tests::python::python_with;
+use sluice_tests::python::run_openai_script;
 use sluice_tests::*;
 
 /// Longest the script may run (the first run may also be installing the SDK, which is not counted).
@@ -16,48 +16,20 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_official_openai_python_sdk_works_against_sluice() {
-    let python = tokio::task::spawn_blocking(|| python_with("openai", "openai", "py-venv"))
-        .await
-        .expect("python lookup");
     const MAX_UPLOAD: u64 = 1024 * 1024;
     let app = spawn_app_with(AppOptions::default(), |s| {
         s.limits.max_upload_bytes = MAX_UPLOAD
     })
     .await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join("compat.py");
-
-    let child = tokio::process::Command::new(&python)
-        .arg(&script)
-        .env("OPENAI_BASE_URL", &app.base)
-        .env("OPENAI_API_KEY", KEY_A)
-        .env("SLUICE_MODEL", MODEL)
-        .env("SLUICE_MAX_UPLOAD_BYTES", MAX_UPLOAD.to_string())
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env("PYTHONUNBUFFERED", "1")
-        .env_remove("OPENAI_ORG_ID")
-        .env_remove("OPENAI_PROJECT_ID")
-        .env_remove("OPENAI_WEBHOOK_SECRET")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
-    let out = tokio::time::timeout(SCRIPT_TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("compat.py did not finish in {SCRIPT_TIMEOUT:?}"))
-        .expect("compat.py runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "compat.py failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
+    let max_upload = MAX_UPLOAD.to_string();
+    let env = [
+        ("SLUICE_MODEL", MODEL),
+        ("SLUICE_MAX_UPLOAD_BYTES", max_upload.as_str()),
+    ];
+    let stdout = run_openai_script("compat.py", &app.base, KEY_A, &env, SCRIPT_TIMEOUT).await;
     assert!(
         stdout.contains("compat: all checks passed"),
-        "compat.py stopped early:\n{stdout}\n{stderr}"
+        "compat.py stopped early:\n{stdout}"
     );
 
     // The script's two batches ran through the real pipeline: 5 lines completed, the slow batch

@@ -79,7 +79,17 @@ fn assert_counts_match_files(batch: &Value, output: &[Value], errors: &[Value], 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelling_mid_run_stops_new_upstream_calls_and_accounts_for_every_line() {
-    let app = spawn_app_with(AppOptions::default(), |s| s.worker.concurrency = 8).await;
+    cancel_mid_run(StorageKind::Local).await;
+}
+
+/// A batch cancelled mid-run on `storage`: finished lines keep their results, the rest get
+/// `batch_cancelled`, and nothing is called upstream after the cancel.
+pub(crate) async fn cancel_mid_run(storage: StorageKind) {
+    let options = AppOptions {
+        storage,
+        ..AppOptions::default()
+    };
+    let app = spawn_app_with(options, |s| s.worker.concurrency = 8).await;
     let (lines, expected) = mock_lines(300, &json!({"delay_ms": 200}));
     let id = app.submit(KEY_A, &lines).await;
     app.wait_for(KEY_A, &id, Duration::from_secs(20), |b| {

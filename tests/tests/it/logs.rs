@@ -1,4 +1,4 @@
-//! Logs never carry an API key, an upstream key, a prompt or a completion.
+//! Logs never carry an API key, an upstream key, a prompt, a completion or a webhook secret.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -9,14 +9,7 @@ use sluice_tests::*;
 const TENANT_KEY: &str = "sk-CANARY-tenant-7f3a9c1e5b2d4f60";
 const UPSTREAM_KEY: &str = "sk-CANARY-upstream-1c9e7a3f5b2d4e68";
 const PROMPT: &str = "CANARY-PROMPT-quixotic-zephyr";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+const WEBHOOK_SECRET: &str = "whsec_CANARYCANARYCANARYCANARY";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_run_at_debug_level_logs_no_key_prompt_or_completion() {
@@ -33,10 +26,17 @@ async fn a_full_run_at_debug_level_logs_no_key_prompt_or_completion() {
                 .api_key_sha256
                 .push(sluice_shared::config::hash_api_key(TENANT_KEY));
             s.providers[0].api_key_env = Some("SLUICE_TEST_CANARY_UPSTREAM_KEY".into());
+            // Nothing listens there: every delivery attempt fails and logs a line.
+            s.webhooks.allow_private = true;
+            s.webhooks.backoff_base_ms = 200;
+            s.tenants[0].webhooks = vec![sluice_shared::config::WebhookEndpoint {
+                url: format!("http://127.0.0.1:{}/CANARY-path?token=CANARY", spare_port()),
+                secret: sluice_shared::config::Secret(WEBHOOK_SECRET.into()),
+            }];
         },
     )
     .await;
-    let port = free_port();
+    let port = spare_port();
     app.settings.api.listen = ([127, 0, 0, 1], port).into();
     let config = app.write_config();
     let log_path = config.with_file_name("all.log");
@@ -139,6 +139,16 @@ async fn a_full_run_at_debug_level_logs_no_key_prompt_or_completion() {
         .unwrap();
     assert_eq!(rejected.status(), 401);
 
+    // The batch's webhook fails (a line per attempt) before the process stops.
+    for _ in 0..300 {
+        if std::fs::read_to_string(&log_path)
+            .unwrap()
+            .contains("Webhook delivery failed")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -152,7 +162,12 @@ async fn a_full_run_at_debug_level_logs_no_key_prompt_or_completion() {
     );
     // The capture really holds this run's logs: the batch is named (ids are not secrets).
     assert!(logs.contains(&id), "the logs do not mention batch {id}");
-    // Every canary (both keys, the rejected key, the prompt and its echoed completion) contains it.
+    assert!(
+        logs.contains("Webhook delivery failed"),
+        "no webhook failure was logged"
+    );
+    // Every canary (both keys, the rejected key, the prompt and its echoed completion, the webhook
+    // secret and its URL's path and query) contains it.
     let hits: Vec<&str> = logs.lines().filter(|l| l.contains("CANARY")).collect();
     assert!(
         hits.is_empty(),

@@ -49,11 +49,14 @@ async fn the_openapi_document_describes_every_operation_without_a_key() {
             "GET /v1/batches",
             "GET /v1/batches/{batch_id}",
             "GET /v1/batches/{batch_id}/output",
+            "GET /v1/batches/{batch_id}/results",
             "GET /v1/files",
             "GET /v1/files/{file_id}",
             "GET /v1/files/{file_id}/content",
+            "GET /v1/usage",
             "POST /v1/batches",
             "POST /v1/batches/{batch_id}/cancel",
+            "POST /v1/batches/{batch_id}/retry",
             "POST /v1/files",
         ]
     );
@@ -64,6 +67,17 @@ async fn the_openapi_document_describes_every_operation_without_a_key() {
     let batch = &doc["components"]["schemas"]["Batch"]["properties"];
     for field in BATCH_FIELDS {
         assert!(batch.get(field).is_some(), "Batch.{field} undocumented");
+    }
+    // The retry's link fields, and its optional body.
+    assert!(batch.get("retry_of").is_some() && batch.get("retries").is_some());
+    let retry = &doc["paths"]["/v1/batches/{batch_id}/retry"]["post"];
+    assert_ne!(retry["requestBody"]["required"], true, "{retry}");
+    let body = &doc["components"]["schemas"]["RetryBatchRequest"]["properties"];
+    for field in ["statuses", "codes", "completion_window", "metadata"] {
+        assert!(
+            body.get(field).is_some(),
+            "RetryBatchRequest.{field} undocumented"
+        );
     }
     app.cleanup().await;
 }

@@ -40,7 +40,7 @@ fn healthy(n: usize, mock: Value) -> Vec<Value> {
 }
 
 /// The most calls among `times` (unix ms, any order) in any window of `window_ms`.
-fn max_in_window(times: &[u64], window_ms: u64) -> usize {
+pub(crate) fn max_in_window(times: &[u64], window_ms: u64) -> usize {
     let mut t = times.to_vec();
     t.sort_unstable();
     let mut best = 0;
@@ -399,7 +399,9 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
     let mut app = spawn_app_with(options, |s| s.worker.batch_window = 40).await;
     let mut workers = Workers::default();
     let pid = workers.spawn(&mut app);
-    let lines = healthy(300, json!({"delay_ms": 20}));
+    // 100 ms calls: a 40-line window then finishes 400 lines/s, slow enough that the kill lands
+    // long before the whole batch could have gone through the window.
+    let lines = healthy(300, json!({"delay_ms": 100}));
     let id = app.submit(KEY_A, &lines).await;
     // Kill it once the first windows are done: its top-up loop dies with it (the control message
     // was acked), so only the sweep's re-dispatch can publish the rest.

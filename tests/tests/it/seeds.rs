@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
+use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_shared::config::ProviderSettings;
 use sluice_tests::*;
-use sluice_worker::mock_upstream::{MockConfig, MockUpstream};
 use tokio_util::sync::CancellationToken;
 
 /// Status, headers and JSON body (or the text as a string) of a request.
@@ -942,6 +942,8 @@ async fn the_owner_limit_forgets_what_a_crash_left_counted() {
 async fn a_jsonl_body_over_the_upload_limit_is_413_and_leaves_nothing() {
     let app = spawn_app_with(AppOptions::api_only(), |s| {
         s.limits.max_upload_bytes = 4_096;
+        // A JSONL body has its own cap.
+        s.limits.max_jsonl_body_bytes = 4_096;
     })
     .await;
     let lines: Vec<String> = chat_lines(100).iter().map(Value::to_string).collect();

@@ -1,0 +1,109 @@
+//! `[storage]` (where files and segments live) and `[dependencies]` (how long Sluice waits on
+//! RabbitMQ, Redis and object storage, and what it does at start while one is unreachable).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum StorageSettings {
+    /// A local directory (created if missing).
+    Local { path: PathBuf },
+    /// Any S3-compatible object store. Credentials come from the usual `AWS_*` environment variables
+    /// (or the instance's cloud identity) unless `access_key_id` and `secret_access_key` are set.
+    S3 {
+        bucket: String,
+        #[serde(default)]
+        region: Option<String>,
+        /// An S3-compatible server (MinIO, moto…); requests then use path-style URLs.
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        allow_http: bool,
+        #[serde(default)]
+        prefix: Option<String>,
+        /// A static access key, for stores with no `AWS_*` variables in the environment.
+        #[serde(default)]
+        access_key_id: Option<String>,
+        #[serde(default)]
+        secret_access_key: Option<Secret>,
+    },
+}
+
+/// A credential: kept out of `Debug` output so that printing settings never leaks it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"[redacted]\"")
+    }
+}
+
+/// How long Sluice waits on a dependency before calling it stalled (every value in ms unless
+/// named otherwise). A peer that accepts a connection and then never answers must cost a bounded
+/// wait, a `warn` line naming it and an unready `/readyz`, never a silent hang.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DependencySettings {
+    /// TCP connect plus protocol handshake of one RabbitMQ or Redis connection, and opening a
+    /// channel with its topology declarations.
+    pub connect_timeout_ms: u64,
+    /// AMQP heartbeat asked of the broker (seconds); a connection that hears nothing for twice
+    /// this long is closed and reopened. 0 keeps the broker's proposal.
+    pub amqp_heartbeat_secs: u16,
+    /// Longest wait for a publisher confirm; past it the publish fails and the connection is
+    /// reopened (the dispatcher resumes from its checkpoint, the API answers 503).
+    pub publish_confirm_timeout_ms: u64,
+    /// Longest wait for the reply to one Redis command or script.
+    pub redis_response_timeout_ms: u64,
+    /// Longest wait of a `/readyz` check and of the broker check before a create.
+    pub probe_timeout_ms: u64,
+    /// Period of each role's own dependency check, which logs a `warn` line when Redis or the
+    /// broker stops answering and an `info` line when it answers again.
+    pub health_check_interval_ms: u64,
+    /// Object storage (S3): connect timeout is `connect_timeout_ms`; this bounds one request
+    /// (files are read in ranged requests, so a long download is not one request).
+    pub storage_request_timeout_ms: u64,
+    /// Cap of the wait between two start attempts against an unreachable dependency.
+    pub retry_max_backoff_ms: u64,
+    /// Unset: a role keeps retrying unreachable dependencies at start (one `warn` line per
+    /// attempt, `/livez` up, `/readyz` saying why). Set: it exits non-zero once this many seconds
+    /// have passed without reaching them (0 = after the first failed attempt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup_deadline_secs: Option<u64>,
+}
+
+impl DependencySettings {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn publish_confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_confirm_timeout_ms)
+    }
+    pub fn redis_response_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_response_timeout_ms)
+    }
+    pub fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.probe_timeout_ms)
+    }
+}
+
+impl Default for DependencySettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 5_000,
+            amqp_heartbeat_secs: 10,
+            publish_confirm_timeout_ms: 10_000,
+            redis_response_timeout_ms: 10_000,
+            probe_timeout_ms: 2_000,
+            health_check_interval_ms: 5_000,
+            storage_request_timeout_ms: 60_000,
+            retry_max_backoff_ms: 30_000,
+            startup_deadline_secs: None,
+        }
+    }
+}

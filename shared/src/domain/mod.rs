@@ -1,0 +1,364 @@
+//! The OpenAI-shaped objects Sluice serves and the messages its roles exchange. Batch and file
+//! objects are here; result rows and usage are in `rows`, queue messages in `messages`.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+mod messages;
+mod rows;
+pub use messages::{BatchEvent, LineItem, LinesMessage};
+pub use rows::{Row, Usage, failure_of};
+
+/// Endpoints a batch may target.
+pub const SUPPORTED_ENDPOINTS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/moderations",
+];
+
+/// The model names that select a task of the batch router rather than a provider's model.
+pub const TASK_MODELS: &[&str] = &["extract", "summarize", "classify"];
+
+/// Whether `model` names a task model.
+pub fn task_model(model: &str) -> Option<&'static str> {
+    TASK_MODELS.iter().copied().find(|t| *t == model)
+}
+
+/// A new random batch id (`batch_` + 32 hex digits).
+pub fn new_batch_id() -> String {
+    format!("batch_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A new random file id (`file-` + 32 hex digits).
+pub fn new_file_id() -> String {
+    format!("file-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A new random id for one output line (`batch_req_` + 32 hex digits).
+pub fn new_request_id() -> String {
+    format!("batch_req_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Ids of a batch's result files: derived from the batch id, so a finalize that runs twice writes
+/// and registers the same two files instead of new ones.
+pub fn result_file_ids(batch_id: &str) -> (String, String) {
+    let suffix = batch_id.trim_start_matches("batch_");
+    (
+        format!("file-{suffix}-output"),
+        format!("file-{suffix}-errors"),
+    )
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    now_millis() / 1000
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// The lifecycle of a batch, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    Validating,
+    Failed,
+    InProgress,
+    Finalizing,
+    Completed,
+    Expired,
+    Cancelling,
+    Cancelled,
+}
+
+impl BatchStatus {
+    /// Every status.
+    pub const ALL: [BatchStatus; 8] = [
+        Self::Validating,
+        Self::Failed,
+        Self::InProgress,
+        Self::Finalizing,
+        Self::Completed,
+        Self::Expired,
+        Self::Cancelling,
+        Self::Cancelled,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validating => "validating",
+            Self::Failed => "failed",
+            Self::InProgress => "in_progress",
+            Self::Finalizing => "finalizing",
+            Self::Completed => "completed",
+            Self::Expired => "expired",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Terminal statuses never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Failed | Self::Completed | Self::Expired | Self::Cancelled
+        )
+    }
+
+    /// The one transition table: which statuses may move to `self`.
+    pub fn allowed_from(self) -> &'static [BatchStatus] {
+        use BatchStatus::*;
+        match self {
+            Validating => &[],
+            InProgress => &[Validating],
+            // From `in_progress` only through a stop ([`StopReason::InputLost`]).
+            Failed => &[Validating, InProgress],
+            Cancelling => &[Validating, InProgress],
+            Finalizing => &[InProgress],
+            Completed => &[Finalizing],
+            Cancelled => &[Cancelling],
+            Expired => &[Validating, InProgress],
+        }
+    }
+
+    /// The `*_at` field stamped when the batch enters this status.
+    pub fn stamp_field(self) -> &'static str {
+        match self {
+            Self::Validating => "created_at",
+            Self::Failed => "failed_at",
+            Self::InProgress => "in_progress_at",
+            Self::Finalizing => "finalizing_at",
+            Self::Completed => "completed_at",
+            Self::Expired => "expired_at",
+            Self::Cancelling => "cancelling_at",
+            Self::Cancelled => "cancelled_at",
+        }
+    }
+}
+
+/// Why a batch stops before every line ran; the error code given to the lines that never ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Cancelled,
+    Expired,
+    /// The input file's record or bytes disappeared while the batch ran (the dispatcher can no
+    /// longer read its lines): the batch ends `failed`.
+    InputLost,
+}
+
+impl StopReason {
+    /// Value of the `stopping` meta field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+            Self::InputLost => "input_lost",
+        }
+    }
+    /// Parses the `stopping` meta field.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cancelled" => Some(Self::Cancelled),
+            "expired" => Some(Self::Expired),
+            "input_lost" => Some(Self::InputLost),
+            _ => None,
+        }
+    }
+    /// The per-line error given to lines that never ran.
+    pub fn line_error(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Cancelled => (
+                "batch_cancelled",
+                "This request could not be executed because the batch was cancelled.",
+            ),
+            Self::Expired => (
+                "batch_expired",
+                "This request could not be executed before the completion window expired.",
+            ),
+            Self::InputLost => (
+                "input_file_lost",
+                "This request could not be executed because the batch's input file was deleted \
+                 or lost while the batch ran.",
+            ),
+        }
+    }
+    /// The terminal status this stop ends in.
+    pub fn terminal_status(self) -> BatchStatus {
+        match self {
+            Self::Cancelled => BatchStatus::Cancelled,
+            Self::Expired => BatchStatus::Expired,
+            Self::InputLost => BatchStatus::Failed,
+        }
+    }
+}
+
+/// One entry of a failed batch's `errors.data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchError {
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+    /// 1-based line of the input file, when the error belongs to one line.
+    pub line: Option<u64>,
+}
+
+/// The stored fields of a batch (`b:{id}:meta`), as read back from Redis.
+#[derive(Debug, Clone, Default)]
+pub struct BatchMeta(pub HashMap<String, String>);
+
+impl BatchMeta {
+    /// A field as a string.
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.0.get(field).map(String::as_str)
+    }
+    /// A field as an integer.
+    pub fn int(&self, field: &str) -> Option<i64> {
+        self.get(field).and_then(|v| v.parse().ok())
+    }
+    /// The tenant owning the batch.
+    pub fn tenant(&self) -> &str {
+        self.get("tenant").unwrap_or_default()
+    }
+    /// Current status.
+    pub fn status(&self) -> Option<BatchStatus> {
+        self.get("status").and_then(BatchStatus::parse)
+    }
+    /// Set while the batch is being cancelled or expired.
+    pub fn stopping(&self) -> Option<StopReason> {
+        self.get("stopping").and_then(StopReason::parse)
+    }
+    /// Lines in the batch, once validated.
+    pub fn total(&self) -> Option<u64> {
+        self.int("total").map(|t| t as u64)
+    }
+    /// Finished lines (successes plus failures).
+    pub fn done(&self) -> u64 {
+        (self.int("completed").unwrap_or(0) + self.int("failed").unwrap_or(0)) as u64
+    }
+
+    /// The OpenAI batch object, with every field present (explicit nulls).
+    pub fn to_object(&self) -> Value {
+        let int_or_null = |f: &str| self.int(f).map_or(Value::Null, Value::from);
+        let str_or_null = |f: &str| self.get(f).map_or(Value::Null, Value::from);
+        let json_or_null = |f: &str| {
+            self.get(f)
+                .and_then(|v| serde_json::from_str::<Value>(v).ok())
+                .unwrap_or(Value::Null)
+        };
+        let n = |f: &str| self.int(f).unwrap_or(0);
+        let mut object = json!({
+            "id": self.get("id"),
+            "object": "batch",
+            "endpoint": self.get("endpoint"),
+            "model": str_or_null("model"),
+            "errors": json_or_null("errors"),
+            "input_file_id": self.get("input_file_id"),
+            "completion_window": self.get("completion_window"),
+            "status": self.get("status"),
+            "output_file_id": str_or_null("output_file_id"),
+            "error_file_id": str_or_null("error_file_id"),
+            "created_at": int_or_null("created_at"),
+            "in_progress_at": int_or_null("in_progress_at"),
+            "expires_at": int_or_null("expires_at"),
+            "finalizing_at": int_or_null("finalizing_at"),
+            "completed_at": int_or_null("completed_at"),
+            "failed_at": int_or_null("failed_at"),
+            "expired_at": int_or_null("expired_at"),
+            "cancelling_at": int_or_null("cancelling_at"),
+            "cancelled_at": int_or_null("cancelled_at"),
+            "request_counts": {
+                "total": n("total"),
+                "completed": n("completed"),
+                "failed": n("failed"),
+            },
+            "usage": {
+                "input_tokens": n("u_in"),
+                "input_tokens_details": {"cached_tokens": n("u_cached")},
+                "output_tokens": n("u_out"),
+                "output_tokens_details": {"reasoning_tokens": n("u_reasoning")},
+                "total_tokens": n("u_total"),
+            },
+            "metadata": json_or_null("metadata"),
+        });
+        // Extra fields, only on batches a retry links: the SDKs keep unknown fields.
+        if let Some(parent) = self.get("retry_of") {
+            object["retry_of"] = Value::from(parent);
+        }
+        if let Some(children) = self.get("retries").filter(|r| !r.is_empty()) {
+            object["retries"] = children.split(',').collect();
+        }
+        object
+    }
+}
+
+/// The stored fields of a file (`f:{id}`).
+#[derive(Debug, Clone, Default)]
+pub struct FileMeta(pub HashMap<String, String>);
+
+impl FileMeta {
+    /// A field as a string.
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.0.get(field).map(String::as_str)
+    }
+    /// The tenant owning the file.
+    pub fn tenant(&self) -> &str {
+        self.get("tenant").unwrap_or_default()
+    }
+    /// Where the bytes live in object storage.
+    pub fn path(&self) -> &str {
+        self.get("path").unwrap_or_default()
+    }
+    /// Whether `expires_at` is at or before `now`.
+    pub fn expired(&self, now: i64) -> bool {
+        self.get("expires_at")
+            .and_then(|e| e.parse::<i64>().ok())
+            .is_some_and(|at| at <= now)
+    }
+    /// The OpenAI file object.
+    pub fn to_object(&self) -> Value {
+        let int = |f: &str| self.get(f).and_then(|v| v.parse::<i64>().ok());
+        json!({
+            "id": self.get("id"),
+            "object": "file",
+            "bytes": int("bytes").unwrap_or(0),
+            "created_at": int("created_at").unwrap_or(0),
+            "expires_at": int("expires_at"),
+            "filename": self.get("filename").unwrap_or_default(),
+            "purpose": self.get("purpose").unwrap_or("batch"),
+            "status": "processed",
+            "status_details": Value::Null,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_round_trips_and_terminals_absorb() {
+        for st in BatchStatus::ALL {
+            assert_eq!(BatchStatus::parse(st.as_str()), Some(st));
+            for to in BatchStatus::ALL {
+                if st.is_terminal() {
+                    assert!(!to.allowed_from().contains(&st), "{st:?} -> {to:?}");
+                }
+            }
+        }
+    }
+}

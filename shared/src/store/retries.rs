@@ -1,0 +1,82 @@
+//! A batch's retry children: the bounded `retries` list of a parent batch.
+//!
+//! The list lives in the parent's record (field `retries`, ids joined by `,`), so it goes with the
+//! record at retention and needs no key of its own. A child's id is taken before the child is
+//! stored, so concurrent retries of one parent never pass the bound between them.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::{Result, Store, StoreError};
+
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
+local cur = redis.call('HGET', KEYS[1], 'retries')
+local n = 0
+if cur and cur ~= '' then
+  for _ in string.gmatch(cur, '[^,]+') do n = n + 1 end
+end
+if n >= tonumber(ARGV[2]) then return 'full' end
+if cur and cur ~= '' then cur = cur .. ',' .. ARGV[1] else cur = ARGV[1] end
+redis.call('HSET', KEYS[1], 'retries', cur)
+return 'ok'
+",
+    )
+});
+
+static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.call('HGET', KEYS[1], 'retries')
+if not cur then return 0 end
+local kept = {}
+for id in string.gmatch(cur, '[^,]+') do
+  if id ~= ARGV[1] then table.insert(kept, id) end
+end
+redis.call('HSET', KEYS[1], 'retries', table.concat(kept, ','))
+return 1
+",
+    )
+});
+
+/// Outcome of [`Store::take_retry_slot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetrySlot {
+    /// The child id is listed on the parent.
+    Taken,
+    /// The parent already lists `max` children.
+    Full,
+    /// The parent's record is gone (retention removed it meanwhile).
+    Gone,
+}
+
+impl Store {
+    /// Lists `child` among `parent`'s retries unless it already lists `max` of them.
+    pub async fn take_retry_slot(&self, parent: &str, child: &str, max: u64) -> Result<RetrySlot> {
+        let verdict: String = TAKE
+            .key(self.keys.batch_meta(parent))
+            .arg(child)
+            .arg(max)
+            .invoke_async(&mut self.conn())
+            .await?;
+        match verdict.as_str() {
+            "ok" => Ok(RetrySlot::Taken),
+            "full" => Ok(RetrySlot::Full),
+            "gone" => Ok(RetrySlot::Gone),
+            other => Err(StoreError::Protocol(other.to_owned())),
+        }
+    }
+
+    /// Removes `child` from `parent`'s retries (its creation failed after the slot was taken).
+    pub async fn give_back_retry_slot(&self, parent: &str, child: &str) -> Result<()> {
+        let _: i64 = GIVE_BACK
+            .key(self.keys.batch_meta(parent))
+            .arg(child)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,36 @@
+//! One attempt at one line: a provider's model through [`crate::upstream`], a task model through
+//! [`crate::tasks`] and its backing model.
+
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use sluice_shared::domain::{Row, Usage};
+use sluice_shared::routing::Target;
+
+use crate::upstream::{Attempt, Upstream};
+
+/// Runs one attempt at a line whose batch targets `model` on `endpoint`. Also returns the fleet
+/// pause the answer's `x-ratelimit-*` headers ask for (task models never ask for one).
+pub async fn attempt(
+    upstream: &Upstream,
+    endpoint: &str,
+    model: &str,
+    custom_id: &str,
+    body: &RawValue,
+) -> (Attempt, Option<Duration>) {
+    match upstream.resolve(model, endpoint) {
+        Ok(Target::Model(route)) => {
+            upstream
+                .attempt_route(&route, endpoint, model, custom_id, body)
+                .await
+        }
+        Ok(Target::Task { task, backing }) => (
+            crate::tasks::attempt(upstream, task, &backing, custom_id, body).await,
+            None,
+        ),
+        Err(e) => {
+            let row = Row::error(custom_id, e.code(), &e.to_string());
+            (Attempt::Done(row, Usage::default()), None)
+        }
+    }
+}

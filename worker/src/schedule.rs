@@ -1,0 +1,161 @@
+//! The dispatcher's side of scheduling: each round of a batch's dispatch sizes its window. A batch
+//! of a rate-limited provider (not one small enough for the express queue) publishes its entry in
+//! the provider's registry and takes the window the fleet-wide plan gives it
+//! ([`sluice_shared::schedule`]); any other batch keeps the per-batch window.
+
+use std::time::Instant;
+
+use sluice_shared::domain::{BatchMeta, now_millis, now_secs};
+use sluice_shared::schedule::{self, Entry, Priority, Shape};
+
+use crate::WorkerContext;
+
+/// The lines a batch may have dispatched and unfinished.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub lines: u64,
+    /// Top up as soon as any line of the window is free, not only once half of it is: a
+    /// scheduled window is the batch's share, and a half-empty one would give it less.
+    pub eager: bool,
+}
+
+/// One batch's dispatch across its rounds: its measured throughput and where it is registered.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    last: Option<(u64, Instant)>,
+    /// Lines per second, smoothed.
+    rate: f64,
+    /// The provider whose registry holds this batch's entry.
+    registered: Option<String>,
+}
+
+impl Tracker {
+    /// The window of this round: the scheduled one on a rate-limited provider, else
+    /// `worker.batch_window` lines or `worker.batch_window_secs` of the batch's own throughput,
+    /// whichever is more (a fast batch is never starved by its own window, while a slow one
+    /// keeps few lines ahead of other batches).
+    pub async fn window(
+        &mut self,
+        ctx: &WorkerContext,
+        batch_id: &str,
+        meta: &BatchMeta,
+    ) -> Window {
+        let w = &ctx.settings.worker;
+        self.observe(meta.done());
+        let own = ((self.rate * w.batch_window_secs as f64) as u64).max(w.batch_window);
+        let Some((provider, rpm)) = scheduled_provider(ctx, meta) else {
+            return Window {
+                lines: own,
+                eager: false,
+            };
+        };
+        let lines = self.scheduled(ctx, batch_id, meta, &provider, rpm).await;
+        Window { lines, eager: true }
+    }
+
+    async fn scheduled(
+        &mut self,
+        ctx: &WorkerContext,
+        batch_id: &str,
+        meta: &BatchMeta,
+        provider: &str,
+        rpm: Option<u64>,
+    ) -> u64 {
+        let w = &ctx.settings.worker;
+        let entry = Entry {
+            tenant: meta.tenant().to_owned(),
+            priority: meta
+                .get("priority")
+                .and_then(Priority::parse)
+                .unwrap_or(Priority::Normal),
+            expires_at: meta.int("expires_at").unwrap_or(i64::MAX / 2),
+            remaining: meta.total().unwrap_or(0).saturating_sub(meta.done()),
+            inflight: (meta.int("dispatched").unwrap_or(0).max(0) as u64)
+                .saturating_sub(meta.done()),
+            rate: self.rate,
+            seen_ms: now_millis(),
+        };
+        let entries = match schedule::publish_entry(&ctx.store, provider, batch_id, &entry).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                // A round without the registry keeps the window small rather than flooding the
+                // queue ahead of batches that may be more urgent.
+                tracing::warn!(%batch_id, error = %e, "Could not read the schedule; using the smallest window.");
+                return 1;
+            }
+        };
+        self.registered = Some(provider.to_owned());
+        let limit = rpm.map(|r| r as f64 / 60.0);
+        let rate = schedule::provider_rate(&entries, limit);
+        // What the provider can take: its rpm, else a margin over what it does now, so the
+        // windows can grow when it speeds up.
+        let capacity = limit.unwrap_or(rate * 1.5);
+        let total = (capacity * (w.batch_window_secs as f64 + mean_latency(ctx))).ceil() as u64;
+        let shape = Shape {
+            total: total.max(1),
+            rate,
+            min_share: w.min_batch_share,
+            now: now_secs(),
+        };
+        let plan = schedule::plan(&entries, shape, |t| ctx.settings.tenant_weight(t));
+        ctx.metrics
+            .batch_at_risk
+            .with_label_values(&[provider])
+            .set(plan.at_risk.len() as i64);
+        plan.windows.get(batch_id).copied().unwrap_or(1)
+    }
+
+    /// Takes the batch out of its provider's registry (its lines are all enqueued, or it
+    /// stopped), so its share goes to the others at once rather than when its entry goes stale.
+    pub async fn leave(&mut self, ctx: &WorkerContext, batch_id: &str) {
+        if let Some(provider) = self.registered.take()
+            && let Err(e) = schedule::remove_entry(&ctx.store, &provider, batch_id).await
+        {
+            tracing::debug!(%batch_id, error = %e, "Could not leave the schedule; the entry goes stale.");
+        }
+    }
+
+    fn observe(&mut self, done: u64) {
+        if let Some((before, at)) = self.last {
+            let secs = at.elapsed().as_secs_f64();
+            if secs < 0.1 {
+                return;
+            }
+            let now_rate = done.saturating_sub(before) as f64 / secs;
+            self.rate = if self.rate == 0.0 {
+                now_rate
+            } else {
+                0.7 * self.rate + 0.3 * now_rate
+            };
+        }
+        self.last = Some((done, Instant::now()));
+    }
+}
+
+/// The rate-limited provider (and its rpm) a batch is scheduled on; `None` for a batch that takes
+/// the express queue or whose provider has no limit (nothing to share).
+fn scheduled_provider(ctx: &WorkerContext, meta: &BatchMeta) -> Option<(String, Option<u64>)> {
+    let total = meta.total()?;
+    if total <= ctx.settings.worker.express_lines {
+        return None;
+    }
+    let model = meta.get("model").unwrap_or_default();
+    let endpoint = meta.get("endpoint").unwrap_or_default();
+    let (_, provider) = ctx.upstream.provider_of(model, endpoint)?;
+    provider
+        .pacing
+        .is_limited()
+        .then(|| (provider.name.clone(), provider.pacing.rpm))
+}
+
+/// Mean upstream call time of this process's successful calls, in seconds: lines spend it in
+/// flight, so the windows must hold that much of the rate on top of the queued part.
+fn mean_latency(ctx: &WorkerContext) -> f64 {
+    let h = ctx.metrics.upstream_latency.with_label_values(&["2xx"]);
+    let count = h.get_sample_count();
+    if count == 0 {
+        0.0
+    } else {
+        h.get_sample_sum() / count as f64
+    }
+}
