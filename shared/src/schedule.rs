@@ -95,6 +95,12 @@ pub struct Shape {
 pub struct Plan {
     /// Batch id → its window, in lines (0: publish nothing for now).
     pub windows: HashMap<String, u64>,
+    /// Batch id → its window before rounding to whole lines.
+    pub exact: HashMap<String, f64>,
+    /// Foreground tenant → the fraction of the foreground throughput its weight gives it, while
+    /// two or more foreground tenants each want more than their share (empty otherwise: nobody
+    /// is held back, so there is no share to keep).
+    pub contended: BTreeMap<String, f64>,
     /// Batches that cannot finish before `expires_at` at the rate their window gives them.
     pub at_risk: Vec<String>,
 }
@@ -143,6 +149,7 @@ fn water_fill(amount: f64, claims: &[(f64, f64)]) -> Vec<f64> {
 /// The windows of every batch of one provider. `weight` gives a tenant's weight.
 pub fn plan(entries: &[(String, Entry)], shape: Shape, weight: impl Fn(&str) -> f64) -> Plan {
     let mut windows: HashMap<String, f64> = HashMap::new();
+    let mut contended = BTreeMap::new();
     let mut left = shape.total as f64;
     // Foreground first; background shares what foreground cannot use.
     for background in [false, true] {
@@ -165,6 +172,17 @@ pub fn plan(entries: &[(String, Entry)], shape: Shape, weight: impl Fn(&str) -> 
             })
             .collect();
         let shares = water_fill(left, &claims);
+        let all_held_back = claims.len() >= 2
+            && claims
+                .iter()
+                .zip(&shares)
+                .all(|((_, demand), share)| share + 1e-9 < *demand);
+        let tier_share: f64 = shares.iter().sum();
+        if !background && all_held_back && tier_share > 0.0 {
+            for ((tenant, _), share) in tenants.iter().zip(&shares) {
+                contended.insert((*tenant).to_owned(), share / tier_share);
+            }
+        }
         for ((_, batches), share) in tenants.iter_mut().zip(shares) {
             left -= share;
             for (id, w) in within_tenant(batches, share, shape) {
@@ -173,7 +191,10 @@ pub fn plan(entries: &[(String, Entry)], shape: Shape, weight: impl Fn(&str) -> 
         }
     }
     let sum: f64 = windows.values().sum();
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        contended,
+        ..Plan::default()
+    };
     for (id, entry) in entries {
         let w = windows.get(id).copied().unwrap_or(0.0);
         // A batch that gets any share gets a whole line, or it would never move.
@@ -188,6 +209,7 @@ pub fn plan(entries: &[(String, Entry)], shape: Shape, weight: impl Fn(&str) -> 
             plan.at_risk.push(id.clone());
         }
         plan.windows.insert(id.clone(), lines);
+        plan.exact.insert(id.clone(), w);
     }
     plan.at_risk.sort();
     plan
@@ -236,6 +258,17 @@ pub async fn read_registry(
 ) -> Result<Vec<(String, Entry)>, StoreError> {
     let key = store.keys().schedule(provider);
     let raw: HashMap<String, String> = store.conn().hgetall(&key).await?;
+    live_entries(store, &key, raw, now_ms).await
+}
+
+/// The entries of a registry read as `raw` that are not stale, by batch id; stale ones are
+/// removed.
+async fn live_entries(
+    store: &Store,
+    key: &str,
+    raw: HashMap<String, String>,
+    now_ms: i64,
+) -> Result<Vec<(String, Entry)>, StoreError> {
     let mut live = Vec::new();
     let mut stale = Vec::new();
     for (id, json) in raw {
@@ -245,10 +278,85 @@ pub async fn read_registry(
         }
     }
     if !stale.is_empty() {
-        let _: i64 = store.conn().hdel(&key, &stale).await?;
+        let _: i64 = store.conn().hdel(key, &stale).await?;
     }
     live.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(live)
+}
+
+/// Each foreground tenant's fraction of the foreground batches' measured throughput; `None` while
+/// any of those batches has no rate measured yet (a batch just started would look starved).
+pub fn measured_fractions(entries: &[(String, Entry)]) -> Option<BTreeMap<String, f64>> {
+    let mut rates: BTreeMap<String, f64> = BTreeMap::new();
+    for (_, e) in entries
+        .iter()
+        .filter(|(_, e)| e.priority != Priority::Background)
+    {
+        if e.rate <= 0.0 {
+            return None;
+        }
+        *rates.entry(e.tenant.clone()).or_default() += e.rate;
+    }
+    let sum: f64 = rates.values().sum();
+    (sum > 0.0).then(|| rates.into_iter().map(|(t, r)| (t, r / sum)).collect())
+}
+
+/// A tenant's throughput follows its window only roughly: lines wait for top-up rounds, rows are
+/// written in groups, and each batch sizes its window from a registry a round old. The
+/// correction is an integral controller on the tenant's measured share of the throughput that
+/// scales its batches' windows until the share is the one the weights give.
+#[derive(Debug, Clone, Copy)]
+pub struct ShareCorrection {
+    factor: f64,
+}
+
+impl Default for ShareCorrection {
+    fn default() -> Self {
+        Self { factor: 1.0 }
+    }
+}
+
+impl ShareCorrection {
+    /// Exponent applied to target ÷ measured per update: small, because a change of window shows
+    /// in the throughput only once the queued lines drain (seconds), and the measured rates are
+    /// noisy from one round to the next.
+    const GAIN: f64 = 0.03;
+    const BOUNDS: (f64, f64) = (0.5, 2.0);
+
+    pub fn factor(&self) -> f64 {
+        self.factor
+    }
+
+    /// One step toward `target` (the tenant's planned fraction) from `measured` (its fraction of
+    /// what the provider did).
+    pub fn update(&mut self, target: f64, measured: f64) {
+        if target <= 0.0 || measured <= 0.0 {
+            return;
+        }
+        self.factor = (self.factor * (target / measured).powf(Self::GAIN))
+            .clamp(Self::BOUNDS.0, Self::BOUNDS.1);
+    }
+}
+
+/// Whole-line windows whose average over rounds is the exact one (error diffusion): rounding a
+/// 15.3-line window to 15 every round would give its tenant 2 % less than its weight.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Dither {
+    carry: f64,
+}
+
+impl Dither {
+    pub fn lines(&mut self, exact: f64) -> u64 {
+        if exact <= 0.0 {
+            self.carry = 0.0;
+            return 0;
+        }
+        let want = exact + self.carry;
+        // A batch that gets any share gets a whole line, or it would never move.
+        let lines = want.round().max(1.0);
+        self.carry = (want - lines).clamp(-1.0, 1.0);
+        lines as u64
+    }
 }
 
 /// Writes (or refreshes) a batch's entry, and returns the whole registry.
@@ -260,8 +368,12 @@ pub async fn publish_entry(
 ) -> Result<Vec<(String, Entry)>, StoreError> {
     let key = store.keys().schedule(provider);
     let json = serde_json::to_string(entry).expect("entry serializes");
-    let _: i64 = store.conn().hset(&key, batch, json).await?;
-    read_registry(store, provider, entry.seen_ms).await
+    let (_, raw): (i64, HashMap<String, String>) = redis::pipe()
+        .hset(&key, batch, json)
+        .hgetall(&key)
+        .query_async(&mut store.conn())
+        .await?;
+    live_entries(store, &key, raw, entry.seen_ms).await
 }
 
 /// Removes a batch's entry (its dispatch ended).
@@ -284,25 +396,86 @@ pub fn provider_rate(entries: &[(String, Entry)], limit: Option<f64>) -> f64 {
     }
 }
 
-/// Seconds a new batch of `lines` lines expiring at `expires_at` needs on the provider: its
-/// lines plus the remaining lines of the non-background batches that expire no later (earliest
-/// deadline first serves them before it), at the provider's `rate`.
+/// A batch to be created, as admission control sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Newcomer<'a> {
+    pub tenant: &'a str,
+    pub lines: u64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub priority: Priority,
+}
+
+/// Seconds a new batch needs on the provider under this module's policy, at the provider's
+/// `rate`:
+/// - a foreground batch waits for its own tenant's foreground lines that expire no later
+///   (deadline order within a tenant), and its tenant gets the weighted share of the rate among
+///   the tenants with foreground work, more as the others finish (weighted processor sharing);
+/// - a background batch waits for every foreground line, and then shares the same way among the
+///   background tenants.
 pub fn admission_secs(
     entries: &[(String, Entry)],
     rate: f64,
-    lines: u64,
-    expires_at: i64,
-    priority: Priority,
+    new: Newcomer<'_>,
+    weight: impl Fn(&str) -> f64,
 ) -> f64 {
-    let ahead: u64 = entries
+    let background = new.priority == Priority::Background;
+    let foreground_lines: u64 = entries
         .iter()
-        .filter(|(_, e)| {
-            e.priority != Priority::Background
-                && (priority == Priority::Background || e.expires_at <= expires_at)
-        })
+        .filter(|(_, e)| e.priority != Priority::Background)
         .map(|(_, e)| e.remaining)
         .sum();
-    (ahead + lines) as f64 / rate.max(1e-6)
+    let mut demand: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, e) in entries
+        .iter()
+        .filter(|(_, e)| (e.priority == Priority::Background) == background)
+    {
+        if e.tenant != new.tenant || e.expires_at <= new.expires_at {
+            *demand.entry(e.tenant.as_str()).or_default() += e.remaining;
+        }
+    }
+    *demand.entry(new.tenant).or_default() += new.lines;
+    let before = if background {
+        foreground_lines as f64 / rate.max(1e-6)
+    } else {
+        0.0
+    };
+    before + sharing_secs(&demand, new.tenant, rate, weight)
+}
+
+/// When `tenant` finishes its `demand` if the tenants share `rate` by weight and each keeps
+/// asking until its own demand is done (weighted processor sharing).
+fn sharing_secs(
+    demand: &BTreeMap<&str, u64>,
+    tenant: &str,
+    rate: f64,
+    weight: impl Fn(&str) -> f64,
+) -> f64 {
+    let mut left: Vec<(&str, f64, f64)> = demand
+        .iter()
+        .map(|(t, d)| (*t, *d as f64, weight(t).max(1e-6)))
+        .collect();
+    let mut secs = 0.0;
+    while !left.is_empty() {
+        let weights: f64 = left.iter().map(|(_, _, w)| w).sum();
+        // The next tenant to finish: least demand per unit of weight.
+        let (next, _) = left
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| (a.1 / a.2).total_cmp(&(b.1 / b.2)))
+            .expect("not empty");
+        let (name, d, w) = left[next];
+        let dt = d / (rate.max(1e-6) * w / weights);
+        secs += dt;
+        if name == tenant {
+            return secs;
+        }
+        for (_, d_other, w_other) in &mut left {
+            *d_other = (*d_other - rate * *w_other / weights * dt).max(0.0);
+        }
+        left.remove(next);
+    }
+    secs
 }
 
 #[cfg(test)]
@@ -406,9 +579,95 @@ mod tests {
             ("later".into(), entry("a", Priority::Normal, 86_400, 5_000)),
             ("bg".into(), entry("a", Priority::Background, 60, 5_000)),
         ];
-        let secs = admission_secs(&entries, 10.0, 100, 1_000 + 3_600, Priority::Normal);
+        let new = |tenant, priority| Newcomer {
+            tenant,
+            lines: 100,
+            expires_at: 1_000 + 3_600,
+            priority,
+        };
+        let secs = admission_secs(&entries, 10.0, new("a", Priority::Normal), |_| 1.0);
         assert_eq!(secs, 40.0);
-        let secs = admission_secs(&entries, 10.0, 100, 1_000 + 3_600, Priority::Background);
-        assert_eq!(secs, 540.0);
+        let secs = admission_secs(&entries, 10.0, new("a", Priority::Background), |_| 1.0);
+        assert_eq!(secs, 5_300.0 / 10.0 + 5_100.0 / 10.0);
+    }
+
+    #[test]
+    fn admission_shares_the_rate_by_weight_between_tenants() {
+        let entries = vec![("b1".into(), entry("b", Priority::Normal, 86_400, 1_000))];
+        let new = Newcomer {
+            tenant: "a",
+            lines: 300,
+            expires_at: 1_000 + 3_600,
+            priority: Priority::Normal,
+        };
+        // Equal weights: 5 lines/s each while both run, 300 lines take 60 s.
+        assert_eq!(admission_secs(&entries, 10.0, new, |_| 1.0), 60.0);
+        // Weight 3 to B: A gets 2.5 lines/s, 120 s.
+        let secs = admission_secs(&entries, 10.0, new, |t| if t == "b" { 3.0 } else { 1.0 });
+        assert_eq!(secs, 120.0);
+        // B has only 100 lines: it is done after 20 s (A did 100), then A has the whole rate.
+        let entries = vec![("b1".into(), entry("b", Priority::Normal, 86_400, 100))];
+        assert_eq!(admission_secs(&entries, 10.0, new, |_| 1.0), 40.0);
+    }
+
+    #[test]
+    fn contended_tenants_get_their_weighted_fraction_and_a_satisfied_one_ends_contention() {
+        let entries = vec![
+            ("a".into(), entry("a", Priority::Normal, 86_400, 10_000)),
+            ("b".into(), entry("b", Priority::Normal, 86_400, 10_000)),
+            (
+                "bg".into(),
+                entry("c", Priority::Background, 86_400, 10_000),
+            ),
+        ];
+        let p = plan(&entries, shape(100), |t| if t == "a" { 3.0 } else { 1.0 });
+        assert_eq!(p.contended.len(), 2, "{:?}", p.contended);
+        assert!((p.contended["a"] - 0.75).abs() < 1e-9);
+        assert!((p.contended["b"] - 0.25).abs() < 1e-9);
+        let entries = vec![
+            ("a".into(), entry("a", Priority::Normal, 86_400, 10_000)),
+            ("b".into(), entry("b", Priority::Normal, 86_400, 10)),
+        ];
+        assert!(plan(&entries, shape(100), |_| 1.0).contended.is_empty());
+    }
+
+    #[test]
+    fn measured_fractions_wait_for_every_rate() {
+        let mut a = entry("a", Priority::Normal, 86_400, 100);
+        let mut b = entry("b", Priority::Normal, 86_400, 100);
+        a.rate = 30.0;
+        assert_eq!(
+            measured_fractions(&[("a".into(), a.clone()), ("b".into(), b.clone())]),
+            None
+        );
+        b.rate = 10.0;
+        let m = measured_fractions(&[("a".into(), a), ("b".into(), b)]).expect("measured");
+        assert!((m["a"] - 0.75).abs() < 1e-9 && (m["b"] - 0.25).abs() < 1e-9);
+    }
+
+    /// A provider that serves tenant B 10 % less per window line than tenant A: the corrections
+    /// bring the shares back to 3:1.
+    #[test]
+    fn the_correction_removes_a_steady_bias_between_tenants() {
+        let (mut ca, mut cb) = (ShareCorrection::default(), ShareCorrection::default());
+        let (wa, wb) = (45.0, 15.0);
+        let mut measured = (0.0, 0.0);
+        for _ in 0..2_000 {
+            let (ea, eb) = (wa * ca.factor(), wb * cb.factor() * 0.9);
+            measured = (ea / (ea + eb), eb / (ea + eb));
+            ca.update(0.75, measured.0);
+            cb.update(0.25, measured.1);
+        }
+        let ratio = measured.0 / measured.1;
+        assert!((ratio - 3.0).abs() < 0.01, "{ratio}");
+    }
+
+    #[test]
+    fn dithered_windows_average_the_exact_one() {
+        let mut d = Dither::default();
+        let sum: u64 = (0..1_000).map(|_| d.lines(15.3)).sum();
+        assert_eq!(sum, 15_300);
+        assert_eq!(d.lines(0.2), 1, "a batch with any share gets a line");
+        assert_eq!(d.lines(0.0), 0);
     }
 }

@@ -86,6 +86,9 @@ async fn handle(ctx: WorkerContext, delivery: Delivery, shutdown: CancellationTo
                 .with_label_values(&[result])
                 .observe(started.elapsed().as_secs_f64());
             ack(&delivery).await;
+            tracker
+                .hold_while_lines_wait(&ctx, &event.batch_id, &shutdown)
+                .await;
         }
         Ok(Dispatched::Interrupted) => {
             tracing::info!(batch_id = %event.batch_id, "Dispatch interrupted; it resumes on another dispatcher.");
@@ -119,6 +122,7 @@ async fn top_up(
     tracker: &mut Tracker,
 ) {
     top_up_rounds(ctx, batch_id, shutdown, tracker).await;
+    tracker.hold_while_lines_wait(ctx, batch_id, shutdown).await;
     tracker.leave(ctx, batch_id).await;
 }
 

@@ -3,12 +3,17 @@
 //! the provider's registry and takes the window the fleet-wide plan gives it
 //! ([`sluice_shared::schedule`]); any other batch keeps the per-batch window.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use sluice_shared::domain::{BatchMeta, now_millis, now_secs};
-use sluice_shared::schedule::{self, Entry, Priority, Shape};
+use tokio_util::sync::CancellationToken;
+
+use sluice_shared::domain::{BatchMeta, BatchStatus, now_millis, now_secs};
+use sluice_shared::schedule::{self, Dither, Entry, Priority, Shape, ShareCorrection};
 
 use crate::WorkerContext;
+
+/// How often a batch whose lines are all enqueued refreshes its entry.
+const HOLD_EVERY: Duration = Duration::from_millis(200);
 
 /// The lines a batch may have dispatched and unfinished.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +32,9 @@ pub struct Tracker {
     rate: f64,
     /// The provider whose registry holds this batch's entry.
     registered: Option<String>,
+    /// Keeps the tenant's measured share of a contended provider at the one its weight gives.
+    correction: ShareCorrection,
+    dither: Dither,
 }
 
 impl Tracker {
@@ -102,10 +110,56 @@ impl Tracker {
             .batch_at_risk
             .with_label_values(&[provider])
             .set(plan.at_risk.len() as i64);
-        plan.windows.get(batch_id).copied().unwrap_or(1)
+        let Some(exact) = plan.exact.get(batch_id).copied() else {
+            return 1;
+        };
+        // Only while the provider is the bottleneck: below its limit every tenant gets all it
+        // asks for, and a share measured then says nothing about the windows.
+        let saturated = limit.is_none_or(|limit| rate >= 0.9 * limit);
+        if let (true, Some(target), Some(measured)) = (
+            saturated,
+            plan.contended.get(&entry.tenant),
+            schedule::measured_fractions(&entries),
+        ) {
+            self.correction
+                .update(*target, measured.get(&entry.tenant).copied().unwrap_or(0.0));
+        }
+        self.dither.lines(exact * self.correction.factor())
     }
 
-    /// Takes the batch out of its provider's registry (its lines are all enqueued, or it
+    /// Keeps a scheduled batch whose lines are all enqueued in its provider's registry until they
+    /// are done (or it stops): its lines still wait in the queue, and a batch that left at once
+    /// would hand its share to its tenant's next batch while they do, so the tenant would get
+    /// more than its share at every change of batch.
+    pub async fn hold_while_lines_wait(
+        &mut self,
+        ctx: &WorkerContext,
+        batch_id: &str,
+        shutdown: &CancellationToken,
+    ) {
+        while self.registered.is_some() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(HOLD_EVERY) => {}
+            }
+            let meta = match ctx.store.get_batch(batch_id).await {
+                Ok(Some(meta)) => meta,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(%batch_id, error = %e, "Could not read a batch; leaving the schedule.");
+                    return;
+                }
+            };
+            let running =
+                meta.status() == Some(BatchStatus::InProgress) && meta.stopping().is_none();
+            if !running || meta.done() >= meta.total().unwrap_or(0) {
+                return;
+            }
+            self.window(ctx, batch_id, &meta).await;
+        }
+    }
+
+    /// Takes the batch out of its provider's registry (its lines are all done, or it
     /// stopped), so its share goes to the others at once rather than when its entry goes stale.
     pub async fn leave(&mut self, ctx: &WorkerContext, batch_id: &str) {
         if let Some(provider) = self.registered.take()

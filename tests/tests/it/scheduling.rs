@@ -129,17 +129,21 @@ async fn a_one_hour_batch_created_after_a_day_batch_finishes_first() {
     app.cleanup().await;
 }
 
+// Both fairness tests measure a minute of the provider's throughput (the issue's "within 5 % over
+// a minute of contention") after a warm-up in which the windows and their corrections settle.
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn weights_three_to_one_give_three_to_one_throughput() {
     let app = spawn_app_with(AppOptions::default(), |s| {
-        scheduled(s, 1_800);
+        scheduled(s, 2_400);
         s.tenants[0].weight = 3.0;
     })
     .await;
-    let a = create(&app, KEY_A, &lines("a", 1_200), "24h", json!({})).await;
-    let b = create(&app, KEY_B, &lines("b", 600), "24h", json!({})).await;
-    let (na, nb) = shares(&app, "a-", "b-", 60, 900).await;
+    let a = create(&app, KEY_A, &lines("a", 2_300), "24h", json!({})).await;
+    let b = create(&app, KEY_B, &lines("b", 800), "24h", json!({})).await;
+    let (na, nb) = shares(&app, "a-", "b-", 100, 2_400).await;
     let ratio = na as f64 / nb as f64;
+    eprintln!("weights 3:1: A {na} calls, B {nb} calls, A/B {ratio:.3}");
     assert!(
         (2.85..=3.15).contains(&ratio),
         "A {na} calls, B {nb} calls: {ratio:.3}"
@@ -149,23 +153,19 @@ async fn weights_three_to_one_give_three_to_one_throughput() {
     app.cleanup().await;
 }
 
-// Flaky on a loaded 2-core machine: 1.01 in the bench (one minute, 16 lines a message) and two
-// runs here, but 0.91 and 0.92 in two others. Suspected: the five batches of B top up
-// independently from a registry up to 200 ms old, so B overshoots its share while its floor
-// batches' single lines are in flight. Run with `--run-ignored all`.
-#[ignore = "flaky: B's five batches overshoot the share by up to ~9 % on a loaded machine"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn equal_weights_share_one_to_one_whatever_the_number_of_batches() {
-    let app = spawn_app_with(AppOptions::default(), |s| scheduled(s, 1_800)).await;
-    let a = create(&app, KEY_A, &lines("a", 900), "24h", json!({})).await;
+    let app = spawn_app_with(AppOptions::default(), |s| scheduled(s, 2_400)).await;
+    let a = create(&app, KEY_A, &lines("a", 1_500), "24h", json!({})).await;
     let mut bs = Vec::new();
     for i in 0..5 {
         let prefix = format!("b{i}");
-        bs.push(create(&app, KEY_B, &lines(&prefix, 200), "24h", json!({})).await);
+        bs.push(create(&app, KEY_B, &lines(&prefix, 300), "24h", json!({})).await);
     }
-    // Past the start of B's five batches (created one after another), over 900 calls.
-    let (na, nb) = shares(&app, "a-", "b", 150, 900).await;
+    // Past the start of B's five batches (created one after another).
+    let (na, nb) = shares(&app, "a-", "b", 200, 2_400).await;
     let ratio = na as f64 / nb as f64;
+    eprintln!("equal weights: A {na} calls, B {nb} calls, A/B {ratio:.3}");
     assert!(
         (0.95..=1.05).contains(&ratio),
         "A (one batch) {na} calls, B (five) {nb} calls: {ratio:.3}"
@@ -211,6 +211,7 @@ async fn strict_admission_refuses_a_batch_that_cannot_finish_in_its_window() {
     let app = spawn_app_with(AppOptions::default(), |s| {
         scheduled(s, 60);
         s.limits.admission = "strict".into();
+        s.tenants[1].weight = 3.0;
     })
     .await;
     // 100 lines at one a second need 100 s.
@@ -237,6 +238,19 @@ async fn strict_admission_refuses_a_batch_that_cannot_finish_in_its_window() {
     }
     let (status, refused) = app.create_batch_raw(KEY_A, body("180s")).await;
     assert_eq!(status, 429, "{refused}");
+    // Tenant B (weight 3) gets three quarters of the rate while A runs: its 100 lines need
+    // about 133 s, whatever A's deadline.
+    let file_b = app.upload(KEY_B, jsonl(&lines("y", 100))).await;
+    let body_b = |window: &str| json!({"input_file_id": file_b, "endpoint": "/v1/chat/completions", "completion_window": window});
+    let (status, refused) = app.create_batch_raw(KEY_B, body_b("100s")).await;
+    assert_eq!(status, 429, "{refused}");
+    // Inline requests are estimated the same way.
+    let inline = |window: &str| json!({"endpoint": "/v1/chat/completions", "completion_window": window, "requests": lines("z", 100)});
+    let (status, refused) = app.create_batch_raw(KEY_B, inline("100s")).await;
+    assert_eq!(status, 429, "{refused}");
+    assert_eq!(refused["error"]["code"], "insufficient_capacity");
+    let (status, ok) = app.create_batch_raw(KEY_B, inline("170s")).await;
+    assert_eq!(status, 200, "{ok}");
     let (status, ok) = app.create_batch_raw(KEY_A, body("1h")).await;
     assert_eq!(status, 200, "{ok}");
     app.cleanup().await;

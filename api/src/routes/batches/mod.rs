@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery, JsonBody, int_param};
 use crate::state::AppState;
 
-mod admission;
+pub(crate) mod admission;
 mod params;
 pub(crate) use params::{
     CreateBatch, parse_completion_window, parse_metadata, parse_output_expiry, quoted_list,

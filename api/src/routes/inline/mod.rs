@@ -20,6 +20,7 @@ use sluice_shared::routing::{RouteError, resolve_target};
 use sluice_shared::validate::clip;
 
 use super::ECHO_BYTES;
+use super::batches::admission::{Ask, admit_lines};
 use super::batches::{
     CreateBatch, parse_completion_window, parse_metadata, parse_output_expiry, quoted_list,
     release_batch, reserve_batch, store_reserved,
@@ -118,6 +119,25 @@ pub(crate) async fn create(
         return Err(route_error(e, "requests[0].body.model"));
     }
 
+    let mut params = CreateBatch {
+        input_file_id: String::new(),
+        endpoint: endpoint.to_owned(),
+        completion_window: completion_window.to_owned(),
+        window,
+        metadata,
+        output_expires_after_secs,
+        priority: None,
+    };
+    let ask = Ask {
+        lines: requests.len() as u64,
+        model,
+        endpoint,
+        window_secs: window.as_secs(),
+        completion_window,
+        priority: params.priority(),
+    };
+    admit_lines(state, tenant, ask).await?;
+
     let batch_id = reserve_batch(state, tenant).await?;
     let chunks = futures::stream::iter([Ok::<_, ApiError>(Bytes::from(jsonl))]);
     let stored = match store_lines(
@@ -137,15 +157,8 @@ pub(crate) async fn create(
             return Err(e);
         }
     };
-    let params = CreateBatch {
-        input_file_id: stored.file_id,
-        endpoint: stored.endpoint,
-        completion_window: completion_window.to_owned(),
-        window,
-        metadata,
-        output_expires_after_secs,
-        priority: None,
-    };
+    params.input_file_id = stored.file_id;
+    params.endpoint = stored.endpoint;
     store_reserved(state, tenant, &batch_id, params).await
 }
 
