@@ -670,4 +670,23 @@ mod tests {
         assert_eq!(d.lines(0.2), 1, "a batch with any share gets a line");
         assert_eq!(d.lines(0.0), 0);
     }
+
+    #[test]
+    fn min_batch_share_sets_the_floor_of_the_batches_behind() {
+        let entries = vec![
+            ("long".into(), entry("a", Priority::Normal, 86_400, 1_000)),
+            ("short".into(), entry("a", Priority::Normal, 3_600, 1_000)),
+        ];
+        let mut half = shape(100);
+        half.min_share = 0.5;
+        let p = plan(&entries, half, |_| 1.0);
+        assert_eq!((w(&p, "short"), w(&p, "long")), (75, 25));
+        half.min_share = 0.0;
+        let p = plan(&entries, half, |_| 1.0);
+        assert_eq!(
+            (w(&p, "short"), w(&p, "long")),
+            (99, 1),
+            "a whole line at least"
+        );
+    }
 }

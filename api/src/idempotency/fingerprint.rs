@@ -87,7 +87,8 @@ where
     E: std::fmt::Display,
 {
     let mut seen: u64 = 0;
-    let body = body.map(move |chunk| match chunk {
+    // Fused: the form parser may read the body to its end before the drain below polls it again.
+    let body = body.fuse().map(move |chunk| match chunk {
         Ok(bytes) => {
             seen = seen.saturating_add(bytes.len() as u64);
             if seen > cap {

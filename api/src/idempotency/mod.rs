@@ -100,29 +100,72 @@ async fn idempotent(guard: Guard, request: Request, next: Next) -> Result<Respon
         .idempotency(tenant.id(), &hex::encode(Sha256::digest(key.as_bytes())));
     let lease = Duration::from_millis(settings.lease_ms);
     let deadline = Instant::now() + Duration::from_millis(settings.wait_ms);
+    let (mut parts, mut body, mut next) = (parts, body, next);
     loop {
-        let held = state
-            .store
-            .claim_idempotency_key(&redis_key, lease)
-            .await
-            .context("Failed to claim an idempotency key")?;
-        match held {
-            KeyState::Claimed(token) => {
-                let first = First {
-                    guard: guard.clone(),
-                    redis_key,
-                    token,
-                };
-                return Ok(first.run(parts, body, next).await);
+        // The claim and the run of a claimed key happen in one task: a request cut off between
+        // them (by its deadline or its client) would otherwise hold the key until its lease ran
+        // out, and its retry would wait for nothing.
+        let attempt = tokio::spawn(
+            {
+                let guard = guard.clone();
+                let redis_key = redis_key.clone();
+                async move {
+                    let held = guard
+                        .state
+                        .store
+                        .claim_idempotency_key(&redis_key, lease)
+                        .await;
+                    match held {
+                        Ok(KeyState::Claimed(token)) => {
+                            let first = First {
+                                guard,
+                                redis_key,
+                                token,
+                            };
+                            Attempt::Ran(first.run(parts, body, next).await)
+                        }
+                        Ok(KeyState::Recorded(record)) => {
+                            Attempt::NotClaimed(Ok(Some(record)), parts, body, next)
+                        }
+                        Ok(KeyState::InProgress) => {
+                            Attempt::NotClaimed(Ok(None), parts, body, next)
+                        }
+                        Err(e) => Attempt::NotClaimed(Err(e), parts, body, next),
+                    }
+                }
             }
-            KeyState::Recorded(record) => return replay(&guard, &parts, body, &record).await,
-            KeyState::InProgress if Instant::now() < deadline => tokio::time::sleep(POLL).await,
-            KeyState::InProgress => {
+            .in_current_span(),
+        )
+        .await
+        .context("An idempotent create task failed")?;
+        let held = match attempt {
+            Attempt::Ran(response) => return Ok(response),
+            Attempt::NotClaimed(held, p, b, n) => {
+                (parts, body, next) = (p, b, n);
+                held.context("Failed to claim an idempotency key")?
+            }
+        };
+        match held {
+            Some(record) => return replay(&guard, &parts, body, &record).await,
+            None if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+            None => {
                 count(state, "in_progress");
                 return Err(ApiError::idempotency_key_in_progress(settings.wait_ms));
             }
         }
     }
+}
+
+/// One claim of a key: the first request's answer, or the request back with the key's recorded
+/// answer (`Some`) or `None` while another request holds it.
+enum Attempt {
+    Ran(Response),
+    NotClaimed(
+        Result<Option<String>, sluice_shared::store::StoreError>,
+        Parts,
+        Body,
+        Next,
+    ),
 }
 
 /// The key a request sends: visible ASCII (what a header value holds as text), not blank, at
