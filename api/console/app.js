@@ -18,10 +18,28 @@ const PAGE_SIZE = 20;
 /** @param {string} [message] shown above the sign-in form */
 function signOut(message = '') {
   forgetKey();
+  forgetTenantData();
   const error = $('login-error');
   error.textContent = message;
   show(error, message !== '');
   render();
+}
+
+/**
+ * Empties every view of what the signed-out tenant saw: the views are only hidden, and the next
+ * person at this browser signs in with another key.
+ */
+function forgetTenantData() {
+  for (const id of ['batch-rows', 'batch-counts', 'batch-details', 'batch-timeline', 'errors-rows', 'failed-rows']) {
+    $(id).replaceChildren();
+  }
+  for (const id of ['list-status', 'batch-status', 'batch-title', 'batch-missing', 'errors-more', 'failed-status', 'new-error']) {
+    $(id).textContent = '';
+  }
+  show($('batch-body'), false);
+  $as('new-form', HTMLFormElement).reset();
+  newerPages.length = 0;
+  clearNotice();
 }
 
 onUnauthorized((error) => signOut(`The server no longer accepts this API key (401): ${error.message}`));
@@ -198,8 +216,7 @@ async function onCreate(/** @type {SubmitEvent} */ event) {
     /** @type {Batch} */
     const batch = await callJson('POST', '/batches', { json: body });
     $as('new-form', HTMLFormElement).reset();
-    $('meta-rows').replaceChildren();
-    show($('upload'), false);
+      show($('upload'), false);
     location.hash = batchHref(batch.id);
   } catch (e) {
     error.textContent = e instanceof ApiError && e.param

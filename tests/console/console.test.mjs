@@ -274,10 +274,13 @@ try {
     assert.equal(await page.locator('#batch-body').isVisible(), false);
   });
 
-  await step('sign out clears the key', async () => {
+  await step('sign out clears the key and what the tenant saw', async () => {
+    // The page just shown named tenant A's batch id (as "not found"); the views are only hidden.
+    assert.ok((await page.content()).includes(fastId));
     await page.getByRole('button', { name: 'Sign out' }).click();
     await page.getByLabel('API key').waitFor();
     assert.equal(await page.evaluate(() => sessionStorage.length), 0);
+    assert.equal((await page.content()).includes(fastId), false, 'a signed-out page keeps a batch id');
   });
 
   assert.deepEqual(problems, [], 'console errors');

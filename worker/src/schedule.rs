@@ -113,11 +113,10 @@ impl Tracker {
         let Some(exact) = plan.exact.get(batch_id).copied() else {
             return 1;
         };
-        // Only while the provider is the bottleneck: below its limit every tenant gets all it
-        // asks for, and a share measured then says nothing about the windows.
-        let saturated = limit.is_none_or(|limit| rate >= 0.9 * limit);
-        if let (true, Some(target), Some(measured)) = (
-            saturated,
+        // `contended` is empty unless every tenant's window holds it back; then each tenant's
+        // share of the calls follows its share of the lines waiting, whether the provider's limit
+        // or the workers' pace sets the rate, and the correction applies.
+        if let (Some(target), Some(measured)) = (
             plan.contended.get(&entry.tenant),
             schedule::measured_fractions(&entries),
         ) {
