@@ -317,9 +317,9 @@ impl Default for ShareCorrection {
 }
 
 impl ShareCorrection {
-    /// Exponent applied to target ÷ measured per update: small, because a change of window shows
-    /// in the throughput only once the queued lines drain (seconds), and the measured rates are
-    /// noisy from one round to the next.
+    /// Fraction of the relative error corrected per update: small, because a change of window
+    /// shows in the throughput only once the queued lines drain (seconds), and the measured
+    /// rates are noisy from one round to the next.
     const GAIN: f64 = 0.03;
     const BOUNDS: (f64, f64) = (0.5, 2.0);
 
@@ -328,13 +328,16 @@ impl ShareCorrection {
     }
 
     /// One step toward `target` (the tenant's planned fraction) from `measured` (its fraction of
-    /// what the provider did).
+    /// what the provider did). The step is linear in `measured`, so noise in it averages out: a
+    /// step on the ratio's logarithm would settle where the mean measured share is above the
+    /// target, over-serving the tenant with the noisier (smaller) rate.
     pub fn update(&mut self, target: f64, measured: f64) {
-        if target <= 0.0 || measured <= 0.0 {
+        if target <= 0.0 {
             return;
         }
-        self.factor = (self.factor * (target / measured).powf(Self::GAIN))
-            .clamp(Self::BOUNDS.0, Self::BOUNDS.1);
+        let error = ((target - measured) / target).clamp(-1.0, 1.0);
+        self.factor =
+            (self.factor * (1.0 + Self::GAIN * error)).clamp(Self::BOUNDS.0, Self::BOUNDS.1);
     }
 }
 
@@ -660,6 +663,26 @@ mod tests {
         }
         let ratio = measured.0 / measured.1;
         assert!((ratio - 3.0).abs() < 0.01, "{ratio}");
+    }
+
+    /// B's measured share is noisy (×0.6 and ×1.4 in turn, right on average): the true shares
+    /// still settle at 3:1, averaged over the last rounds.
+    #[test]
+    fn noise_in_a_measured_share_does_not_bias_the_correction() {
+        let (mut ca, mut cb) = (ShareCorrection::default(), ShareCorrection::default());
+        let mut ratios = Vec::new();
+        for round in 0..4_000 {
+            let (ea, eb) = (45.0 * ca.factor(), 15.0 * cb.factor());
+            let (a, b) = (ea / (ea + eb), eb / (ea + eb));
+            let noise = if round % 2 == 0 { 0.6 } else { 1.4 };
+            ca.update(0.75, a);
+            cb.update(0.25, b * noise);
+            if round >= 3_000 {
+                ratios.push(a / b);
+            }
+        }
+        let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+        assert!((mean - 3.0).abs() < 0.03, "{mean}");
     }
 
     #[test]
