@@ -95,6 +95,10 @@ pub const READ_CHUNK_BYTES: u64 = 2 * 1024 * 1024;
 /// and it fails mid-way (S3). Each ranged read here is short whatever the consumer does, memory
 /// stays two chunks per reader, and every read is pinned to the object's first `ETag` so that a
 /// replaced object fails the read instead of mixing two versions.
+///
+/// The first chunk is read before this returns, so an object deleted between the `HEAD` and the
+/// first read is an error here (a download answers 404) rather than a stream that breaks after
+/// its response began; an object of one chunk is then read whole.
 pub async fn read_chunked(
     store: &Arc<dyn ObjectStore>,
     path: &Path,
@@ -106,7 +110,7 @@ pub async fn read_chunked(
     let ranges = (0..size)
         .step_by(READ_CHUNK_BYTES as usize)
         .map(move |start| start..size.min(start + READ_CHUNK_BYTES));
-    let chunks = futures::stream::iter(ranges)
+    let mut chunks = futures::stream::iter(ranges)
         .map(move |range| {
             let (store, path) = (store.clone(), path.clone());
             let options = GetOptions {
@@ -119,7 +123,11 @@ pub async fn read_chunked(
         .buffered(2)
         .try_filter(|chunk| std::future::ready(!chunk.is_empty()))
         .boxed();
-    Ok((size, chunks))
+    let first = match chunks.next().await {
+        Some(first) => first?,
+        None => return Ok((size, chunks)),
+    };
+    Ok((size, futures::stream::once(async { Ok(first) }).chain(chunks).boxed()))
 }
 
 #[cfg(test)]
