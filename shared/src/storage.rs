@@ -127,7 +127,12 @@ pub async fn read_chunked(
         Some(first) => first?,
         None => return Ok((size, chunks)),
     };
-    Ok((size, futures::stream::once(async { Ok(first) }).chain(chunks).boxed()))
+    Ok((
+        size,
+        futures::stream::once(async { Ok(first) })
+            .chain(chunks)
+            .boxed(),
+    ))
 }
 
 #[cfg(test)]
