@@ -130,12 +130,10 @@ async fn a_one_hour_batch_created_after_a_day_batch_finishes_first() {
 }
 
 // Both fairness tests count 2,400 calls of contention (a minute at 2,400 RPM; 40 s here at
-// 3,600 RPM) after a warm-up in which the windows and their corrections settle. On a quiet
-// machine the shares come within 2 % (2.95–3.02 and 0.97–1.00 here; 3.013 and 0.977 in the
-// release bench, BENCHMARKS.md). Beside the rest of the suite on two cores, 3:1 has measured
-// 3.17–3.30 (A over-served; the cause is not found) and one batch against five up to 1.07. So
-// these tests check that weights and batch counts shape the shares (15 % and 10 %), and the
-// issue's 5 % is the bench's figure, not a bound the tests hold under load.
+// 3,600 RPM) after a warm-up in which the windows and their corrections settle, and hold the
+// issue's 5 %. They run alone (`.config/nextest.toml`): beside the rest of the suite on two cores,
+// 3:1 measured 3.17–3.30 (the heavier tenant over-served while the roles starve for CPU), and a
+// bound loose enough for that would not show the share the scheduler keeps.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn weights_three_to_one_give_three_to_one_throughput() {
@@ -150,7 +148,7 @@ async fn weights_three_to_one_give_three_to_one_throughput() {
     let ratio = na as f64 / nb as f64;
     eprintln!("weights 3:1: A {na} calls, B {nb} calls, A/B {ratio:.3}");
     assert!(
-        (2.55..=3.45).contains(&ratio),
+        (2.85..=3.15).contains(&ratio),
         "A {na} calls, B {nb} calls: {ratio:.3}"
     );
     completed(&app, KEY_B, &b).await;
@@ -172,7 +170,7 @@ async fn equal_weights_share_one_to_one_whatever_the_number_of_batches() {
     let ratio = na as f64 / nb as f64;
     eprintln!("equal weights: A {na} calls, B {nb} calls, A/B {ratio:.3}");
     assert!(
-        (0.9..=1.1).contains(&ratio),
+        (0.95..=1.05).contains(&ratio),
         "A (one batch) {na} calls, B (five) {nb} calls: {ratio:.3}"
     );
     for b in &bs {
