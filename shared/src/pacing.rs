@@ -45,16 +45,19 @@ static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ri, ti, cost, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local ri, ti, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
 local maxc, lease, lease_ms, hold = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local cooldown, probes_max, tburst = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local max_charge = tonumber(ARGV[12])
+-- the estimated token costs of the calls asking, in order (one reservation each)
+local costs = {}
+for c in string.gmatch(ARGV[3], '[^,]+') do costs[#costs + 1] = tonumber(c) end
 -- circuit breaker
 local probe = 0
 local b = redis.call('HMGET', KEYS[6], 'state', 'until', 'probes')
 if b[1] == 'open' then
   local untl = tonumber(b[2]) or 0
-  if now < untl then return {'open', untl - now, 0, 0} end
+  if now < untl then return {'open', untl - now, 0, {}} end
   redis.call('HSET', KEYS[6], 'state', 'half', 'probes', 0, 'until', now + cooldown)
   b = {'half', tostring(now + cooldown), '0'}
 end
@@ -65,53 +68,62 @@ if b[1] == 'half' then
     probes = 0
     redis.call('HSET', KEYS[6], 'probes', 0, 'until', now + cooldown)
   end
-  if probes >= probes_max then return {'open', 250, 0, 0} end
+  if probes >= probes_max then return {'open', 250, 0, {}} end
   probe = 1
 end
 -- fleet pause
 local pause = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
-if pause > now then return {'paused', pause - now, 0, 0} end
--- adaptive concurrency
+if pause > now then return {'paused', pause - now, 0, {}} end
+-- adaptive concurrency (one lease per call: a call holding a lease asks alone)
 local lim = 0
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
   lim = tonumber(redis.call('HGET', KEYS[5], 'limit') or '') or maxc
   lim = math.max(1, math.min(maxc, math.floor(lim)))
-  if redis.call('ZCARD', KEYS[4]) >= lim then return {'busy', 50, lim, 0} end
+  if redis.call('ZCARD', KEYS[4]) >= lim then return {'busy', 50, lim, {}} end
 end
--- rates (GCRA, reservation form); the token cost is the estimate scaled by the provider's
--- learnt ratio of actual to estimated tokens
-local charged = 0
-if ti > 0 then
-  local ratio = tonumber(redis.call('HGET', KEYS[5], 'tk_ratio') or '') or 1
-  charged = math.min(max_charge, math.max(1, math.floor(cost * ratio + 0.5)))
-end
-local s = now
+-- a half-open breaker hands out one probe per ask
+local n = #costs
+if probe == 1 or maxc > 0 then n = math.min(n, 1) end
+-- rates (GCRA, reservation form), one reservation after another as if asked one by one; the
+-- token cost is the estimate scaled by the provider's learnt ratio of actual to estimated tokens
+local ratio = 1
+if ti > 0 then ratio = tonumber(redis.call('HGET', KEYS[5], 'tk_ratio') or '') or 1 end
 local rtat, ttat = 0, 0
+if ri > 0 then rtat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0 end
+if ti > 0 then ttat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0 end
+local granted, rest = {}, 0
+for i = 1, n do
+  local charged = 0
+  if ti > 0 then charged = math.min(max_charge, math.max(1, math.floor(costs[i] * ratio + 0.5))) end
+  local s = now
+  if ri > 0 then s = math.max(s, rtat - burst) end
+  if ti > 0 then s = math.max(s, ttat - tburst) end
+  local wait = s - now
+  if wait > hold then
+    rest = math.ceil(wait)
+    break
+  end
+  if ri > 0 then rtat = math.max(rtat, s) + ri end
+  if ti > 0 then ttat = math.max(ttat, s) + ti * charged end
+  granted[#granted + 1] = math.ceil(wait)
+  granted[#granted + 1] = charged
+end
+if #granted == 0 then return {'rate', rest, 0, {}} end
 if ri > 0 then
-  rtat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-  s = math.max(s, rtat - burst)
+  redis.call('SET', KEYS[1], string.format('%.3f', rtat), 'PX', math.ceil(rtat - now) + 60000)
 end
 if ti > 0 then
-  ttat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-  s = math.max(s, ttat - tburst)
-end
-local wait = s - now
-if wait > hold then return {'rate', math.ceil(wait), 0, 0} end
-if ri > 0 then
-  local n = math.max(rtat, s) + ri
-  redis.call('SET', KEYS[1], string.format('%.3f', n), 'PX', math.ceil(n - now) + 60000)
-end
-if ti > 0 then
-  local n = math.max(ttat, s) + ti * charged
-  redis.call('SET', KEYS[2], string.format('%.3f', n), 'PX', math.ceil(n - now) + 60000)
+  redis.call('SET', KEYS[2], string.format('%.3f', ttat), 'PX', math.ceil(ttat - now) + 60000)
 end
 if maxc > 0 then
-  redis.call('ZADD', KEYS[4], s + lease_ms, lease)
-  redis.call('PEXPIRE', KEYS[4], math.ceil(wait) + lease_ms + 60000)
+  redis.call('ZADD', KEYS[4], now + granted[1] + lease_ms, lease)
+  redis.call('PEXPIRE', KEYS[4], granted[1] + lease_ms + 60000)
 end
 if probe == 1 then redis.call('HINCRBY', KEYS[6], 'probes', 1) end
-return {'go', math.ceil(wait), probe, charged}
+-- what the calls not granted wait for: the rate, or the breaker's one probe per ask
+if rest == 0 and probe == 1 then rest = -250 end
+return {'go', rest, probe, granted}
 ",
     )
 });
@@ -496,14 +508,42 @@ impl Pacer {
         tokens: u64,
         lease: &str,
     ) -> Result<Grant> {
+        let mut grants = self
+            .acquire_many(provider, limits, &[tokens], lease)
+            .await?;
+        Ok(grants.pop().expect("one grant per call"))
+    }
+
+    /// Asks for slots for several calls at once, costing `tokens` (estimated) each: one script
+    /// call reserves their starts in order, exactly as that many [`Pacer::acquire`]s would, and
+    /// answers one [`Grant`] per call. The calls granted come first; the others are told how long
+    /// to wait (the rate's next slot is past `reserve_ahead_ms`, or a half-open breaker gave its
+    /// one probe of this ask to the first call). A provider with a concurrency limit holds a lease
+    /// per call, so its calls ask one at a time under `lease`; without one, `lease` is unused.
+    pub async fn acquire_many(
+        &self,
+        provider: &str,
+        limits: &PaceLimits,
+        tokens: &[u64],
+        lease: &str,
+    ) -> Result<Vec<Grant>> {
+        assert!(
+            !tokens.is_empty() && (tokens.len() == 1 || !Self::leases(limits)),
+            "one call per ask under a concurrency limit"
+        );
         let keys = self.keys(provider);
         let mut inv = ACQUIRE.prepare_invoke();
         for k in &keys {
             inv.key(k);
         }
+        let costs = tokens
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         inv.arg(limits.request_interval_ms)
             .arg(limits.token_interval_ms)
-            .arg(tokens)
+            .arg(costs)
             .arg(limits.request_tolerance_ms)
             .arg(limits.max_concurrency)
             .arg(lease)
@@ -513,33 +553,45 @@ impl Pacer {
             .arg(limits.breaker_probes)
             .arg(limits.token_tolerance_ms)
             .arg(limits.max_call_tokens);
-        let (verdict, wait, flag, charged): (String, i64, i64, i64) =
+        let (verdict, wait, flag, granted): (String, i64, i64, Vec<i64>) =
             inv.invoke_async(&mut self.store.conn()).await?;
-        let wait = Duration::from_millis(wait.max(0) as u64);
-        Ok(match verdict.as_str() {
-            "go" => Grant::Go {
-                wait,
-                probe: flag == 1,
-                charged: charged.max(0) as u64,
-            },
-            "open" => Grant::Hold {
-                wait,
-                why: Hold::BreakerOpen,
-            },
-            "paused" => Grant::Hold {
-                wait,
-                why: Hold::Paused,
-            },
-            "busy" => Grant::Hold {
-                wait,
-                why: Hold::Concurrency,
-            },
-            "rate" => Grant::Hold {
-                wait,
-                why: Hold::Rate,
-            },
+        let millis = |ms: i64| Duration::from_millis(ms.unsigned_abs());
+        let hold = |why| Grant::Hold {
+            wait: millis(wait),
+            why,
+        };
+        let all = |grant| Ok(vec![grant; tokens.len()]);
+        match verdict.as_str() {
+            "go" => {}
+            "open" => return all(hold(Hold::BreakerOpen)),
+            "paused" => return all(hold(Hold::Paused)),
+            "busy" => return all(hold(Hold::Concurrency)),
+            "rate" => return all(hold(Hold::Rate)),
             other => return Err(StoreError::Protocol(format!("acquire: {other}"))),
-        })
+        }
+        // `wait` is then what the calls not granted wait for: the rate (> 0), the breaker's next
+        // ask (< 0).
+        let rest = match wait {
+            w if w < 0 => hold(Hold::BreakerOpen),
+            _ => hold(Hold::Rate),
+        };
+        let mut grants: Vec<Grant> = granted
+            .chunks_exact(2)
+            .map(|g| Grant::Go {
+                wait: millis(g[0].max(0)),
+                probe: flag == 1,
+                charged: g[1].max(0) as u64,
+            })
+            .collect();
+        if grants.is_empty() || grants.len() > tokens.len() {
+            return Err(StoreError::Protocol(format!(
+                "acquire: {} grants for {} calls",
+                grants.len(),
+                tokens.len()
+            )));
+        }
+        grants.resize(tokens.len(), rest);
+        Ok(grants)
     }
 
     /// Reports a call acquired under `lease`: `tokens` are what the token bucket was charged and
@@ -648,15 +700,5 @@ impl Pacer {
             breaker: BreakerState::parse(state.as_deref()),
             fails: fails.unwrap_or(0),
         })
-    }
-
-    /// How much longer the provider's fleet pause lasts, if one is set.
-    pub async fn paused_for(&self, provider: &str) -> Result<Option<Duration>> {
-        // The key expires with the pause, so its TTL is the time left (on Redis' clock).
-        let left: i64 = redis::cmd("PTTL")
-            .arg(self.store.keys().pacing(provider, "pause"))
-            .query_async(&mut self.store.conn())
-            .await?;
-        Ok((left > 0).then(|| Duration::from_millis(left as u64)))
     }
 }

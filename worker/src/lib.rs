@@ -18,12 +18,14 @@ pub mod call;
 pub mod compaction;
 pub mod dispatcher;
 pub mod fleet_view;
+pub mod gate_checks;
 pub mod lease;
 pub mod lifecycle;
 pub mod local_pace;
 pub mod ops;
 pub mod pace_reports;
 pub mod queue_depth;
+pub mod reservations;
 pub mod schedule;
 pub mod tasks;
 pub mod upstream;
@@ -52,8 +54,12 @@ pub struct WorkerContext {
     pub metrics: Metrics,
     /// The fleet-wide limiter and circuit breaker of every provider.
     pub pacer: Pacer,
-    /// This process's smoothing of its asks to `pacer`.
+    /// This process's smoothing of its single asks to `pacer` (providers with a concurrency limit).
     pub local_pace: local_pace::LocalPace,
+    /// This process's lines asking the call gate again, together by batch.
+    pub gate_checks: gate_checks::GateChecks,
+    /// This process's lines to a rate-paced provider, asking `pacer` for their starts together.
+    pub reservations: reservations::Reservations,
     /// This process's copy of its unpaced providers' fleet pause and breaker.
     pub fleet_views: fleet_view::FleetViews,
     /// Successes of paced calls, reported to `pacer` summed.
@@ -114,6 +120,11 @@ impl WorkerContext {
             pacer.clone(),
             std::time::Duration::from_millis(w.fleet_view_ms),
         );
+        let reservations = reservations::Reservations::new(
+            pacer.clone(),
+            std::time::Duration::from_millis(w.pacing_coalesce_ms),
+        );
+        let gate_checks = gate_checks::GateChecks::new(store.clone(), w.in_flight_for());
         let pace_reports = pace_reports::PaceReports::new(
             pacer.clone(),
             std::time::Duration::from_millis(w.pacing_report_ms),
@@ -128,6 +139,8 @@ impl WorkerContext {
             metrics,
             pacer,
             local_pace,
+            reservations,
+            gate_checks,
             fleet_views,
             pace_reports,
         })

@@ -74,6 +74,11 @@ pub struct WorkerSettings {
     /// How long a paced provider's successful calls are summed before one report carries them
     /// (token corrections, the actual/estimate ratio) to the fleet limiter (ms).
     pub pacing_report_ms: u64,
+    /// Longest a rate-paced provider's lines wait in a worker to ask the fleet limiter together
+    /// (ms). They wait only while the fleet is booked ahead, for at most half of how far it is
+    /// booked, so the wait costs no throughput; 0 asks at once. Longer: fewer script calls per
+    /// line.
+    pub pacing_coalesce_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +148,14 @@ impl Default for LifecycleSettings {
     }
 }
 
+impl WorkerSettings {
+    /// How long a line stays marked in flight from its gate (the aggregator waits that long for it
+    /// when its batch stops): one call and the longest hold before it.
+    pub fn in_flight_for(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.request_timeout_ms + self.max_hold_ms + 5_000)
+    }
+}
+
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
@@ -171,6 +184,7 @@ impl Default for WorkerSettings {
             default_max_tokens: 256,
             fleet_view_ms: 100,
             pacing_report_ms: 200,
+            pacing_coalesce_ms: 250,
         }
     }
 }

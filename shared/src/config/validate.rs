@@ -283,6 +283,12 @@ impl Settings {
                 10_000,
             ),
             (
+                "worker.pacing_coalesce_ms".into(),
+                w.pacing_coalesce_ms,
+                0,
+                10_000,
+            ),
+            (
                 "worker.batch_window_secs".into(),
                 w.batch_window_secs,
                 0,

@@ -621,8 +621,14 @@ async fn main() -> anyhow::Result<()> {
     println!("| scenario | result |");
     println!("|---|---|");
     if run("rpm") {
-        rpm(600, workers).await?;
-        rpm(6_000, workers).await?;
+        // `--rpm N` runs one rate instead of both.
+        match arg("--rpm") {
+            Some(r) => rpm(r.parse().expect("--rpm N"), workers).await?,
+            None => {
+                rpm(600, workers).await?;
+                rpm(6_000, workers).await?;
+            }
+        }
     }
     if run("tpm") {
         let hold: u64 =

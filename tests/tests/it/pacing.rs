@@ -428,18 +428,22 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
     app.cleanup().await;
 }
 
-/// The limiter scripts on their own, against the real Redis: leases, AIMD and the breaker.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
-    use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
-    let ns = format!("t-{}", uuid::Uuid::new_v4().simple());
+/// The fleet limiter alone, on a namespace of its own in the real Redis.
+async fn limiter() -> (sluice_shared::Store, sluice_shared::pacing::Pacer) {
     let store = sluice_shared::Store::open(&Settings {
-        namespace: ns.clone(),
+        namespace: format!("t-{}", uuid::Uuid::new_v4().simple()),
         ..Settings::default()
     })
     .await
     .unwrap();
-    let pacer = Pacer::new(store.clone());
+    (store.clone(), sluice_shared::pacing::Pacer::new(store))
+}
+
+/// The limiter scripts on their own, against the real Redis: leases, AIMD and the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
+    use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
+    let (store, pacer) = limiter().await;
     let mut w = Settings::default().worker;
     w.breaker_failures = 2;
     w.breaker_cooldown_ms = 300;
@@ -600,4 +604,109 @@ async fn the_fleet_concurrency_cap_bounds_calls_in_flight() {
     let (first, last) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
     assert!(last - first >= 1_900, "12 calls of 400 ms two at a time");
     app.cleanup().await;
+}
+
+/// One ask for many calls reserves their starts in order, as that many single asks would: a burst
+/// at once, then one interval apart, none past `reserve_ahead_ms`; a half-open breaker gives one
+/// probe per ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ask_reserves_many_starts_as_single_asks_would() {
+    use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, TokenUse};
+    let (store, pacer) = limiter().await;
+    let mut w = Settings::default().worker;
+    w.reserve_ahead_ms = 2_000;
+    w.breaker_failures = 1;
+    w.breaker_cooldown_ms = 200;
+    w.breaker_probes = 1;
+    // 600 RPM: a start every 100 ms after a burst of 10 (1 s).
+    let limits = PaceLimits::new(
+        &PacingSettings {
+            rpm: Some(600),
+            burst_ms: Some(1_000),
+            ..PacingSettings::default()
+        },
+        &w,
+    );
+    let starts = |grants: &[Grant]| -> Vec<Option<u64>> {
+        grants
+            .iter()
+            .map(|g| match g {
+                Grant::Go { wait, probe, .. } => {
+                    assert!(!probe, "{g:?}");
+                    Some(wait.as_millis() as u64)
+                }
+                Grant::Hold { why, wait } => {
+                    assert_eq!(*why, Hold::Rate, "{g:?}");
+                    assert!(wait.as_millis() > 2_000, "{g:?}");
+                    None
+                }
+            })
+            .collect()
+    };
+    let many = pacer
+        .acquire_many("p", &limits, &[0; 40], "")
+        .await
+        .unwrap();
+    let mut single = Vec::new();
+    for _ in 0..40 {
+        single.push(pacer.acquire("s", &limits, 0, "").await.unwrap());
+    }
+    let (many, single) = (starts(&many), starts(&single));
+    let expected: Vec<Option<u64>> = (0..40u64)
+        .map(|i| match i {
+            0..10 => Some(0),
+            10..30 => Some((i - 9) * 100),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(many, expected);
+    // The single asks run over a few ms of Redis' clock; their starts are the same within that.
+    for (i, (m, s)) in many.iter().zip(&single).enumerate() {
+        match (m, s) {
+            (Some(m), Some(s)) => assert!(m.abs_diff(*s) <= 50, "call {i}: {m} vs {s}"),
+            (None, None) => {}
+            _ => panic!("call {i}: {m:?} vs {s:?}"),
+        }
+    }
+    // Every reservation is taken: the next ask waits past the horizon.
+    let next = pacer.acquire_many("p", &limits, &[0; 3], "").await.unwrap();
+    assert!(starts(&next).iter().all(Option::is_none), "{next:?}");
+
+    // An open breaker holds every call of an ask; half-open, the first is its one probe.
+    pacer
+        .release(
+            "q",
+            &limits,
+            "",
+            CallOutcome::Failed,
+            TokenUse::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    let open = pacer.acquire_many("q", &limits, &[0; 3], "").await.unwrap();
+    assert!(
+        open.iter().all(|g| matches!(
+            g,
+            Grant::Hold {
+                why: Hold::BreakerOpen,
+                ..
+            }
+        )),
+        "{open:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let half = pacer.acquire_many("q", &limits, &[0; 3], "").await.unwrap();
+    assert!(matches!(half[0], Grant::Go { probe: true, .. }), "{half:?}");
+    assert!(
+        half[1..].iter().all(|g| matches!(
+            g,
+            Grant::Hold {
+                why: Hold::BreakerOpen,
+                ..
+            }
+        )),
+        "{half:?}"
+    );
+    store.purge_namespace().await.unwrap();
 }

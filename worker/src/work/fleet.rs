@@ -10,6 +10,7 @@ use sluice_shared::pacing::{
 use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
+use crate::reservations::Reservations;
 use crate::upstream::Attempt;
 
 use super::line::{REGATE_AFTER, regate, requeue};
@@ -59,20 +60,29 @@ pub(super) async fn wait_for_slot(
     batch: &str,
     item: &LineItem<'_>,
     paced: &Paced<'_>,
+    mut gated_at: Instant,
     abandon: &CancellationToken,
 ) -> anyhow::Result<Slot> {
     let hold = Duration::from_millis(ctx.settings.worker.max_hold_ms);
     let name = paced.provider;
-    let asked = Instant::now();
-    tokio::select! {
-        _ = abandon.cancelled() => return Ok(Slot::Abandoned),
-        _ = ctx.local_pace.until_ready(name) => {}
+    let together = Reservations::batches(paced.limits);
+    if !together {
+        tokio::select! {
+            _ = abandon.cancelled() => return Ok(Slot::Abandoned),
+            _ = ctx.local_pace.until_ready(name) => {}
+        }
     }
-    // A line that waited here asks the gate again before its call, as after any other wait.
-    let mut slept = asked.elapsed() > REGATE_AFTER;
+    // A line whose gate answer would be older than `REGATE_AFTER` when it calls asks the gate
+    // again, as after any other wait.
     loop {
         let grant = match viewed_grant(ctx, paced).await? {
             Some(grant) => grant,
+            None if together => {
+                tokio::select! {
+                    _ = abandon.cancelled() => return Ok(Slot::Abandoned),
+                    grant = ctx.reservations.reserve(name, paced.limits, paced.tokens) => grant?,
+                }
+            }
             None => {
                 ctx.pacer
                     .acquire(name, paced.limits, paced.tokens, &paced.lease)
@@ -85,7 +95,9 @@ pub(super) async fn wait_for_slot(
                 probe,
                 charged,
             } if wait.is_zero() => {
-                if slept && !regate(ctx, batch, item).await? {
+                if gated_at.elapsed() > REGATE_AFTER
+                    && !regate(ctx, batch, item, Instant::now()).await?
+                {
                     release_unused(ctx, paced, charged).await;
                     return Ok(Slot::Done);
                 }
@@ -134,24 +146,39 @@ pub(super) async fn wait_for_slot(
             .pacing_wait
             .with_label_values(&[name, why.as_str()])
             .observe((wait + jitter).as_secs_f64());
-        if !pause(abandon, wait + jitter).await {
+        let call_at = Instant::now() + wait + jitter;
+        // A reserved start asks the gate again with the batch's lines calling about then, while
+        // the line sleeps.
+        let (woke, gate) = match probe {
+            Some(_) if call_at.duration_since(gated_at) > REGATE_AFTER => {
+                let (woke, gate) = tokio::join!(
+                    pause(abandon, wait + jitter),
+                    regate(ctx, batch, item, call_at)
+                );
+                gated_at = call_at.checked_sub(REGATE_AFTER).unwrap_or(call_at);
+                (woke, Some(gate?))
+            }
+            _ => (pause(abandon, wait + jitter).await, None),
+        };
+        if !woke {
             if let Some((_, charged)) = probe {
                 release_unused(ctx, paced, charged).await;
             }
             return Ok(Slot::Abandoned);
         }
-        slept = true;
         let Some((probe, charged)) = probe else {
             continue;
         };
-        // A fleet pause set while this call waited for its reserved start wins over the reservation.
-        if ctx.pacer.paused_for(name).await?.is_some() {
-            release_unused(ctx, paced, charged).await;
-            continue;
-        }
-        if !regate(ctx, batch, item).await? {
+        if gate == Some(false) {
             release_unused(ctx, paced, charged).await;
             return Ok(Slot::Done);
+        }
+        // A fleet pause set while this call waited for its reserved start wins over the
+        // reservation (as this worker's copy of the fleet view sees it: `worker.fleet_view_ms` old
+        // at most, the bound a pause reaches every replica within).
+        if ctx.fleet_views.get(name).await?.paused_for.is_some() {
+            release_unused(ctx, paced, charged).await;
+            continue;
         }
         return Ok(Slot::Call { probe, charged });
     }

@@ -28,22 +28,25 @@ pub(super) enum LineEnd<'s> {
     Abandoned,
 }
 
-/// A line that waited longer than this for a call slot asks the gate again before calling.
-pub(super) const REGATE_AFTER: Duration = Duration::from_millis(250);
+/// A line that waited longer than this since the gate last let it through asks the gate again
+/// before calling.
+pub(super) const REGATE_AFTER: Duration = crate::gate_checks::FRESH;
 
-/// Asks the gate again for a line it let through earlier and that has waited since: renews its
-/// in-flight mark if the batch still runs and the line has no row; otherwise clears the mark (the
-/// batch's drain must not wait for a line that will not call) and returns false.
+/// Asks the gate again for a line it let through earlier and that has waited since, for a call at
+/// `call_at` (with the batch's other lines due about then): renews its in-flight mark if the batch
+/// still runs and the line has no row; otherwise clears the mark (the batch's drain must not wait
+/// for a line that will not call) and returns false.
 pub(super) async fn regate(
     ctx: &WorkerContext,
     batch: &str,
     item: &LineItem<'_>,
+    call_at: Instant,
 ) -> anyhow::Result<bool> {
-    let gates = ctx
-        .store
-        .begin_calls(batch, &[item.l], call_deadline(ctx))
+    let gate = ctx
+        .gate_checks
+        .check(batch, item.l, tokio::time::Instant::from_std(call_at))
         .await?;
-    if count_gate(ctx, gates[0]) {
+    if count_gate(ctx, gate) {
         return Ok(true);
     }
     ctx.store.end_call(batch, item.l).await?;
@@ -53,8 +56,7 @@ pub(super) async fn regate(
 /// How long a line stays marked in flight (the aggregator waits that long for it when its batch
 /// stops): one call and the longest hold before it.
 pub(super) fn call_deadline(ctx: &WorkerContext) -> i64 {
-    let w = &ctx.settings.worker;
-    now_millis() + (w.request_timeout_ms + w.max_hold_ms + 5_000) as i64
+    now_millis() + ctx.settings.worker.in_flight_for().as_millis() as i64
 }
 
 /// Whether the gate lets the line call; counts the lines it drops.
@@ -112,8 +114,20 @@ pub(super) async fn run_line<'r>(
         }
         permit = run.slots.acquire() => permit?,
     };
-    if asked.elapsed() > REGATE_AFTER && !regate(ctx, batch, item).await? {
-        return Ok(LineEnd::Handled);
+    // A line that waited for its slot asks the gate again; on a rate-paced provider it does so
+    // with the lines calling about when it will (`wait_for_slot`), unless its tenant's budget
+    // would count it first.
+    let mut gated_at = asked;
+    let paced_later = route
+        .pacing
+        .as_ref()
+        .is_some_and(|(_, limits)| !limits.unpaced())
+        && info.limited_budget().is_none();
+    if asked.elapsed() > REGATE_AFTER && !paced_later {
+        if !regate(ctx, batch, item, Instant::now()).await? {
+            return Ok(LineEnd::Handled);
+        }
+        gated_at = Instant::now();
     }
     match super::budget::admit(ctx, info, batch, item).await? {
         Admission::Go => {}
@@ -147,7 +161,7 @@ pub(super) async fn run_line<'r>(
     });
     let (mut probe, mut charged) = (false, 0);
     if let Some(paced) = &paced {
-        match wait_for_slot(ctx, batch, item, paced, run.abandon).await? {
+        match wait_for_slot(ctx, batch, item, paced, gated_at, run.abandon).await? {
             Slot::Call {
                 probe: p,
                 charged: c,

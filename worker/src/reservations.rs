@@ -1,0 +1,179 @@
+//! A worker's lines to one rate-paced provider ask the fleet limiter together.
+//!
+//! Each call to a provider with an `rpm` or `tpm` limit (and no `max_concurrency`, whose leases
+//! are per call) needs a reserved start. Asked one by one, that is a script call per line.
+//! Instead, lines that want a start join their provider's queue here, and one task per provider
+//! asks for all of them at once ([`Pacer::acquire_many`]): the script reserves their starts in
+//! order, exactly as that many single asks would.
+//!
+//! Lines arriving while an ask is out join the next one. While the fleet is booked ahead (the last
+//! ask's latest start was in the future), the task also waits before asking, for at most half
+//! of how far it is booked and `worker.pacing_coalesce_ms`, so more lines share an ask at no cost
+//! in throughput. When the fleet is not booked ahead, it asks at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_shared::pacing::{CallOutcome, Grant, PaceLimits, Pacer, TokenUse};
+use tokio::sync::oneshot;
+
+/// Most calls one ask reserves for.
+const MAX_PER_ASK: usize = 256;
+
+type Reply = oneshot::Sender<Result<Grant, String>>;
+
+/// One line waiting for its start: its estimated token cost, and where its grant goes.
+struct Waiter {
+    tokens: u64,
+    reply: Reply,
+}
+
+/// One provider's lines waiting for an ask.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiter>,
+    /// Whether the provider's ask task runs (it exits once nothing waits).
+    asking: bool,
+    /// How far ahead the last ask's latest start was.
+    booked_ahead: Duration,
+}
+
+/// The reservation queues of this worker's rate-paced providers.
+#[derive(Clone)]
+pub struct Reservations {
+    pacer: Pacer,
+    coalesce: Duration,
+    queues: Arc<Mutex<HashMap<String, Queue>>>,
+}
+
+impl Reservations {
+    /// Queues asking through `pacer`, waiting at most `coalesce` to ask together.
+    pub fn new(pacer: Pacer, coalesce: Duration) -> Self {
+        Self {
+            pacer,
+            coalesce,
+            queues: Arc::default(),
+        }
+    }
+
+    /// Whether calls to a provider with `limits` reserve their starts here: a rate limit and no
+    /// concurrency limit.
+    pub fn batches(limits: &PaceLimits) -> bool {
+        !limits.unpaced() && !Pacer::leases(limits)
+    }
+
+    /// The fleet limiter's answer for one call costing `tokens` (estimated), asked with the other
+    /// lines waiting for `provider`.
+    pub async fn reserve(
+        &self,
+        provider: &str,
+        limits: &PaceLimits,
+        tokens: u64,
+    ) -> anyhow::Result<Grant> {
+        debug_assert!(Self::batches(limits));
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut queues = self.queues.lock().expect("reservations lock");
+            let q = queues.entry(provider.to_owned()).or_default();
+            q.waiting.push(Waiter { tokens, reply });
+            if !q.asking {
+                q.asking = true;
+                let (this, provider, limits) = (self.clone(), provider.to_owned(), limits.clone());
+                tokio::spawn(async move { this.ask_while_waited(&provider, &limits).await });
+            }
+        }
+        match answer.await {
+            Ok(Ok(grant)) => Ok(grant),
+            Ok(Err(e)) => Err(anyhow::anyhow!("fleet limiter: {e}")),
+            Err(_) => Err(anyhow::anyhow!("fleet limiter: the reservation task ended")),
+        }
+    }
+
+    /// Asks for the provider's waiting lines, again and again, until none waits.
+    async fn ask_while_waited(&self, provider: &str, limits: &PaceLimits) {
+        loop {
+            let booked = self.booked_ahead(provider);
+            let linger = (booked / 2).min(self.coalesce);
+            if !linger.is_zero() {
+                tokio::time::sleep(linger).await;
+            }
+            let asking = {
+                let mut queues = self.queues.lock().expect("reservations lock");
+                let q = queues.get_mut(provider).expect("queue of an asking task");
+                // A line abandoned while it waited wants nothing.
+                q.waiting.retain(|w| !w.reply.is_closed());
+                if q.waiting.is_empty() {
+                    q.asking = false;
+                    return;
+                }
+                let n = q.waiting.len().min(MAX_PER_ASK);
+                q.waiting.drain(..n).collect::<Vec<_>>()
+            };
+            let tokens: Vec<u64> = asking.iter().map(|w| w.tokens).collect();
+            match self.pacer.acquire_many(provider, limits, &tokens, "").await {
+                Ok(grants) => {
+                    let latest = grants
+                        .iter()
+                        .filter_map(|g| match g {
+                            Grant::Go { wait, .. } => Some(*wait),
+                            Grant::Hold { .. } => None,
+                        })
+                        .max()
+                        .unwrap_or(Duration::ZERO);
+                    self.set_booked_ahead(provider, latest);
+                    for (waiter, grant) in asking.into_iter().zip(grants) {
+                        if waiter.reply.send(Ok(grant)).is_err() {
+                            self.give_back(provider, limits, waiter.tokens, grant).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.set_booked_ahead(provider, Duration::ZERO);
+                    let e = e.to_string();
+                    for waiter in asking {
+                        // Nobody to tell: the line left.
+                        waiter.reply.send(Err(e.clone())).ok();
+                    }
+                }
+            }
+        }
+    }
+
+    fn booked_ahead(&self, provider: &str) -> Duration {
+        let queues = self.queues.lock().expect("reservations lock");
+        queues
+            .get(provider)
+            .map_or(Duration::ZERO, |q| q.booked_ahead)
+    }
+
+    fn set_booked_ahead(&self, provider: &str, ahead: Duration) {
+        let mut queues = self.queues.lock().expect("reservations lock");
+        if let Some(q) = queues.get_mut(provider) {
+            q.booked_ahead = ahead;
+        }
+    }
+
+    /// Returns the tokens a reservation charged for a line that left before its grant arrived
+    /// (its request slot stays spent, as for any reservation not used).
+    async fn give_back(&self, provider: &str, limits: &PaceLimits, tokens: u64, grant: Grant) {
+        let Grant::Go { charged, .. } = grant else {
+            return;
+        };
+        if charged == 0 {
+            return;
+        }
+        let unused = TokenUse {
+            estimate: tokens,
+            charged,
+            actual: None,
+        };
+        if let Err(e) = self
+            .pacer
+            .release(provider, limits, "", CallOutcome::Unused, unused, None)
+            .await
+        {
+            tracing::debug!(provider, error = %e, "Could not give back an unused reservation.");
+        }
+    }
+}
