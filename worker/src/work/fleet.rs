@@ -296,15 +296,14 @@ pub(super) async fn report(
             .filter(|_| paced.limits.counts_tokens())
             .map(|a| paced.limits.plausible_usage(a)),
     };
-    // A plain success changes nothing the fleet must see at once. For an unpaced provider it
-    // changes nothing at all unless failures are counted (it resets them); for a paced one its
-    // token correction joins this worker's next summed report.
-    if outcome == CallOutcome::Ok && pause.is_none() && !probe {
-        if paced.limits.unpaced() {
-            if ctx.fleet_views.quiet(name) {
-                return false;
-            }
-        } else if !Pacer::leases(paced.limits) {
+    // A plain success changes nothing the fleet must see at once (a call holding a lease must
+    // give it back). Without a token limit it changes nothing at all unless failures are counted
+    // (it resets them); with one, its token correction joins this worker's next summed report.
+    if outcome == CallOutcome::Ok && pause.is_none() && !probe && !Pacer::leases(paced.limits) {
+        if !paced.limits.counts_tokens() && ctx.fleet_views.quiet(name) {
+            return false;
+        }
+        if !paced.limits.unpaced() {
             ctx.pace_reports
                 .add(name, paced.limits, Successes::of(tokens));
             return false;

@@ -21,6 +21,7 @@ mod budget;
 mod dead_letters;
 mod fleet;
 mod line;
+mod rows;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -189,6 +190,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
     // In-flight lines stop early only when the grace runs out; a fresh token lets them outlive `shutdown`.
     let abandon = CancellationToken::new();
     let cache = BatchInfoCache::default();
+    let row_writers = rows::RowWriters::default();
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -196,14 +198,20 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
         };
         let Some(delivery) = delivery else { break };
         let delivery = delivery?;
-        let (ctx, abandon, cache, slots) =
-            (ctx.clone(), abandon.clone(), cache.clone(), slots.clone());
+        let (ctx, abandon, cache, slots, row_writers) = (
+            ctx.clone(),
+            abandon.clone(),
+            cache.clone(),
+            slots.clone(),
+            row_writers.clone(),
+        );
         tracker.spawn(async move {
             let run = Run {
                 ctx: &ctx,
                 cache: &cache,
                 abandon: &abandon,
                 slots: &slots,
+                rows: &row_writers,
             };
             handle(run, delivery).await
         });
@@ -251,6 +259,7 @@ struct Run<'r> {
     abandon: &'r CancellationToken,
     /// One permit per upstream call in flight (`worker.concurrency`).
     slots: &'r Semaphore,
+    rows: &'r rows::RowWriters,
 }
 
 async fn handle(run: Run<'_>, delivery: Delivery) {
@@ -333,7 +342,8 @@ async fn process_message(run: Run<'_>, msg: &LinesMessage<'_>) -> anyhow::Result
         .map(|(item, _)| run_line(run, &info, info.route(ctx, item.body), &msg.b, item))
         .collect();
     // Lines keep running while rows are written: rows that finish during one write go together
-    // in the next.
+    // in the next, with the batch's rows of the worker's other messages.
+    let linger = row_linger(ctx, &info);
     let (mut abandoned, mut failure) = (false, None);
     let mut finished: Vec<(u64, Row, Usage)> = Vec::new();
     let mut slots = Vec::new();
@@ -344,7 +354,7 @@ async fn process_message(run: Run<'_>, msg: &LinesMessage<'_>) -> anyhow::Result
             let slots = std::mem::take(&mut slots);
             let info = &info;
             writing = Some(Box::pin(async move {
-                let written = write_rows(ctx, info, &msg.b, &rows).await;
+                let written = run.rows.write(ctx, info, &msg.b, rows, linger).await;
                 drop(slots);
                 written
             }));
@@ -372,6 +382,22 @@ async fn process_message(run: Run<'_>, msg: &LinesMessage<'_>) -> anyhow::Result
         return Err(e);
     }
     Ok((!abandoned).then_some(()))
+}
+
+/// How long a finished row may wait for others of its batch to share their write: on a rate-paced
+/// provider, where lines finish one at a time, `worker.pacing_coalesce_ms`; elsewhere rows finish
+/// together and wait for nothing.
+fn row_linger(ctx: &WorkerContext, info: &BatchInfo) -> Duration {
+    let paced = info
+        .single
+        .as_ref()
+        .and_then(|route| route.pacing.as_ref())
+        .is_some_and(|(_, limits)| !limits.unpaced());
+    if paced {
+        Duration::from_millis(ctx.settings.worker.pacing_coalesce_ms)
+    } else {
+        Duration::ZERO
+    }
 }
 
 /// Writes the rows of lines that just finished, counts them, and tells the aggregator when the
