@@ -9,13 +9,16 @@
 //! Lines arriving while an ask is out join the next one. While the fleet is booked ahead (the last
 //! ask's latest start was in the future), the task also waits before asking, for at most half
 //! of how far it is booked and `worker.pacing_coalesce_ms`, so more lines share an ask at no cost
-//! in throughput. When the fleet is not booked ahead, it asks at once.
+//! in throughput. When the fleet is not booked ahead, it asks at once. Lines whose starts would be
+//! past `reserve_ahead_ms` stay queued and ask again together (see [`Reservations::hold`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_shared::pacing::{CallOutcome, Grant, PaceLimits, Pacer, TokenUse};
+use tokio::time::Instant;
+
+use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
 use tokio::sync::oneshot;
 
 /// Most calls one ask reserves for.
@@ -37,6 +40,8 @@ struct Queue {
     asking: bool,
     /// How far ahead the last ask's latest start was.
     booked_ahead: Duration,
+    /// When lines the rate held may ask again.
+    held_until: Option<Instant>,
 }
 
 /// The reservation queues of this worker's rate-paced providers.
@@ -93,10 +98,15 @@ impl Reservations {
     /// Asks for the provider's waiting lines, again and again, until none waits.
     async fn ask_while_waited(&self, provider: &str, limits: &PaceLimits) {
         loop {
-            let booked = self.booked_ahead(provider);
-            let linger = (booked / 2).min(self.coalesce);
-            if !linger.is_zero() {
-                tokio::time::sleep(linger).await;
+            let (booked, held_until) = self.booked_ahead(provider);
+            match held_until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => {
+                    let linger = (booked / 2).min(self.coalesce);
+                    if !linger.is_zero() {
+                        tokio::time::sleep(linger).await;
+                    }
+                }
             }
             let asking = {
                 let mut queues = self.queues.lock().expect("reservations lock");
@@ -122,10 +132,21 @@ impl Reservations {
                         .max()
                         .unwrap_or(Duration::ZERO);
                     self.set_booked_ahead(provider, latest);
+                    let (mut held, mut rate_wait) = (Vec::new(), Duration::ZERO);
                     for (waiter, grant) in asking.into_iter().zip(grants) {
-                        if waiter.reply.send(Ok(grant)).is_err() {
+                        if let Grant::Hold {
+                            why: Hold::Rate,
+                            wait,
+                        } = grant
+                        {
+                            held.push(waiter);
+                            rate_wait = wait;
+                        } else if waiter.reply.send(Ok(grant)).is_err() {
                             self.give_back(provider, limits, waiter.tokens, grant).await;
                         }
+                    }
+                    if !held.is_empty() {
+                        self.hold(provider, held, rate_wait, limits.reserve_ahead());
                     }
                 }
                 Err(e) => {
@@ -140,11 +161,26 @@ impl Reservations {
         }
     }
 
-    fn booked_ahead(&self, provider: &str) -> Duration {
-        let queues = self.queues.lock().expect("reservations lock");
+    /// How far the fleet was booked ahead at the last ask, and when lines the rate held may ask
+    /// again (taken: it applies to one ask).
+    fn booked_ahead(&self, provider: &str) -> (Duration, Option<Instant>) {
+        let mut queues = self.queues.lock().expect("reservations lock");
         queues
-            .get(provider)
-            .map_or(Duration::ZERO, |q| q.booked_ahead)
+            .get_mut(provider)
+            .map_or((Duration::ZERO, None), |q| {
+                (q.booked_ahead, q.held_until.take())
+            })
+    }
+
+    /// Keeps lines the rate held at the head of the queue (they keep their call slots, as a
+    /// line waiting for its start does), to ask again once their starts come within the
+    /// reservation horizon, and half of it more, so an ask takes many starts at once; the fleet
+    /// stays booked that far ahead, so the wait costs no throughput.
+    fn hold(&self, provider: &str, held: Vec<Waiter>, wait: Duration, ahead: Duration) {
+        let mut queues = self.queues.lock().expect("reservations lock");
+        let q = queues.get_mut(provider).expect("queue of an asking task");
+        q.waiting.splice(0..0, held);
+        q.held_until = Some(Instant::now() + wait.saturating_sub(ahead) + ahead / 2);
     }
 
     fn set_booked_ahead(&self, provider: &str, ahead: Duration) {
