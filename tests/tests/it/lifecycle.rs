@@ -79,18 +79,38 @@ fn assert_counts_match_files(batch: &Value, output: &[Value], errors: &[Value], 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelling_mid_run_stops_new_upstream_calls_and_accounts_for_every_line() {
-    cancel_mid_run(StorageKind::Local).await;
+    cancel_mid_run(StorageKind::Local, false).await;
+}
+
+/// On a rate-paced provider lines hold starts reserved up to `reserve_ahead_ms` (2 s) ahead and
+/// ask the gate again together before them: none calls after the cancel all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelling_mid_run_stops_lines_holding_reserved_starts() {
+    cancel_mid_run(StorageKind::Local, true).await;
 }
 
 /// A batch cancelled mid-run on `storage`: finished lines keep their results, the rest get
-/// `batch_cancelled`, and nothing is called upstream after the cancel.
-pub(crate) async fn cancel_mid_run(storage: StorageKind) {
+/// `batch_cancelled`, and nothing is called upstream after the cancel. `paced`: the provider is
+/// paced at 600 RPM (the lines then wait for their reserved starts, not for the upstream).
+pub(crate) async fn cancel_mid_run(storage: StorageKind, paced: bool) {
     let options = AppOptions {
         storage,
         ..AppOptions::default()
     };
-    let app = spawn_app_with(options, |s| s.worker.concurrency = 8).await;
-    let (lines, expected) = mock_lines(300, &json!({"delay_ms": 200}));
+    let app = spawn_app_with(options, |s| {
+        s.worker.concurrency = 8;
+        if paced {
+            s.worker.concurrency = 32;
+            s.providers[0].pacing = sluice_shared::config::PacingSettings {
+                rpm: Some(600),
+                burst_ms: Some(1_000),
+                ..Default::default()
+            };
+        }
+    })
+    .await;
+    let delay_ms = if paced { 10 } else { 200 };
+    let (lines, expected) = mock_lines(300, &json!({ "delay_ms": delay_ms }));
     let id = app.submit(KEY_A, &lines).await;
     app.wait_for(KEY_A, &id, Duration::from_secs(20), |b| {
         b["request_counts"]["completed"].as_u64() >= Some(16)

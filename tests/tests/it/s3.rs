@@ -191,7 +191,7 @@ async fn an_inline_batch_runs_on_s3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelling_mid_run_on_s3_accounts_for_every_line() {
-    crate::lifecycle::cancel_mid_run(StorageKind::S3).await;
+    crate::lifecycle::cancel_mid_run(StorageKind::S3, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
