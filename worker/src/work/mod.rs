@@ -274,7 +274,9 @@ async fn handle(run: Run<'_>, delivery: Delivery) {
     let outcome = if delivery.redelivered && msg.lines.len() > 1 {
         split(run.ctx, &msg).await.map(Some)
     } else {
-        process_message(run, &msg).await
+        // A small batch's lines (the express queue) wait for nobody's rows: latency first.
+        let express = delivery.routing_key.as_str() == run.ctx.keys.express_queue();
+        process_message(run, &msg, express).await
     };
     match outcome {
         Ok(Some(())) => ack(&delivery).await,
@@ -320,7 +322,11 @@ async fn ack(delivery: &Delivery) {
 /// together in one script call. `Ok(None)` means a line was abandoned for shutdown and the message
 /// must not be acked.
 #[tracing::instrument(skip_all, fields(batch_id = %msg.b, lines = msg.lines.len()))]
-async fn process_message(run: Run<'_>, msg: &LinesMessage<'_>) -> anyhow::Result<Option<()>> {
+async fn process_message(
+    run: Run<'_>,
+    msg: &LinesMessage<'_>,
+    express: bool,
+) -> anyhow::Result<Option<()>> {
     let ctx = run.ctx;
     let Some(info) = run.cache.get(ctx, &msg.b).await? else {
         ctx.metrics
@@ -343,7 +349,11 @@ async fn process_message(run: Run<'_>, msg: &LinesMessage<'_>) -> anyhow::Result
         .collect();
     // Lines keep running while rows are written: rows that finish during one write go together
     // in the next, with the batch's rows of the worker's other messages.
-    let linger = row_linger(ctx, &info);
+    let linger = if express {
+        Duration::ZERO
+    } else {
+        row_linger(ctx, &info)
+    };
     let (mut abandoned, mut failure) = (false, None);
     let mut finished: Vec<(u64, Row, Usage)> = Vec::new();
     let mut slots = Vec::new();

@@ -3,7 +3,8 @@
 //! Rows that finish during a write go in the next one, across the worker's messages of the batch.
 //! On a rate-paced provider lines finish one at a time, each a script call of its own; there the
 //! first row of a write also waits up to `worker.pacing_coalesce_ms` for others, holding its call
-//! slot (a worker that dies still has at most `concurrency` lines called without their rows).
+//! slot (a worker that dies still has at most `concurrency` lines called without their rows). A
+//! small batch's rows (from the express queue) wait for nobody.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -66,7 +67,7 @@ impl RowWriters {
             p.rows.extend(rows);
             let due = Instant::now() + linger;
             if p.due.is_none_or(|d| due < d) || p.rows.len() >= MAX_ROWS {
-                p.due = Some(due);
+                p.due = Some(p.due.map_or(due, |d| d.min(due)));
                 p.wake.notify_one();
             }
             if spawn {
