@@ -296,6 +296,12 @@ impl PaceLimits {
         self.token_interval_ms > 0.0
     }
 
+    /// Whether a request or token rate applies: calls then wait for reserved starts, spaced over
+    /// time, so they also finish one at a time.
+    pub fn rate_limited(&self) -> bool {
+        self.request_interval_ms > 0.0 || self.token_interval_ms > 0.0
+    }
+
     /// Whether no rate or concurrency limit applies: a call then needs only the fleet pause and
     /// the breaker, which workers read from a cached [`FleetView`] instead of a script per call.
     pub fn unpaced(&self) -> bool {

@@ -10,7 +10,7 @@
 //! ask's latest start was in the future), the task also waits before asking, for at most half
 //! of how far it is booked and `worker.pacing_coalesce_ms`, so more lines share an ask at no cost
 //! in throughput. When the fleet is not booked ahead, it asks at once. Lines whose starts would be
-//! past `reserve_ahead_ms` stay queued and ask again together (see [`Reservations::hold`]).
+//! past `reserve_ahead_ms` stay queued and ask again together (see [`Reservations::after_ask`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,10 +38,8 @@ struct Queue {
     waiting: Vec<Waiter>,
     /// Whether the provider's ask task runs (it exits once nothing waits).
     asking: bool,
-    /// How far ahead the last ask's latest start was.
-    booked_ahead: Duration,
-    /// When lines the rate held may ask again.
-    held_until: Option<Instant>,
+    /// When the next ask may go, as the last one left it ([`Reservations::after_ask`]).
+    next_ask: Option<Instant>,
 }
 
 /// The reservation queues of this worker's rate-paced providers.
@@ -65,7 +63,7 @@ impl Reservations {
     /// Whether calls to a provider with `limits` reserve their starts here: a rate limit and no
     /// concurrency limit.
     pub fn batches(limits: &PaceLimits) -> bool {
-        !limits.unpaced() && !Pacer::leases(limits)
+        limits.rate_limited() && !Pacer::leases(limits)
     }
 
     /// The fleet limiter's answer for one call costing `tokens` (estimated), asked with the other
@@ -98,15 +96,12 @@ impl Reservations {
     /// Asks for the provider's waiting lines, again and again, until none waits.
     async fn ask_while_waited(&self, provider: &str, limits: &PaceLimits) {
         loop {
-            let (booked, held_until) = self.booked_ahead(provider);
-            match held_until {
-                Some(until) => tokio::time::sleep_until(until).await,
-                None => {
-                    let linger = (booked / 2).min(self.coalesce);
-                    if !linger.is_zero() {
-                        tokio::time::sleep(linger).await;
-                    }
-                }
+            let next_ask = {
+                let mut queues = self.queues.lock().expect("reservations lock");
+                queues.get_mut(provider).and_then(|q| q.next_ask.take())
+            };
+            if let Some(at) = next_ask {
+                tokio::time::sleep_until(at).await;
             }
             let asking = {
                 let mut queues = self.queues.lock().expect("reservations lock");
@@ -131,7 +126,6 @@ impl Reservations {
                         })
                         .max()
                         .unwrap_or(Duration::ZERO);
-                    self.set_booked_ahead(provider, latest);
                     let (mut held, mut rate_wait) = (Vec::new(), Duration::ZERO);
                     for (waiter, grant) in asking.into_iter().zip(grants) {
                         if let Grant::Hold {
@@ -145,12 +139,9 @@ impl Reservations {
                             self.give_back(provider, limits, waiter.tokens, grant).await;
                         }
                     }
-                    if !held.is_empty() {
-                        self.hold(provider, held, rate_wait, limits.reserve_ahead());
-                    }
+                    self.after_ask(provider, held, latest, rate_wait, limits.reserve_ahead());
                 }
                 Err(e) => {
-                    self.set_booked_ahead(provider, Duration::ZERO);
                     let e = e.to_string();
                     for waiter in asking {
                         // Nobody to tell: the line left.
@@ -161,33 +152,31 @@ impl Reservations {
         }
     }
 
-    /// How far the fleet was booked ahead at the last ask, and when lines the rate held may ask
-    /// again (taken: it applies to one ask).
-    fn booked_ahead(&self, provider: &str) -> (Duration, Option<Instant>) {
-        let mut queues = self.queues.lock().expect("reservations lock");
-        queues
-            .get_mut(provider)
-            .map_or((Duration::ZERO, None), |q| {
-                (q.booked_ahead, q.held_until.take())
-            })
-    }
-
-    /// Keeps lines the rate held at the head of the queue (they keep their call slots, as a
-    /// line waiting for its start does), to ask again once their starts come within the
-    /// reservation horizon, and half of it more, so an ask takes many starts at once; the fleet
-    /// stays booked that far ahead, so the wait costs no throughput.
-    fn hold(&self, provider: &str, held: Vec<Waiter>, wait: Duration, ahead: Duration) {
+    /// Sets when the next ask may go, keeping the lines the rate `held` at the head of the queue.
+    ///
+    /// Held lines keep their call slots, as a line waiting for its start does, and ask again once
+    /// their starts (`wait` away) come within the reservation horizon `ahead`, and half of it
+    /// more, so one ask takes many starts. Otherwise, while the fleet is booked ahead (the last
+    /// start granted was `latest` away), the next ask waits for at most half of that and
+    /// `coalesce`, so more lines share it. Either way the fleet stays booked past the wait, so it
+    /// costs no throughput.
+    fn after_ask(
+        &self,
+        provider: &str,
+        held: Vec<Waiter>,
+        latest: Duration,
+        wait: Duration,
+        ahead: Duration,
+    ) {
+        let linger = if held.is_empty() {
+            (latest / 2).min(self.coalesce)
+        } else {
+            wait.saturating_sub(ahead) + ahead / 2
+        };
         let mut queues = self.queues.lock().expect("reservations lock");
         let q = queues.get_mut(provider).expect("queue of an asking task");
         q.waiting.splice(0..0, held);
-        q.held_until = Some(Instant::now() + wait.saturating_sub(ahead) + ahead / 2);
-    }
-
-    fn set_booked_ahead(&self, provider: &str, ahead: Duration) {
-        let mut queues = self.queues.lock().expect("reservations lock");
-        if let Some(q) = queues.get_mut(provider) {
-            q.booked_ahead = ahead;
-        }
+        q.next_ask = (!linger.is_zero()).then(|| Instant::now() + linger);
     }
 
     /// Returns the tokens a reservation charged for a line that left before its grant arrived

@@ -672,6 +672,39 @@ async fn one_ask_reserves_many_starts_as_single_asks_would() {
     let next = pacer.acquire_many("p", &limits, &[0; 3], "").await.unwrap();
     assert!(starts(&next).iter().all(Option::is_none), "{next:?}");
 
+    // Tokens: 60,000 TPM is a token a millisecond, with 1 s of them at once. Each call is charged
+    // its own estimate and starts once the tokens before it are (nearly) spent.
+    let tokens = PaceLimits::new(
+        &PacingSettings {
+            tpm: Some(60_000),
+            burst_ms: Some(1_000),
+            ..PacingSettings::default()
+        },
+        &w,
+    );
+    let costs = [500, 500, 500, 2_000, 100];
+    let grants = pacer.acquire_many("t", &tokens, &costs, "").await.unwrap();
+    let charged: Vec<(Option<u64>, u64)> = grants
+        .iter()
+        .zip(starts(&grants))
+        .map(|(g, start)| match g {
+            Grant::Go { charged, .. } => (start, *charged),
+            Grant::Hold { .. } => (start, 0),
+        })
+        .collect();
+    // Spent after each: 500, 1,000, 1,500 (starts at once), 3,500 (starts at 500 ms); the fifth
+    // would start at 2,500 ms, past the horizon.
+    assert_eq!(
+        charged,
+        [
+            (Some(0), 500),
+            (Some(0), 500),
+            (Some(0), 500),
+            (Some(500), 2_000),
+            (None, 0)
+        ]
+    );
+
     // An open breaker holds every call of an ask; half-open, the first is its one probe.
     pacer
         .release(

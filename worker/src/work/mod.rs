@@ -394,16 +394,16 @@ async fn process_message(
     Ok((!abandoned).then_some(()))
 }
 
-/// How long a finished row may wait for others of its batch to share their write: on a rate-paced
-/// provider, where lines finish one at a time, `worker.pacing_coalesce_ms`; elsewhere rows finish
-/// together and wait for nothing.
+/// How long a finished row may wait for others of its batch to share their write: on a
+/// rate-limited provider, where lines finish one at a time, `worker.pacing_coalesce_ms`; elsewhere
+/// (a concurrency limit alone included) rows finish together and wait for nothing.
 fn row_linger(ctx: &WorkerContext, info: &BatchInfo) -> Duration {
-    let paced = info
+    let rate_limited = info
         .single
         .as_ref()
         .and_then(|route| route.pacing.as_ref())
-        .is_some_and(|(_, limits)| !limits.unpaced());
-    if paced {
+        .is_some_and(|(_, limits)| limits.rate_limited());
+    if rate_limited {
         Duration::from_millis(ctx.settings.worker.pacing_coalesce_ms)
     } else {
         Duration::ZERO
