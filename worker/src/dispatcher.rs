@@ -383,7 +383,7 @@ async fn enqueue(
     } else {
         ctx.keys.items_queue()
     };
-    let per_message = ctx.settings.worker.lines_per_message.max(1);
+    let per_message = window.per_message;
     // `publish_window` counts lines; messages in flight carry up to `per_message` each.
     let max_pending = ctx
         .settings

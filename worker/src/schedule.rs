@@ -22,6 +22,8 @@ pub struct Window {
     /// Top up as soon as any line of the window is free, not only once half of it is: a
     /// scheduled window is the batch's share, and a half-empty one would give it less.
     pub eager: bool,
+    /// Lines per work-queue message (`WorkerSettings::lines_per_message_for`).
+    pub per_message: usize,
 }
 
 /// One batch's dispatch across its rounds: its measured throughput and where it is registered.
@@ -51,14 +53,22 @@ impl Tracker {
         let w = &ctx.settings.worker;
         self.observe(meta.done());
         let own = ((self.rate * w.batch_window_secs as f64) as u64).max(w.batch_window);
-        let Some((provider, rpm)) = scheduled_provider(ctx, meta) else {
+        let limited = limited_provider(ctx, meta);
+        let per_message = w.lines_per_message_for(limited.is_some());
+        let express = meta.total().is_none_or(|total| total <= w.express_lines);
+        let Some((provider, rpm)) = limited.filter(|_| !express) else {
             return Window {
                 lines: own,
                 eager: false,
+                per_message,
             };
         };
         let lines = self.scheduled(ctx, batch_id, meta, &provider, rpm).await;
-        Window { lines, eager: true }
+        Window {
+            lines,
+            eager: true,
+            per_message,
+        }
     }
 
     async fn scheduled(
@@ -185,13 +195,10 @@ impl Tracker {
     }
 }
 
-/// The rate-limited provider (and its rpm) a batch is scheduled on; `None` for a batch that takes
-/// the express queue or whose provider has no limit (nothing to share).
-fn scheduled_provider(ctx: &WorkerContext, meta: &BatchMeta) -> Option<(String, Option<u64>)> {
-    let total = meta.total()?;
-    if total <= ctx.settings.worker.express_lines {
-        return None;
-    }
+/// The limited provider (and its rpm) a batch's model goes to; `None` when that provider has no
+/// rate or concurrency limit (nothing to share). Batches of the express queue are not scheduled
+/// even on a limited provider.
+fn limited_provider(ctx: &WorkerContext, meta: &BatchMeta) -> Option<(String, Option<u64>)> {
     let model = meta.get("model").unwrap_or_default();
     let endpoint = meta.get("endpoint").unwrap_or_default();
     let (_, provider) = ctx.upstream.provider_of(model, endpoint)?;

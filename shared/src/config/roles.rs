@@ -29,6 +29,11 @@ pub struct WorkerSettings {
     /// is acked when its last line has its row, and one that comes back (its worker died) is
     /// split into single-line messages, so a line that kills workers is dead-lettered alone.
     pub lines_per_message: usize,
+    /// Lines per message, at most `lines_per_message`, for a batch whose provider has a rate or
+    /// concurrency limit (scheduled dispatch). There the provider, not the cost of a message,
+    /// bounds throughput, and small messages keep the batches' lines finely interleaved in the
+    /// work queue and few of them held in a worker waiting for their starts.
+    pub paced_lines_per_message: usize,
     /// Batches of at most this many lines go through the express work queue, which every line
     /// worker consumes beside the main one: a small batch does not wait behind the window of a
     /// big batch (0 turns the express queue off).
@@ -154,6 +159,16 @@ impl WorkerSettings {
     pub fn in_flight_for(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.request_timeout_ms + self.max_hold_ms + 5_000)
     }
+
+    /// Lines per work-queue message of a batch, on a provider with scheduled dispatch or not.
+    pub fn lines_per_message_for(&self, scheduled: bool) -> usize {
+        let most = self.lines_per_message.max(1);
+        if scheduled {
+            most.min(self.paced_lines_per_message.max(1))
+        } else {
+            most
+        }
+    }
 }
 
 impl Default for WorkerSettings {
@@ -168,7 +183,8 @@ impl Default for WorkerSettings {
             request_timeout_ms: 600_000,
             delivery_limit: 5,
             publish_window: 1_000,
-            lines_per_message: 16,
+            lines_per_message: 64,
+            paced_lines_per_message: 16,
             express_lines: 1_000,
             shutdown_grace_ms: 30_000,
             lines: true,

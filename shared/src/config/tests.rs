@@ -118,15 +118,32 @@ fn zero_lines_per_message_is_refused_and_zero_express_lines_is_allowed() {
     s.worker.lines_per_message = 0;
     let err = s.validate().unwrap_err().to_string();
     assert!(err.contains("lines_per_message"), "{err}");
+    let mut s = Settings::default();
+    s.worker.paced_lines_per_message = 0;
+    let err = s.validate().unwrap_err().to_string();
+    assert!(err.contains("paced_lines_per_message"), "{err}");
+}
+
+#[test]
+fn scheduled_batches_get_the_smaller_of_the_two_message_sizes() {
+    let mut s = Settings::default();
+    assert_eq!(s.worker.lines_per_message_for(false), 64);
+    assert_eq!(s.worker.lines_per_message_for(true), 16);
+    s.worker.lines_per_message = 4;
+    assert_eq!(s.worker.lines_per_message_for(false), 4);
+    assert_eq!(s.worker.lines_per_message_for(true), 4);
 }
 
 #[test]
 fn values_that_would_panic_or_overflow_are_refused_with_their_key() {
     type Tweak = fn(&mut Settings);
-    let cases: [(&str, Tweak); 7] = [
+    let cases: [(&str, Tweak); 8] = [
         ("worker.max_hold_ms", |s| s.worker.max_hold_ms = 50),
         ("worker.lines_per_message", |s| {
             s.worker.lines_per_message = usize::MAX
+        }),
+        ("worker.paced_lines_per_message", |s| {
+            s.worker.paced_lines_per_message = 20_000
         }),
         ("aggregator.sweep_interval_ms", |s| {
             s.aggregator.sweep_interval_ms = 0

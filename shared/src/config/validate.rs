@@ -36,10 +36,11 @@ impl Settings {
             || self.worker.delivery_limit == 0
             || self.worker.batch_window == 0
             || self.worker.lines_per_message == 0
+            || self.worker.paced_lines_per_message == 0
             || self.worker.breaker_failures == 0
             || self.worker.breaker_probes == 0
         {
-            return bad("worker.concurrency, max_attempts, delivery_limit, batch_window, lines_per_message, breaker_failures and breaker_probes must be at least 1".into());
+            return bad("worker.concurrency, max_attempts, delivery_limit, batch_window, lines_per_message, paced_lines_per_message, breaker_failures and breaker_probes must be at least 1".into());
         }
         for tenant in &self.tenants {
             if !(tenant.weight.is_finite() && tenant.weight > 0.0) {
@@ -244,6 +245,12 @@ impl Settings {
             (
                 "worker.lines_per_message".into(),
                 w.lines_per_message as u64,
+                1,
+                10_000,
+            ),
+            (
+                "worker.paced_lines_per_message".into(),
+                w.paced_lines_per_message as u64,
                 1,
                 10_000,
             ),

@@ -242,11 +242,11 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
 }
 
 /// Messages a worker takes at once: enough that its call slots stay busy while some messages wait
-/// for their slowest line.
+/// for their slowest line, counted in the smaller messages of scheduled batches.
 fn prefetch(ctx: &WorkerContext) -> u16 {
     let w = &ctx.settings.worker;
     (w.concurrency as usize)
-        .div_ceil(w.lines_per_message.max(1))
+        .div_ceil(w.lines_per_message_for(true))
         .saturating_mul(2)
         .clamp(1, u16::MAX as usize) as u16
 }
