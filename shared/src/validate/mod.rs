@@ -4,9 +4,12 @@
 //! What a file can make us hold is bounded by configuration, not by the file: at most
 //! `limits.max_reported_errors` errors are kept (then one `too_many_errors` entry counts the rest),
 //! each message is cut to `limits.max_error_message_bytes`, and reading stops after
-//! `limits.max_lines + 1` lines, when the file is known to be too long.
+//! `limits.max_lines + 1` lines, when the file is known to be too long. Duplicate `custom_id`s are
+//! found from a 128-bit keyed fingerprint of each id, not the id itself: about 30 bytes per line,
+//! whatever the ids' length.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
 use crate::Settings;
 use crate::config::Limits;
@@ -91,7 +94,9 @@ pub struct Validator<'a> {
     listed_bytes: usize,
     max_custom_id: usize,
     serves: &'a ModelCheck<'a>,
-    seen: HashMap<String, u64>,
+    /// First line of each `custom_id`, by [`IdFingerprint`].
+    seen: HashMap<u128, u64>,
+    fingerprint: IdFingerprint,
     /// Whether a line naming another model than the first is an error (`model_mismatch`).
     one_model: bool,
     model: Option<(String, u64)>,
@@ -152,6 +157,7 @@ impl<'a> Validator<'a> {
             max_custom_id: size(limits.max_custom_id_chars),
             serves,
             seen: HashMap::new(),
+            fingerprint: IdFingerprint::default(),
             one_model: limits.one_model_per_batch,
             model: None,
             mixed: false,
@@ -381,7 +387,8 @@ impl<'a> Validator<'a> {
             }
             Some(_) => {}
         }
-        if let Some(first) = self.seen.get(&custom_id) {
+        let id = self.fingerprint.of(&custom_id);
+        if let Some(first) = self.seen.get(&id) {
             return Err(err(
                 "duplicate_custom_id",
                 format!(
@@ -391,7 +398,7 @@ impl<'a> Validator<'a> {
                 n,
             ));
         }
-        self.seen.insert(custom_id, line.number);
+        self.seen.insert(id, line.number);
         Ok(())
     }
 
@@ -464,6 +471,18 @@ fn required_body_field(endpoint: &str) -> Option<&'static str> {
         "/v1/embeddings" | "/v1/moderations" | "/v1/responses" => Some("input"),
         "/v1/completions" => Some("prompt"),
         _ => None,
+    }
+}
+
+/// Two independently keyed SipHashes of a `custom_id`: 128 bits, so two different ids of one
+/// file (at most `limits.max_lines`) share a fingerprint with a chance below 10⁻²⁶, and the keys
+/// are random per file, so no file can be built to collide.
+#[derive(Default)]
+struct IdFingerprint(RandomState, RandomState);
+
+impl IdFingerprint {
+    fn of(&self, id: &str) -> u128 {
+        (u128::from(self.0.hash_one(id)) << 64) | u128::from(self.1.hash_one(id))
     }
 }
 
