@@ -183,7 +183,7 @@ impl Default for WorkerSettings {
             request_timeout_ms: 600_000,
             delivery_limit: 5,
             publish_window: 1_000,
-            lines_per_message: 64,
+            lines_per_message: 128,
             paced_lines_per_message: 16,
             express_lines: 1_000,
             shutdown_grace_ms: 30_000,

@@ -127,7 +127,7 @@ fn zero_lines_per_message_is_refused_and_zero_express_lines_is_allowed() {
 #[test]
 fn scheduled_batches_get_the_smaller_of_the_two_message_sizes() {
     let mut s = Settings::default();
-    assert_eq!(s.worker.lines_per_message_for(false), 64);
+    assert_eq!(s.worker.lines_per_message_for(false), 128);
     assert_eq!(s.worker.lines_per_message_for(true), 16);
     s.worker.lines_per_message = 4;
     assert_eq!(s.worker.lines_per_message_for(false), 4);
