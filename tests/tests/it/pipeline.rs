@@ -105,6 +105,32 @@ async fn queued_messages(app: &TestApp) -> u32 {
     queue.message_count()
 }
 
+/// A batch on a provider with a rate limit is packed by `paced_lines_per_message`, not by the
+/// larger `lines_per_message` of unpaced batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_batch_travels_in_the_smaller_paced_messages() {
+    let app = spawn_app_with(AppOptions::default(), |s| {
+        // Dispatch only: the lines stay in the queue to be counted.
+        s.worker.lines = false;
+        s.worker.lines_per_message = 8;
+        s.worker.paced_lines_per_message = 2;
+        s.providers[0].pacing.rpm = Some(60_000);
+    })
+    .await;
+    let id = app.submit(KEY_A, &chat_lines(10)).await;
+    app.wait_for(KEY_A, &id, Duration::from_secs(15), |b| {
+        b["status"] == "in_progress"
+    })
+    .await;
+    // 10 lines by 2: 5 messages (by 8 it would be 2).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while queued_messages(&app).await < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(queued_messages(&app).await, 5);
+    app.cleanup().await;
+}
+
 /// The dispatcher packs consecutive lines into messages of `lines_per_message`, closes a message
 /// early once its lines pass 64 KiB, and publishes small batches to the express queue; the line
 /// workers run such messages to exactly one row per line.

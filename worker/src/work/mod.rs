@@ -274,7 +274,6 @@ async fn handle(run: Run<'_>, delivery: Delivery) {
     let outcome = if delivery.redelivered && msg.lines.len() > 1 {
         split(run.ctx, &msg).await.map(Some)
     } else {
-        // A small batch's lines (the express queue) wait for nobody's rows: latency first.
         let express = delivery.routing_key.as_str() == run.ctx.keys.express_queue();
         process_message(run, &msg, express).await
     };
@@ -349,11 +348,7 @@ async fn process_message(
         .collect();
     // Lines keep running while rows are written: rows that finish during one write go together
     // in the next, with the batch's rows of the worker's other messages.
-    let linger = if express {
-        Duration::ZERO
-    } else {
-        row_linger(ctx, &info)
-    };
+    let linger = row_linger(ctx, &info, express);
     let (mut abandoned, mut failure) = (false, None);
     let mut finished: Vec<(u64, Row, Usage)> = Vec::new();
     let mut slots = Vec::new();
@@ -396,13 +391,15 @@ async fn process_message(
 
 /// How long a finished row may wait for others of its batch to share their write: on a
 /// rate-limited provider, where lines finish one at a time, `worker.pacing_coalesce_ms`; elsewhere
-/// (a concurrency limit alone included) rows finish together and wait for nothing.
-fn row_linger(ctx: &WorkerContext, info: &BatchInfo) -> Duration {
-    let rate_limited = info
-        .single
-        .as_ref()
-        .and_then(|route| route.pacing.as_ref())
-        .is_some_and(|(_, limits)| limits.rate_limited());
+/// (a concurrency limit alone included) rows finish together and wait for nothing, and so do a
+/// small batch's rows (the `express` queue): latency first.
+fn row_linger(ctx: &WorkerContext, info: &BatchInfo, express: bool) -> Duration {
+    let rate_limited = !express
+        && info
+            .single
+            .as_ref()
+            .and_then(|route| route.pacing.as_ref())
+            .is_some_and(|(_, limits)| limits.rate_limited());
     if rate_limited {
         Duration::from_millis(ctx.settings.worker.pacing_coalesce_ms)
     } else {
