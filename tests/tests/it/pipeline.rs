@@ -85,6 +85,15 @@ async fn a_small_batch_finishes_quickly_without_waiting_for_a_sweep() {
     app.cleanup().await;
 }
 
+/// Messages in the express work queue once `expected` are there, or after 10 s.
+async fn queued_messages_once_published(app: &TestApp, expected: u32) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while queued_messages(app).await < expected && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    queued_messages(app).await
+}
+
 /// Messages in the express work queue (of batches up to `worker.express_lines` lines).
 async fn queued_messages(app: &TestApp) -> u32 {
     let conn = sluice_shared::queue::connect(&app.settings.amqp_url, "sluice-test-count")
@@ -123,11 +132,7 @@ async fn a_rate_limited_batch_travels_in_the_smaller_paced_messages() {
     })
     .await;
     // 10 lines by 2: 5 messages (by 8 it would be 2).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while queued_messages(&app).await < 5 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(queued_messages(&app).await, 5);
+    assert_eq!(queued_messages_once_published(&app, 5).await, 5);
     app.cleanup().await;
 }
 
@@ -155,11 +160,7 @@ async fn lines_travel_several_to_a_message_and_big_lines_close_a_message_early()
         .await;
     }
     // 10 lines by 4: 3 messages. 3 lines of 40 KiB: two fill one message past 64 KiB, one more.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while queued_messages(&app).await < 5 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(queued_messages(&app).await, 5);
+    assert_eq!(queued_messages_once_published(&app, 5).await, 5);
 
     app.settings.worker.lines = true;
     app.spawn_worker_process();
