@@ -12,8 +12,8 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use sluice_shared::config::StorageQuota;
-use sluice_shared::lifecycle_store::{QuotaPart, StorageUsage};
+use sluice_core::config::StorageQuota;
+use sluice_store::lifecycle_store::{QuotaPart, StorageUsage};
 
 /// Longest `error.message` answered.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -246,7 +246,7 @@ impl ApiError {
         // A message may echo client text; a bounded answer whatever a handler put in it.
         let mut message = self.to_string();
         if message.len() > MAX_MESSAGE_BYTES {
-            message = sluice_shared::validate::clip(&message, MAX_MESSAGE_BYTES).into_owned();
+            message = sluice_core::validate::clip(&message, MAX_MESSAGE_BYTES).into_owned();
         }
         let mut body = json!({
             "error": {
@@ -297,7 +297,7 @@ impl IntoResponse for ApiError {
 /// from now). The SDKs wait out a `retry-after` of a minute at most, so a later reset is marked
 /// not worth retrying.
 fn budget_headers(headers: &mut axum::http::HeaderMap, reset_at: i64) {
-    let wait = (reset_at - sluice_shared::domain::now_secs()).max(1);
+    let wait = (reset_at - sluice_core::domain::now_secs()).max(1);
     headers.insert(BUDGET_RESET, HeaderValue::from(reset_at));
     headers.insert(header::RETRY_AFTER, HeaderValue::from(wait));
     if wait > 60 {
@@ -475,7 +475,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spent_budget_says_when_it_resets() {
-        let far = sluice_shared::domain::now_secs() + 3_600;
+        let far = sluice_core::domain::now_secs() + 3_600;
         let response = ApiError::BudgetExceeded {
             message: "spent".into(),
             reset_at: far,
@@ -492,7 +492,7 @@ mod tests {
         assert_eq!(response.headers()[SHOULD_RETRY], "false");
         let (_, retry, body) = parts(ApiError::BudgetExceeded {
             message: "spent".into(),
-            reset_at: sluice_shared::domain::now_secs() + 5,
+            reset_at: sluice_core::domain::now_secs() + 5,
         })
         .await;
         assert_eq!(

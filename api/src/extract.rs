@@ -79,7 +79,7 @@ pub fn int_param(
                      '{}' instead.",
                     range.start(),
                     range.end(),
-                    sluice_shared::validate::clip(raw, 64)
+                    sluice_core::validate::clip(raw, 64)
                 ),
             )
         })

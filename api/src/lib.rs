@@ -17,10 +17,11 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use sluice_shared::deps::{Health, Startup};
-use sluice_shared::metrics::Metrics;
-use sluice_shared::queue::Publisher;
-use sluice_shared::{Settings, Store};
+use sluice_broker::Publisher;
+use sluice_core::Settings;
+use sluice_runtime::metrics::Metrics;
+use sluice_runtime::startup::{Health, Startup};
+use sluice_store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +45,7 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
-    server: sluice_shared::config::ApiSettings,
+    server: sluice_core::config::ApiSettings,
     store: Store,
     publisher: Publisher,
 }
@@ -75,7 +76,7 @@ impl Application {
         let store = startup.store("api", &settings).await?;
         let publisher = startup.publisher("api", &settings, "sluice-api").await?;
         startup.health().connected(&store, &publisher);
-        let files = sluice_shared::storage::build_with(&settings.storage, &settings.dependencies)
+        let files = sluice_runtime::storage::build_with(&settings.storage, &settings.dependencies)
             .context("Failed to set up object storage")?;
         let listener = TcpListener::bind(settings.api.listen)
             .await

@@ -314,6 +314,6 @@ mod tests {
                 .to_owned()
         })
         .collect();
-        assert_eq!(documented, sluice_shared::domain::SUPPORTED_ENDPOINTS);
+        assert_eq!(documented, sluice_core::domain::SUPPORTED_ENDPOINTS);
     }
 }

@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use object_store::ObjectStore;
-use sluice_shared::metrics::Metrics;
-use sluice_shared::queue::Publisher;
-use sluice_shared::{Keys, Settings, Store};
+use sluice_broker::Publisher;
+use sluice_core::{Keys, Settings};
+use sluice_runtime::metrics::Metrics;
+use sluice_store::Store;
 
 /// Shared state of the API router.
 #[derive(Clone)]

@@ -5,8 +5,8 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice_shared::Settings;
-use sluice_shared::config::{ProviderSettings, TenantSettings, hash_api_key};
+use sluice_core::Settings;
+use sluice_core::config::{ProviderSettings, TenantSettings, hash_api_key};
 use tokio_util::sync::CancellationToken;
 
 use crate::mock_upstream::{MockConfig, MockUpstream};
@@ -96,7 +96,7 @@ pub async fn private_services(
 /// Where private servers keep their data: beside the demo's files when storage is local.
 fn demo_dir(settings: &Settings) -> PathBuf {
     match &settings.storage {
-        sluice_shared::config::StorageSettings::Local { path } => path.join("demo-services"),
+        sluice_core::config::StorageSettings::Local { path } => path.join("demo-services"),
         _ => PathBuf::from("./data/demo-services"),
     }
 }

@@ -7,9 +7,10 @@ use sluice_cli::client::{self, BatchesCommand, Connection, SubmitArgs};
 use sluice_cli::demo::{DemoServices, add_demo, private_services};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_cli::roles::{run_api, run_backend};
-use sluice_shared::config::hash_api_key;
-use sluice_shared::deps::{Health, Startup};
-use sluice_shared::{Settings, metrics::Metrics, shutdown, telemetry};
+use sluice_core::Settings;
+use sluice_core::config::hash_api_key;
+use sluice_runtime::startup::{Health, Startup};
+use sluice_runtime::{metrics::Metrics, shutdown, telemetry};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

@@ -106,7 +106,7 @@ fn first_sentence(text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_shared::config::TaskSettings;
+    use sluice_core::config::TaskSettings;
     use sluice_worker::tasks::build_request;
 
     fn answer(task: &str, input: Value) -> Option<String> {

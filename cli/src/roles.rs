@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use sluice_shared::deps::Startup;
-use sluice_shared::{Settings, metrics::Metrics};
+use sluice_core::Settings;
+use sluice_runtime::metrics::Metrics;
+use sluice_runtime::startup::Startup;
 use sluice_worker::{WorkerContext, ops};
 use tokio_util::sync::CancellationToken;
 

@@ -9,7 +9,7 @@ Subcommands (paths are relative to the repository root):
   dashboard-rules OUT       writes every Grafana panel `expr` as a recording rule into OUT, so that
                             `promtool check rules OUT` parses the dashboard's PromQL.
   metric-names              every sluice_* series named by the rules or the dashboard is one that
-                            shared/src/metrics.rs declares.
+                            shared/runtime/src/metrics.rs declares.
   config-loads BIN          the `sluice` binary BIN loads and validates every sluice.toml under
                             deploy/ (run with a Redis URL that fails to parse: it stops right after
                             loading the configuration, with no network).
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/prometheus/rules.yaml"
 PROMETHEUS_RULE = ROOT / "deploy/kubernetes/base/monitoring/prometheusrule.yaml"
 DASHBOARD = ROOT / "deploy/kubernetes/base/monitoring/dashboards/sluice-overview.json"
-METRICS_RS = ROOT / "shared/src/metrics.rs"
+METRICS_RS = ROOT / "shared/runtime/src/metrics.rs"
 
 PROMETHEUS_RULE_HEADER = """\
 # GENERATED from deploy/prometheus/rules.yaml (the single source, unit-tested by rules.test.yaml).
@@ -119,7 +119,7 @@ def dashboard_rules(out: Path) -> None:
 
 
 def declared_metrics() -> set[str]:
-    """Series names declared in shared/src/metrics.rs (registry prefix `sluice`)."""
+    """Series names declared in shared/runtime/src/metrics.rs (registry prefix `sluice`)."""
     src = METRICS_RS.read_text()
     names = set()
     for kind, name in re.findall(
@@ -161,8 +161,8 @@ def metric_names() -> None:
             used.setdefault(name, f"panel {where}")
     unknown = {name: where for name, where in used.items() if name not in declared}
     if unknown:
-        fail("series not declared in shared/src/metrics.rs: " + ", ".join(f"{n} ({w})" for n, w in unknown.items()))
-    print(f"{len(used)} sluice_* series used by rules and dashboard, all declared in shared/src/metrics.rs")
+        fail("series not declared in shared/runtime/src/metrics.rs: " + ", ".join(f"{n} ({w})" for n, w in unknown.items()))
+    print(f"{len(used)} sluice_* series used by rules and dashboard, all declared in shared/runtime/src/metrics.rs")
 
 
 def config_loads(binary: str) -> None:

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use sluice_shared::config::parse_window;
+use sluice_core::config::parse_window;
 
 fn unit_secs(unit: char) -> Option<u64> {
     match unit {

@@ -6,9 +6,10 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice_shared::Settings;
-use sluice_shared::lines::{LineProbe, RequestLines};
-use sluice_shared::validate::{Validator, check_model};
+use sluice_core::Settings;
+use sluice_core::lines::LineProbe;
+use sluice_runtime::lines::RequestLines;
+use sluice_core::validate::{Validator, check_model};
 
 /// The endpoints a batch can name.
 pub const ENDPOINTS: &[&str] = &[
@@ -73,9 +74,9 @@ pub fn check_lines(
                 .unwrap_or_else(|| ENDPOINTS[0].to_owned()),
         };
         let serves = |model: &str| check_model(&SETTINGS, model, &endpoint);
-        let limits = sluice_shared::config::Limits {
+        let limits = sluice_core::config::Limits {
             max_lines,
-            ..sluice_shared::config::Limits::default()
+            ..sluice_core::config::Limits::default()
         };
         let mut validator = Validator::new(&endpoint, &limits, &serves);
         let mut numbered = Vec::new();

@@ -92,7 +92,7 @@ pub fn listener_pid(port: u16) -> Option<u32> {
 
 /// Calls per command from Redis' `INFO commandstats` (`cmdstat_evalsha:calls=3,...`).
 pub async fn redis_commandstats(
-    store: &sluice_shared::Store,
+    store: &sluice_store::Store,
 ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice_cli::mock_upstream::{MockConfig, MockStats, MockUpstream};
-use sluice_shared::config::{ProviderSettings, StorageSettings, TenantSettings, hash_api_key};
-use sluice_shared::metrics::Metrics;
-use sluice_shared::{Keys, Settings, Store};
+use sluice_core::config::{ProviderSettings, StorageSettings, TenantSettings, hash_api_key};
+use sluice_core::{Keys, Settings};
+use sluice_runtime::metrics::Metrics;
+use sluice_store::Store;
 use sluice_worker::WorkerContext;
 use tokio_util::sync::CancellationToken;
 
@@ -183,7 +184,7 @@ pub async fn spawn_app() -> TestApp {
 /// Starts an app; `tweak` adjusts the settings before any role starts.
 pub async fn spawn_app_with(options: AppOptions, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        sluice_shared::telemetry::init(&sluice_shared::config::LogSettings {
+        sluice_runtime::telemetry::init(&sluice_core::config::LogSettings {
             format: "pretty".into(),
             filter: "info".into(),
         });
@@ -597,12 +598,10 @@ impl TestApp {
         self.stop.cancel();
         tokio::time::sleep(Duration::from_millis(100)).await;
         if let Ok(conn) =
-            sluice_shared::queue::connect(&self.settings.amqp_url, "sluice-test-cleanup").await
+            sluice_broker::connect(&self.settings.amqp_url, "sluice-test-cleanup").await
             && let Ok(ch) = conn.create_channel().await
         {
-            sluice_shared::queue::delete_topology(&ch, &self.keys())
-                .await
-                .ok();
+            sluice_broker::delete_topology(&ch, &self.keys()).await.ok();
         }
         self.store.purge_namespace().await.ok();
         std::fs::remove_dir_all(&self.dir).ok();

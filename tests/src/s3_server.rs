@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use sluice_shared::config::{Secret, StorageSettings};
+use sluice_core::config::{Secret, StorageSettings};
 
 /// Region, key id and secret the tests sign with; moto accepts any.
 const REGION: &str = "us-east-1";

@@ -10,18 +10,19 @@ use std::time::{Duration, Instant};
 
 use lapin::options::BasicAckOptions;
 use object_store::buffered::BufWriter;
-use sluice_shared::domain::{
+use sluice_core::domain::{
     BatchEvent, BatchMeta, BatchStatus, Row, StopReason, now_millis, now_secs, result_file_ids,
 };
-use sluice_shared::segments::Merge;
-use sluice_shared::storage::result_path;
-use sluice_shared::store::Transition;
+use sluice_runtime::segments::Merge;
+use sluice_runtime::storage::result_path;
+use sluice_store::Transition;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
 use crate::lease::Lease;
-use sluice_shared::lines::{LineProbe, RequestLines};
+use sluice_core::lines::LineProbe;
+use sluice_runtime::lines::RequestLines;
 
 /// Rows filled per script call, and rows merged between two looks at the lease.
 const ROW_CHUNK: u64 = 1_000;
@@ -33,7 +34,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
     let sweep = tokio::spawn(sweep_loop(ctx.clone(), shutdown.clone()));
     let c = ctx.clone();
     let s = shutdown.clone();
-    crate::amqp::supervise("aggregator", shutdown.clone(), move || {
+    sluice_broker::consumer::supervise("aggregator", shutdown.clone(), move || {
         consume_events(c.clone(), s.clone())
     })
     .await;
@@ -43,7 +44,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
 
 async fn consume_events(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let queue = ctx.keys.finalize_queue();
-    crate::amqp::consume_each(
+    sluice_broker::consumer::consume_each(
         &ctx.settings,
         "sluice-aggregator",
         &queue,
@@ -493,7 +494,7 @@ fn with_error_set(line: &[u8]) -> anyhow::Result<Vec<u8>> {
         return Ok(line.to_vec());
     };
     if value.get("error").is_none_or(serde_json::Value::is_null) {
-        value["error"] = sluice_shared::domain::failure_of(&value);
+        value["error"] = sluice_core::domain::failure_of(&value);
     }
     Ok(serde_json::to_vec(&value)?)
 }

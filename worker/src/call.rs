@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use serde_json::value::RawValue;
-use sluice_shared::domain::{Row, Usage};
-use sluice_shared::routing::Target;
+use sluice_core::domain::{Row, Usage};
+use sluice_core::routing::Target;
 
 use crate::upstream::{Attempt, Upstream};
 

@@ -17,10 +17,9 @@ use std::time::Instant;
 
 use object_store::ObjectStoreExt;
 use object_store::buffered::BufWriter;
-use sluice_shared::domain::BatchMeta;
-use sluice_shared::segments::{
-    Merge, SegmentRecord, encode_record, new_segment_name, segment_path, segments_prefix,
-};
+use sluice_core::domain::BatchMeta;
+use sluice_core::segments::{SegmentRecord, encode_record};
+use sluice_runtime::segments::{Merge, new_segment_name, segment_path, segments_prefix};
 use tokio::io::AsyncWriteExt;
 
 use crate::WorkerContext;

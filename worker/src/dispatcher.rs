@@ -23,19 +23,20 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use sluice_shared::domain::{
+use sluice_broker::{QueueError, check_confirm};
+use sluice_core::domain::{
     BatchError, BatchEvent, BatchMeta, BatchStatus, LineItem, LinesMessage, StopReason, now_millis,
     now_secs,
 };
-use sluice_shared::queue::{QueueError, check_confirm};
-use sluice_shared::store::Transition;
+use sluice_store::Transition;
 use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
 use crate::lease::Lease;
 use crate::schedule::{Tracker, Window};
-use sluice_shared::lines::{LineProbe, RequestLine, RequestLines};
-use sluice_shared::validate::Validator;
+use sluice_core::lines::{LineProbe, RequestLine};
+use sluice_core::validate::Validator;
+use sluice_runtime::lines::RequestLines;
 
 /// How often the checkpoint is saved, in confirmed lines.
 const CHECKPOINT_EVERY: u64 = 2_000;
@@ -49,7 +50,7 @@ const MESSAGE_BYTES: usize = 64 * 1024;
 /// dispatcher resumes from the checkpoint.
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let queue = ctx.keys.control_queue();
-    crate::amqp::consume_each(
+    sluice_broker::consumer::consume_each(
         &ctx.settings,
         "sluice-dispatcher",
         &queue,
@@ -269,8 +270,7 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
         fail(ctx, batch_id, meta, vec![error]).await?;
         return Ok(false);
     }
-    let serves =
-        |model: &str| sluice_shared::validate::check_model(&ctx.settings, model, &endpoint);
+    let serves = |model: &str| sluice_core::validate::check_model(&ctx.settings, model, &endpoint);
     let mut validator = Validator::new(&endpoint, &ctx.settings.limits, &serves)
         .one_model_per_batch(ctx.settings.one_model_per_batch(meta.tenant()));
     // Stops at `max_lines + 1` lines: a longer file fails whatever the rest holds, and reading

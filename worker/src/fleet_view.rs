@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_shared::pacing::{BreakerState, CallOutcome, FleetView, Pacer};
-use sluice_shared::store::StoreError;
+use sluice_store::StoreError;
+use sluice_store::pacing::{BreakerState, CallOutcome, FleetView, Pacer};
 
 /// A provider's view and when it was read.
 #[derive(Debug, Clone, Copy)]

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_shared::domain::now_millis;
-use sluice_shared::store::{CallGate, Store};
+use sluice_core::domain::now_millis;
+use sluice_store::{CallGate, Store};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 

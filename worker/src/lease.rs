@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sluice_shared::Store;
+use sluice_store::Store;
 use tokio_util::sync::CancellationToken;
 
 /// Proof of holding a lease. Dropping it stops renewal; call [`Lease::release`] to give it back early.
@@ -23,7 +23,7 @@ impl Lease {
         store: &Store,
         key: String,
         ttl: Duration,
-    ) -> Result<Option<Self>, sluice_shared::store::StoreError> {
+    ) -> Result<Option<Self>, sluice_store::StoreError> {
         let Some(token) = store.acquire_lease(&key, ttl).await? else {
             return Ok(None);
         };

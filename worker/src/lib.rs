@@ -13,7 +13,6 @@
 //! - [`webhooks`]: signed batch events, announced with the terminal status and delivered at least once.
 
 pub mod aggregator;
-pub mod amqp;
 pub mod call;
 pub mod compaction;
 pub mod dispatcher;
@@ -35,11 +34,12 @@ pub mod work;
 use std::sync::Arc;
 
 use object_store::ObjectStore;
-use sluice_shared::deps::{Health, Startup};
-use sluice_shared::metrics::Metrics;
-use sluice_shared::pacing::Pacer;
-use sluice_shared::queue::Publisher;
-use sluice_shared::{Keys, Settings, Store};
+use sluice_broker::Publisher;
+use sluice_core::{Keys, Settings};
+use sluice_runtime::metrics::Metrics;
+use sluice_runtime::startup::{Health, Startup};
+use sluice_store::Store;
+use sluice_store::pacing::Pacer;
 use tokio_util::sync::CancellationToken;
 
 /// Everything a back-end role uses, built once per process and cheap to clone.
@@ -91,7 +91,7 @@ impl WorkerContext {
         let keys = Keys::new(&settings.namespace);
         let store = startup.store("back end", &settings).await?;
         let objects =
-            sluice_shared::storage::build_with(&settings.storage, &settings.dependencies)?;
+            sluice_runtime::storage::build_with(&settings.storage, &settings.dependencies)?;
         let publisher = startup
             .publisher("back end", &settings, "sluice-worker-publisher")
             .await?;
@@ -154,7 +154,7 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
         tokio::spawn(async move {
             let c = ctx.clone();
             let s2 = s.clone();
-            amqp::supervise("dispatcher", s, move || {
+            sluice_broker::consumer::supervise("dispatcher", s, move || {
                 dispatcher::run(c.clone(), s2.clone())
             })
             .await
@@ -164,7 +164,7 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
         let (ctx, s) = (ctx.clone(), shutdown.clone());
         tokio::spawn(async move {
             let s2 = s.clone();
-            amqp::supervise("dead-letters", s, move || {
+            sluice_broker::consumer::supervise("dead-letters", s, move || {
                 work::run_dead_letters(ctx.clone(), s2.clone())
             })
             .await
@@ -173,7 +173,10 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
     if ctx.settings.worker.lines {
         let s2 = shutdown.clone();
         let c = ctx.clone();
-        amqp::supervise("worker", shutdown, move || work::run(c.clone(), s2.clone())).await;
+        sluice_broker::consumer::supervise("worker", shutdown, move || {
+            work::run(c.clone(), s2.clone())
+        })
+        .await;
     }
     d.await?;
     q.await?;

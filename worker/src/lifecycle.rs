@@ -1,22 +1,22 @@
 //! The lifecycle sweep: deletes files past their `expires_at` (stored bytes, then record) and
 //! removes batch records `lifecycle.batch_retention_secs` after their batch ended.
 //!
-//! Both read an index sorted by due time ([`sluice_shared::lifecycle_store`]), never a scan of
+//! Both read an index sorted by due time ([`sluice_store::lifecycle_store`]), never a scan of
 //! every object. One replica at a time runs a pass (a short lease spaces passes out), but every
 //! step is idempotent, so two replicas racing on the same file or batch do no harm: deleting
 //! bytes or keys already gone is a no-op, and a file's bytes go back to its tenant's quota once.
 //!
 //! An input file read by a batch that has not ended is kept past its `expires_at` until that batch
 //! ends: a running batch never loses its input. It already answers 404 to its tenant (reads check
-//! `expires_at`), and no new batch can take it ([`sluice_shared::Store::use_file`] refuses an
+//! `expires_at`), and no new batch can take it ([`sluice_store::Store::use_file`] refuses an
 //! expired file), so once its last reader ends nobody can start reading it again.
 
 use std::time::Duration;
 
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
-use sluice_shared::domain::{now_millis, now_secs};
-use sluice_shared::file_users::FileDelete;
+use sluice_core::domain::{now_millis, now_secs};
+use sluice_store::file_users::FileDelete;
 
 use crate::WorkerContext;
 

@@ -1,6 +1,6 @@
 //! Per-process smoothing under the fleet limiter.
 //!
-//! The fleet-wide limits live in Redis ([`sluice_shared::pacing`]): every call reserves its start
+//! The fleet-wide limits live in Redis ([`sluice_store::pacing`]): every call reserves its start
 //! there. Inside one process a `governor` limiter per provider with an RPM limit spaces the asks
 //! first, at the fleet rate and burst, so one worker never sends the shared limiter more requests
 //! than the whole fleet may make, and a burst of lines arriving together in one worker waits here
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use sluice_shared::config::ProviderSettings;
+use sluice_core::config::ProviderSettings;
 
 /// One limiter per provider that has an RPM limit.
 #[derive(Clone, Default)]
@@ -57,7 +57,7 @@ mod tests {
             endpoints: Vec::new(),
             batch: true,
             flavors: Vec::new(),
-            pacing: sluice_shared::config::PacingSettings {
+            pacing: sluice_core::config::PacingSettings {
                 rpm,
                 ..Default::default()
             },

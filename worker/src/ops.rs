@@ -8,8 +8,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use std::time::Duration;
 
-use sluice_shared::deps::Health;
-use sluice_shared::metrics::Metrics;
+use sluice_runtime::metrics::Metrics;
+use sluice_runtime::startup::Health;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_shared::pacing::{PaceLimits, Pacer, Successes};
+use sluice_store::pacing::{PaceLimits, Pacer, Successes};
 
 /// Per provider: the successes not yet reported, and whether a flush is scheduled.
 #[derive(Default)]

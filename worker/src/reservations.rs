@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
+use sluice_store::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
 use tokio::sync::oneshot;
 
 /// Most calls one ask reserves for.

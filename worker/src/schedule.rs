@@ -1,14 +1,14 @@
 //! The dispatcher's side of scheduling: each round of a batch's dispatch sizes its window. A batch
 //! of a rate-limited provider (not one small enough for the express queue) publishes its entry in
 //! the provider's registry and takes the window the fleet-wide plan gives it
-//! ([`sluice_shared::schedule`]); any other batch keeps the per-batch window.
+//! ([`sluice_store::schedule`]); any other batch keeps the per-batch window.
 
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use sluice_shared::domain::{BatchMeta, BatchStatus, now_millis, now_secs};
-use sluice_shared::schedule::{self, Dither, Entry, Priority, Shape, ShareCorrection};
+use sluice_core::domain::{BatchMeta, BatchStatus, now_millis, now_secs};
+use sluice_store::schedule::{self, Dither, Entry, Priority, Shape, ShareCorrection};
 
 use crate::WorkerContext;
 

@@ -1,7 +1,7 @@
 //! `Idempotency-Key` on `POST /v1/batches` (every create form) and `POST /v1/files`.
 //!
 //! A create that carries a key claims it in Redis first (one `SET NX`, per tenant, see
-//! [`sluice_shared::idempotency`]); of two concurrent requests with one key only one runs.
+//! [`sluice_store::idempotency`]); of two concurrent requests with one key only one runs.
 //!
 //! - **The first request** runs its handler while its body is fingerprinted on the way
 //!   ([`fingerprint::tee`]). A success (2xx) is recorded with the fingerprint for
@@ -37,7 +37,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sluice_shared::idempotency::KeyState;
+use sluice_store::idempotency::KeyState;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -161,7 +161,7 @@ async fn idempotent(guard: Guard, request: Request, next: Next) -> Result<Respon
 enum Attempt {
     Ran(Response),
     NotClaimed(
-        Result<Option<String>, sluice_shared::store::StoreError>,
+        Result<Option<String>, sluice_store::StoreError>,
         Parts,
         Body,
         Next,

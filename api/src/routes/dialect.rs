@@ -3,7 +3,7 @@
 //! `"status": "succeeded"` and `request_counts` also carries `succeeded`).
 
 use serde_json::Value;
-use sluice_shared::domain::BatchMeta;
+use sluice_core::domain::BatchMeta;
 
 use crate::auth::Tenant;
 use crate::state::AppState;

@@ -27,7 +27,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     let redis = async {
         match tokio::time::timeout(probe_timeout, state.store.ping()).await {
             // It answers; a full Redis answers PING but refuses every write a batch needs.
-            Ok(Ok(())) => sluice_shared::redis_policy::write_probe(&state.store, probe_timeout)
+            Ok(Ok(())) => sluice_store::redis_policy::write_probe(&state.store, probe_timeout)
                 .await
                 .map_err(|reason| format!("Redis {reason}.")),
             _ => Err("Redis is unreachable.".to_owned()),

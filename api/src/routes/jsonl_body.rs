@@ -27,12 +27,13 @@ use futures::{SinkExt, Stream, StreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use serde_json::{Value, json};
-use sluice_shared::domain::{
+use sluice_core::domain::{
     BatchError, BatchStatus, SUPPORTED_ENDPOINTS, failure_of, new_file_id, now_secs,
 };
-use sluice_shared::lines::{LineProbe, RequestLines};
-use sluice_shared::storage::upload_path;
-use sluice_shared::validate::{Validator, check_model};
+use sluice_core::lines::LineProbe;
+use sluice_core::validate::{Validator, check_model};
+use sluice_runtime::lines::RequestLines;
+use sluice_runtime::storage::upload_path;
 
 use super::batches::{
     CreateBatch, load_batch, parse_completion_window, release_batch, reserve_batch, store_reserved,

@@ -16,8 +16,9 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Deserialize;
-use sluice_shared::domain::Row;
-use sluice_shared::segments::{Merge, SegmentRecord};
+use sluice_core::domain::Row;
+use sluice_core::segments::SegmentRecord;
+use sluice_runtime::segments::Merge;
 
 use super::batches::load_batch;
 use crate::auth::Tenant;
@@ -100,7 +101,7 @@ pub async fn results(
                 format!(
                     "Invalid value for 'status': expected 'succeeded' or 'failed', but got '{}' \
                      instead.",
-                    sluice_shared::validate::clip(other, 64)
+                    sluice_core::validate::clip(other, 64)
                 ),
             ));
         }

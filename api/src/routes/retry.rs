@@ -20,11 +20,11 @@ use axum::http::StatusCode;
 use futures::{Stream, StreamExt};
 use object_store::path::Path;
 use serde_json::{Map, Value};
-use sluice_shared::domain::{BatchMeta, BatchStatus, Row, failure_of};
-use sluice_shared::lines::RequestLines;
-use sluice_shared::segments::Merge;
-use sluice_shared::store::RetrySlot;
-use sluice_shared::validate::clip;
+use sluice_core::domain::{BatchMeta, BatchStatus, Row, failure_of};
+use sluice_core::validate::clip;
+use sluice_runtime::lines::RequestLines;
+use sluice_runtime::segments::Merge;
+use sluice_store::RetrySlot;
 
 use super::ECHO_BYTES;
 use super::batches::{
@@ -394,7 +394,7 @@ async fn store_child(
         // The child runs in its parent's tier (the metadata key, if that set it, comes along).
         priority: parent
             .get("priority")
-            .and_then(sluice_shared::schedule::Priority::parse),
+            .and_then(sluice_store::schedule::Priority::parse),
     };
     store_reserved_with(
         state,

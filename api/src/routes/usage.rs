@@ -5,9 +5,9 @@ use anyhow::Context;
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
-use sluice_shared::budget::{WindowUsage, spent};
-use sluice_shared::config::BudgetSettings;
-use sluice_shared::domain::now_secs;
+use sluice_core::config::BudgetSettings;
+use sluice_core::domain::now_secs;
+use sluice_store::budget::{WindowUsage, spent};
 use utoipa::ToSchema;
 
 use crate::auth::Tenant;

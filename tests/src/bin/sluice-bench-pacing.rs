@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
-use sluice_shared::config::{PacingSettings, StorageSettings};
-use sluice_shared::{Settings, Store};
+use sluice_core::Settings;
+use sluice_core::config::{PacingSettings, StorageSettings};
+use sluice_store::Store;
 use sluice_tests::bench::{redis_commandstats, sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, KEY_B, MODEL, test_settings};
 use tokio_util::sync::CancellationToken;
@@ -178,16 +179,12 @@ impl Env {
             c.wait().ok();
         }
         self.stop.cancel();
-        if let Ok(conn) =
-            sluice_shared::queue::connect(&self.settings.amqp_url, "bench-cleanup").await
+        if let Ok(conn) = sluice_broker::connect(&self.settings.amqp_url, "bench-cleanup").await
             && let Ok(ch) = conn.create_channel().await
         {
-            sluice_shared::queue::delete_topology(
-                &ch,
-                &sluice_shared::Keys::new(&self.settings.namespace),
-            )
-            .await
-            .ok();
+            sluice_broker::delete_topology(&ch, &sluice_core::Keys::new(&self.settings.namespace))
+                .await
+                .ok();
         }
         self.store.purge_namespace().await.ok();
         std::fs::remove_dir_all(&self.dir).ok();

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
-use sluice_shared::Store;
-use sluice_shared::config::{StorageSettings, hash_api_key};
+use sluice_core::config::{StorageSettings, hash_api_key};
+use sluice_store::Store;
 use sluice_tests::bench::{
     CpuMeter, Procs, listener_pid, memory_kib, redis_commandstats, sluice_bin, wait_ready,
 };
@@ -487,10 +487,10 @@ async fn main() -> anyhow::Result<()> {
         100.0 * args.lines as f64 / ingest / base.publish
     );
     stop.cancel();
-    if let Ok(conn) = sluice_shared::queue::connect(&settings.amqp_url, "bench-cleanup").await
+    if let Ok(conn) = sluice_broker::connect(&settings.amqp_url, "bench-cleanup").await
         && let Ok(ch) = conn.create_channel().await
     {
-        sluice_shared::queue::delete_topology(&ch, &sluice_shared::Keys::new(&settings.namespace))
+        sluice_broker::delete_topology(&ch, &sluice_core::Keys::new(&settings.namespace))
             .await
             .ok();
     }
@@ -519,7 +519,7 @@ struct Baselines {
 }
 
 async fn baselines(
-    settings: &sluice_shared::Settings,
+    settings: &sluice_core::Settings,
     n: usize,
     size: usize,
 ) -> anyhow::Result<Baselines> {
@@ -531,7 +531,7 @@ async fn baselines(
     };
     use lapin::types::{AMQPValue, FieldTable};
 
-    let conn = sluice_shared::queue::connect(&settings.amqp_url, "bench-baseline").await?;
+    let conn = sluice_broker::connect(&settings.amqp_url, "bench-baseline").await?;
     let ch = conn.create_channel().await?;
     let queue = format!("{}.baseline", settings.namespace);
     let mut args = FieldTable::default();

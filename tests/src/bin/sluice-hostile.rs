@@ -226,8 +226,8 @@ id = "tenant-b"
 api_key_sha256 = ["{b}"]
 "#,
         store = dir.join("store").display(),
-        a = sluice_shared::config::hash_api_key(KEY_A),
-        b = sluice_shared::config::hash_api_key(KEY_B),
+        a = sluice_core::config::hash_api_key(KEY_A),
+        b = sluice_core::config::hash_api_key(KEY_B),
     );
     let path = dir.join("sluice.toml");
     std::fs::write(&path, config)?;

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use sluice_tests::*;
 
 /// An app with only the API running: nothing here needs a batch to move.
-async fn api_only(tweak: impl FnOnce(&mut sluice_shared::Settings)) -> TestApp {
+async fn api_only(tweak: impl FnOnce(&mut sluice_core::Settings)) -> TestApp {
     spawn_app_with(AppOptions::api_only(), tweak).await
 }
 
@@ -871,13 +871,13 @@ fn assert_new_batch_shape(batch: &Value, file_id: &str, metadata: &Value) {
 async fn created_files_and_batches_carry_every_contract_field() {
     let app = api_only(|_| {}).await;
     let content = jsonl(&chat_lines(3));
-    let before = sluice_shared::domain::now_secs();
+    let before = sluice_core::domain::now_secs();
     let resp = app
         .upload_raw(KEY_A, "requests.jsonl", content.clone())
         .await;
     assert_eq!(resp.status(), 200);
     let file: Value = resp.json().await.unwrap();
-    let after = sluice_shared::domain::now_secs();
+    let after = sluice_core::domain::now_secs();
     for field in [
         "id",
         "object",

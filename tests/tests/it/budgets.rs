@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use sluice_shared::budget::{Admit, BilledLine, Counted};
-use sluice_shared::config::{BudgetSettings, OnExhausted};
-use sluice_shared::metrics::Metrics;
+use sluice_core::config::{BudgetSettings, OnExhausted};
+use sluice_runtime::metrics::Metrics;
+use sluice_store::budget::{Admit, BilledLine, Counted};
 use sluice_tests::*;
 use sluice_worker::WorkerContext;
 
@@ -337,9 +337,9 @@ async fn a_line_counts_once_however_often_it_is_admitted_and_charged() {
         tenant: "tenant-a",
         batch: "batch_x",
         line: n,
-        batch_expires_at: Some(sluice_shared::domain::now_secs() + 600),
+        batch_expires_at: Some(sluice_core::domain::now_secs() + 600),
     };
-    let now = sluice_shared::domain::now_millis();
+    let now = sluice_core::domain::now_millis();
     // A redelivered line is admitted again without counting again, and its tokens count once.
     for round in 0..3u64 {
         let admitted = store.budget_admit(&limits, line(0), now).await.unwrap();

@@ -231,8 +231,8 @@ async fn a_worker_stopped_with_sigterm_finishes_its_lines_within_the_grace_and_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_aggregator_dead_mid_finalize_leaves_no_half_or_double_file() {
     use object_store::ObjectStoreExt;
-    use sluice_shared::domain::{BatchStatus, result_file_ids};
-    use sluice_shared::storage::result_path;
+    use sluice_core::domain::{BatchStatus, result_file_ids};
+    use sluice_runtime::storage::result_path;
 
     let options = AppOptions {
         aggregator: false,
@@ -266,7 +266,7 @@ async fn an_aggregator_dead_mid_finalize_leaves_no_half_or_double_file() {
         .expect("redis");
     let ctx = sluice_worker::WorkerContext::build(
         app.settings.clone(),
-        sluice_shared::metrics::Metrics::new(),
+        sluice_runtime::metrics::Metrics::new(),
     )
     .await
     .expect("back end connects");

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use object_store::ObjectStoreExt;
 use serde_json::{Value, json};
-use sluice_shared::metrics::Metrics;
-use sluice_shared::segments::segment_path;
+use sluice_runtime::metrics::Metrics;
+use sluice_runtime::segments::segment_path;
 use sluice_tests::*;
 use sluice_worker::WorkerContext;
 use sluice_worker::compaction;
@@ -168,7 +168,7 @@ async fn a_compaction_dying_at_any_step_loses_and_doubles_no_row() {
             &batch_id,
             &[(
                 0,
-                sluice_shared::domain::Row::error("req-0", "x", "y"),
+                sluice_core::domain::Row::error("req-0", "x", "y"),
                 Default::default(),
             )],
             (1_000_000, 1 << 40),
@@ -176,7 +176,7 @@ async fn a_compaction_dying_at_any_step_loses_and_doubles_no_row() {
         )
         .await
         .unwrap();
-    assert_eq!(written, vec![sluice_shared::store::RowWrite::Duplicate]);
+    assert_eq!(written, vec![sluice_store::RowWrite::Duplicate]);
 
     // Now an aggregator takes over and finishes the batch from the segments and what is left.
     tokio::spawn(sluice_worker::run_aggregator(ctx.clone(), app.stop.clone()));

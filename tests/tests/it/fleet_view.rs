@@ -111,11 +111,11 @@ async fn successes_of_an_unpaced_provider_run_no_limiter_script() {
 /// never close a half-open breaker (only its probes may).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn summed_successes_correct_tokens_teach_the_ratio_and_leave_a_half_open_breaker_alone() {
-    use sluice_shared::Settings;
-    use sluice_shared::config::PacingSettings;
-    use sluice_shared::pacing::{PaceLimits, Pacer, Successes, TokenUse};
+    use sluice_core::Settings;
+    use sluice_core::config::PacingSettings;
+    use sluice_store::pacing::{PaceLimits, Pacer, Successes, TokenUse};
     let ns = format!("t-{}", uuid::Uuid::new_v4().simple());
-    let store = sluice_shared::Store::open(&Settings {
+    let store = sluice_store::Store::open(&Settings {
         namespace: ns,
         ..Settings::default()
     })
@@ -185,7 +185,7 @@ async fn summed_successes_correct_tokens_teach_the_ratio_and_leave_a_half_open_b
 }
 
 /// Writes fields of provider `p`'s breaker hash as the limiter scripts would have.
-async fn set_breaker(store: &sluice_shared::Store, fields: &[(&str, &str)]) {
+async fn set_breaker(store: &sluice_store::Store, fields: &[(&str, &str)]) {
     let mut cmd = redis::cmd("HSET");
     cmd.arg(store.keys().pacing("p", "breaker"));
     for (field, value) in fields {
@@ -195,7 +195,7 @@ async fn set_breaker(store: &sluice_shared::Store, fields: &[(&str, &str)]) {
 }
 
 /// A field of one of provider `p`'s pacing hashes.
-async fn hget(store: &sluice_shared::Store, part: &str, field: &str) -> Option<String> {
+async fn hget(store: &sluice_store::Store, part: &str, field: &str) -> Option<String> {
     redis::cmd("HGET")
         .arg(store.keys().pacing("p", part))
         .arg(field)

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice_shared::Settings;
+use sluice_core::Settings;
 use sluice_tests::*;
 
 /// Peak RSS any role may reach in these tests (MiB). The processes idle at 15–50 MB; the bounds

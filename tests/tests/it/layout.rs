@@ -1,9 +1,10 @@
-//! Issue 13: the role crates depend only on `shared`; only the `cli` crate composes them.
+//! The crate graph: the pure domain (`shared/core`) does no I/O, the roles never depend on one
+//! another, and only the `cli` crate composes them.
 
 use std::path::Path;
 
-/// The workspace crates (`sluice-*`) that `crate_dir`'s manifest lists as normal dependencies.
-fn sluice_dependencies(crate_dir: &str) -> Vec<String> {
+/// The normal dependencies that `crate_dir`'s manifest lists, whose names pass `keep`.
+fn dependencies(crate_dir: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(crate_dir)
@@ -13,24 +14,89 @@ fn sluice_dependencies(crate_dir: &str) -> Vec<String> {
     let mut names: Vec<String> = value
         .get("dependencies")
         .and_then(toml::Value::as_table)
-        .map(|deps| {
-            deps.keys()
-                .filter(|k| k.starts_with("sluice-"))
-                .cloned()
-                .collect()
-        })
+        .map(|deps| deps.keys().filter(|k| keep(k)).cloned().collect())
         .unwrap_or_default();
     names.sort();
     names
 }
 
+/// The workspace crates (`sluice-*`) that `crate_dir` depends on.
+fn sluice_dependencies(crate_dir: &str) -> Vec<String> {
+    dependencies(crate_dir, |name| name.starts_with("sluice-"))
+}
+
+/// Every crate of the workspace, as its folder.
+const CRATES: [&str; 8] = [
+    "shared/core",
+    "shared/store",
+    "shared/broker",
+    "shared/runtime",
+    "api",
+    "worker",
+    "cli",
+    "tests",
+];
+
 #[test]
-fn role_crates_depend_only_on_shared() {
-    assert_eq!(sluice_dependencies("api"), ["sluice-shared"]);
-    assert_eq!(sluice_dependencies("worker"), ["sluice-shared"]);
-    assert_eq!(sluice_dependencies("shared"), Vec::<String>::new());
+fn the_domain_crate_does_no_io() {
+    assert_eq!(sluice_dependencies("shared/core"), Vec::<String>::new());
+    let io = dependencies("shared/core", |name| {
+        matches!(
+            name,
+            "redis" | "lapin" | "reqwest" | "object_store" | "axum" | "hyper" | "prometheus"
+        )
+    });
+    assert_eq!(io, Vec::<String>::new(), "shared/core must not do I/O");
+}
+
+#[test]
+fn adapters_depend_only_on_the_domain() {
+    assert_eq!(sluice_dependencies("shared/store"), ["sluice-core"]);
+    assert_eq!(sluice_dependencies("shared/broker"), ["sluice-core"]);
+    assert_eq!(
+        sluice_dependencies("shared/runtime"),
+        ["sluice-broker", "sluice-core", "sluice-store"]
+    );
+    assert_eq!(
+        dependencies("shared/store", |n| n == "lapin"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        dependencies("shared/broker", |n| n == "redis"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn roles_never_depend_on_each_other() {
+    let shared = [
+        "sluice-broker",
+        "sluice-core",
+        "sluice-runtime",
+        "sluice-store",
+    ];
+    assert_eq!(sluice_dependencies("api"), shared);
+    assert_eq!(sluice_dependencies("worker"), shared);
+}
+
+#[test]
+fn only_the_cli_composes_the_roles_and_nothing_depends_on_it() {
     assert_eq!(
         sluice_dependencies("cli"),
-        ["sluice-api", "sluice-shared", "sluice-worker"]
+        [
+            "sluice-api",
+            "sluice-core",
+            "sluice-runtime",
+            "sluice-worker"
+        ]
     );
+    // The test harness starts the roles through the binary's library, as an operator would.
+    for dir in CRATES {
+        if dir != "tests" {
+            assert!(
+                !sluice_dependencies(dir).contains(&"sluice-cli".to_owned()),
+                "{dir} depends on the cli"
+            );
+        }
+    }
 }

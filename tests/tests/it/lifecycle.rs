@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use sluice_shared::metrics::Metrics;
+use sluice_runtime::metrics::Metrics;
 use sluice_tests::*;
 use sluice_worker::WorkerContext;
 
@@ -101,7 +101,7 @@ pub(crate) async fn cancel_mid_run(storage: StorageKind, paced: bool) {
         s.worker.concurrency = 8;
         if paced {
             s.worker.concurrency = 32;
-            s.providers[0].pacing = sluice_shared::config::PacingSettings {
+            s.providers[0].pacing = sluice_core::config::PacingSettings {
                 rpm: Some(600),
                 burst_ms: Some(1_000),
                 ..Default::default()

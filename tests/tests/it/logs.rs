@@ -24,14 +24,14 @@ async fn a_full_run_at_debug_level_logs_no_key_prompt_or_completion() {
         |s| {
             s.tenants[0]
                 .api_key_sha256
-                .push(sluice_shared::config::hash_api_key(TENANT_KEY));
+                .push(sluice_core::config::hash_api_key(TENANT_KEY));
             s.providers[0].api_key_env = Some("SLUICE_TEST_CANARY_UPSTREAM_KEY".into());
             // Nothing listens there: every delivery attempt fails and logs a line.
             s.webhooks.allow_private = true;
             s.webhooks.backoff_base_ms = 200;
-            s.tenants[0].webhooks = vec![sluice_shared::config::WebhookEndpoint {
+            s.tenants[0].webhooks = vec![sluice_core::config::WebhookEndpoint {
                 url: format!("http://127.0.0.1:{}/CANARY-path?token=CANARY", spare_port()),
-                secret: sluice_shared::config::Secret(WEBHOOK_SECRET.into()),
+                secret: sluice_core::config::Secret(WEBHOOK_SECRET.into()),
             }];
         },
     )

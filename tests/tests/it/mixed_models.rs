@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice_cli::mock_upstream::MockUpstream;
-use sluice_shared::Settings;
-use sluice_shared::config::PacingSettings;
+use sluice_core::Settings;
+use sluice_core::config::PacingSettings;
 use sluice_tests::python::run_openai_script;
 use sluice_tests::*;
 use tokio_util::sync::CancellationToken;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
-use sluice_shared::domain::Row;
+use sluice_core::domain::Row;
 
 use serde_json::{Value, json};
 use sluice_tests::rabbitmq_server::RabbitServer;

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice_shared::Settings;
-use sluice_shared::config::PacingSettings;
+use sluice_core::Settings;
+use sluice_core::config::PacingSettings;
 use sluice_tests::*;
 
 use crate::chaos::Workers;
@@ -429,20 +429,20 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
 }
 
 /// The fleet limiter alone, on a namespace of its own in the real Redis.
-async fn limiter() -> (sluice_shared::Store, sluice_shared::pacing::Pacer) {
-    let store = sluice_shared::Store::open(&Settings {
+async fn limiter() -> (sluice_store::Store, sluice_store::pacing::Pacer) {
+    let store = sluice_store::Store::open(&Settings {
         namespace: format!("t-{}", uuid::Uuid::new_v4().simple()),
         ..Settings::default()
     })
     .await
     .unwrap();
-    (store.clone(), sluice_shared::pacing::Pacer::new(store))
+    (store.clone(), sluice_store::pacing::Pacer::new(store))
 }
 
 /// The limiter scripts on their own, against the real Redis: leases, AIMD and the breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
-    use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
+    use sluice_store::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
     let (store, pacer) = limiter().await;
     let mut w = Settings::default().worker;
     w.breaker_failures = 2;
@@ -611,7 +611,7 @@ async fn the_fleet_concurrency_cap_bounds_calls_in_flight() {
 /// probe per ask.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_ask_reserves_many_starts_as_single_asks_would() {
-    use sluice_shared::pacing::{CallOutcome, Grant, Hold, PaceLimits, TokenUse};
+    use sluice_store::pacing::{CallOutcome, Grant, Hold, PaceLimits, TokenUse};
     let (store, pacer) = limiter().await;
     let mut w = Settings::default().worker;
     w.reserve_ahead_ms = 2_000;

@@ -96,7 +96,7 @@ async fn queued_messages_once_published(app: &TestApp, expected: u32) -> u32 {
 
 /// Messages in the express work queue (of batches up to `worker.express_lines` lines).
 async fn queued_messages(app: &TestApp) -> u32 {
-    let conn = sluice_shared::queue::connect(&app.settings.amqp_url, "sluice-test-count")
+    let conn = sluice_broker::connect(&app.settings.amqp_url, "sluice-test-count")
         .await
         .expect("broker");
     let channel = conn.create_channel().await.expect("channel");

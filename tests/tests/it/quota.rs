@@ -44,7 +44,7 @@ async fn assert_quota_refusal(resp: reqwest::Response, mentions: &str) {
 
 /// Files stored for `app`'s tenant A under `files/`.
 fn stored_uploads(app: &TestApp) -> usize {
-    let sluice_shared::config::StorageSettings::Local { path } = &app.settings.storage else {
+    let sluice_core::config::StorageSettings::Local { path } = &app.settings.storage else {
         panic!("local storage");
     };
     std::fs::read_dir(path.join("files")).map_or(0, |d| d.count())

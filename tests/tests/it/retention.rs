@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use sluice_shared::config::StorageSettings;
+use sluice_core::config::StorageSettings;
 use sluice_tests::*;
 
 /// Where the local storage of `app` keeps `relative`.
@@ -285,7 +285,7 @@ async fn a_batch_record_is_removed_after_its_retention() {
     assert_eq!(batch["status"], "completed");
     let keys = app.keys();
     let segments_dir = match &app.settings.storage {
-        sluice_shared::config::StorageSettings::Local { path } => {
+        sluice_core::config::StorageSettings::Local { path } => {
             path.join(format!("batches/{id}/segments"))
         }
         _ => unreachable!("local storage in this test"),

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice_shared::Settings;
+use sluice_core::Settings;
 use sluice_tests::*;
 
 use crate::chaos::Workers;

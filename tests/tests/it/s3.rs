@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use sluice_shared::config::StorageSettings;
+use sluice_core::config::StorageSettings;
 use sluice_tests::s3_server::S3Server;
 use sluice_tests::*;
 

@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sluice_shared::Settings;
-use sluice_shared::config::PacingSettings;
-use sluice_shared::schedule;
+use sluice_core::Settings;
+use sluice_core::config::PacingSettings;
+use sluice_store::schedule;
 use sluice_tests::*;
 
 /// Paces the mock provider at `rpm`; batches of more than 10 lines are scheduled (not express),
@@ -230,7 +230,7 @@ async fn strict_admission_refuses_a_batch_that_cannot_finish_in_its_window() {
     // Once it runs, its lines are due before those of a batch that expires later: 100 more need
     // about 200 s.
     loop {
-        let now = sluice_shared::domain::now_millis();
+        let now = sluice_core::domain::now_millis();
         let entries = schedule::read_registry(&app.store, "mock", now)
             .await
             .unwrap();

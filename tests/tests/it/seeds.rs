@@ -8,7 +8,7 @@ use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
-use sluice_shared::config::ProviderSettings;
+use sluice_core::config::ProviderSettings;
 use sluice_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -912,7 +912,7 @@ async fn the_owner_limit_forgets_what_a_crash_left_counted() {
     .await;
     // An API that died between reserving and storing left two entries: one long ago, one just now.
     let key = app.keys().tenant_open("tenant-a");
-    let now_ms = sluice_shared::domain::now_millis();
+    let now_ms = sluice_core::domain::now_millis();
     let _: () = redis::cmd("ZADD")
         .arg(&key)
         .arg(0)

@@ -78,7 +78,7 @@ fn files_under(dir: &Path) -> Vec<String> {
 
 fn storage_dir(app: &TestApp) -> std::path::PathBuf {
     match &app.settings.storage {
-        sluice_shared::config::StorageSettings::Local { path } => path.clone(),
+        sluice_core::config::StorageSettings::Local { path } => path.clone(),
         other => panic!("tests store files locally, not in {other:?}"),
     }
 }

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice_shared::Settings;
+use sluice_core::Settings;
 use sluice_tests::rabbitmq_server::RabbitServer;
 use sluice_tests::*;
 use tokio::net::TcpListener;
@@ -136,7 +136,7 @@ impl Drop for Role {
 
 fn stall_settings(dir: &Path) -> Settings {
     let mut s = test_settings("http://127.0.0.1:9/v1");
-    s.storage = sluice_shared::config::StorageSettings::Local {
+    s.storage = sluice_core::config::StorageSettings::Local {
         path: dir.join("data"),
     };
     s.api.metrics_listen = ([127, 0, 0, 1], spare_port()).into();

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use serde_json::Value;
-use sluice_shared::config::{Secret, WebhookEndpoint};
-use sluice_shared::webhooks::WebhookJob;
+use sluice_core::config::{Secret, WebhookEndpoint};
+use sluice_core::webhooks::WebhookJob;
 use sluice_tests::python::python_with;
 use sluice_tests::*;
 
@@ -128,7 +128,7 @@ fn endpoint(url: String) -> WebhookEndpoint {
 }
 
 /// Tenant A's events go to `urls`; retries are quick.
-fn with_webhooks(s: &mut sluice_shared::Settings, urls: Vec<String>, allow_private: bool) {
+fn with_webhooks(s: &mut sluice_core::Settings, urls: Vec<String>, allow_private: bool) {
     s.webhooks.allow_private = allow_private;
     s.webhooks.backoff_base_ms = 200;
     s.webhooks.backoff_max_ms = 1_000;
@@ -351,7 +351,7 @@ async fn an_endpoint_on_an_internal_address_is_refused() {
 
 /// Takes `n` jobs from the webhooks dead-letter queue, waiting up to a minute for them.
 async fn dead_letters(app: &TestApp, n: usize) -> Vec<WebhookJob> {
-    let conn = sluice_shared::queue::connect(&app.settings.amqp_url, "sluice-test-dlq")
+    let conn = sluice_broker::connect(&app.settings.amqp_url, "sluice-test-dlq")
         .await
         .expect("broker");
     let channel = conn.create_channel().await.expect("channel");

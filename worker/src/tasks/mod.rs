@@ -20,10 +20,10 @@
 
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use sluice_shared::config::TaskSettings;
-use sluice_shared::domain::task_model;
-use sluice_shared::domain::{Row, Usage};
-use sluice_shared::routing::{Route, TASK_ENDPOINT};
+use sluice_core::config::TaskSettings;
+use sluice_core::domain::task_model;
+use sluice_core::domain::{Row, Usage};
+use sluice_core::routing::{Route, TASK_ENDPOINT};
 
 use crate::upstream::{Attempt, Upstream, classify as classify_answer};
 

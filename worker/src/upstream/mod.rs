@@ -12,9 +12,9 @@ use futures::StreamExt;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sluice_shared::config::{ProviderSettings, Settings, TaskSettings};
-use sluice_shared::domain::{Row, Usage};
-use sluice_shared::routing::{Route, RouteError, Target, resolve_target};
+use sluice_core::config::{ProviderSettings, Settings, TaskSettings};
+use sluice_core::domain::{Row, Usage};
+use sluice_core::routing::{Route, RouteError, Target, resolve_target};
 
 mod retry;
 pub use retry::{NextStep, RetryPolicy, ratelimit_pause, retry_after};
@@ -89,7 +89,7 @@ impl Upstream {
         &self.tasks
     }
 
-    /// What `model` runs on for `endpoint` (see [`sluice_shared::routing`]).
+    /// What `model` runs on for `endpoint` (see [`sluice_core::routing`]).
     pub fn resolve(&self, model: &str, endpoint: &str) -> Result<Target, RouteError> {
         resolve_target(&self.providers, &self.tasks, model, endpoint)
     }

@@ -23,10 +23,10 @@ mod ssrf;
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use sluice_shared::config::{WebhookEndpoint, WebhookSettings};
-use sluice_shared::domain::{BatchStatus, now_millis, now_secs};
-use sluice_shared::keys::WEBHOOK_TIERS_MS;
-use sluice_shared::webhooks::{WebhookJob, endpoint_tag, event_id, event_type, sign, signing_key};
+use sluice_core::config::{WebhookEndpoint, WebhookSettings};
+use sluice_core::domain::{BatchStatus, now_millis, now_secs};
+use sluice_core::keys::WEBHOOK_TIERS_MS;
+use sluice_core::webhooks::{WebhookJob, endpoint_tag, event_id, event_type, sign, signing_key};
 use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
@@ -69,7 +69,7 @@ pub async fn announce(
 /// Runs the delivery consumer until `shutdown`.
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let sender = Sender::new(&ctx.settings.webhooks)?;
-    crate::amqp::supervise("webhooks", shutdown.clone(), move || {
+    sluice_broker::consumer::supervise("webhooks", shutdown.clone(), move || {
         consume(ctx.clone(), sender.clone(), shutdown.clone())
     })
     .await;
@@ -82,7 +82,7 @@ async fn consume(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let queue = ctx.keys.webhooks_queue();
-    crate::amqp::consume_each(
+    sluice_broker::consumer::consume_each(
         &ctx.settings,
         "sluice-webhooks",
         &queue,
@@ -352,7 +352,7 @@ fn refused_address(e: &reqwest::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_shared::config::Secret;
+    use sluice_core::config::Secret;
 
     fn job(url: &str) -> WebhookJob {
         WebhookJob {

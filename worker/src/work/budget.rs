@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use sluice_shared::budget::{Admit, BilledLine, Counted, Used};
-use sluice_shared::config::OnExhausted;
-use sluice_shared::domain::{LineItem, Row, Usage, now_millis};
+use sluice_core::config::OnExhausted;
+use sluice_core::domain::{LineItem, Row, Usage, now_millis};
+use sluice_store::budget::{Admit, BilledLine, Counted, Used};
 
 use crate::WorkerContext;
 

@@ -2,7 +2,7 @@
 //! row, so its batch still finishes.
 
 use futures::StreamExt;
-use sluice_shared::domain::{LinesMessage, Row, Usage};
+use sluice_core::domain::{LinesMessage, Row, Usage};
 use tokio_util::sync::CancellationToken;
 
 use super::{ack, notify_aggregator, split, store_rows};
@@ -14,9 +14,9 @@ pub async fn run_dead_letters(
     ctx: WorkerContext,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let conn = crate::amqp::connect(&ctx.settings, "sluice-dlq").await?;
+    let conn = sluice_broker::consumer::connect(&ctx.settings, "sluice-dlq").await?;
     let (channel, mut consumer) =
-        crate::amqp::consume(&conn, &ctx.settings, &ctx.keys.items_dlq(), 16).await?;
+        sluice_broker::consumer::consume(&conn, &ctx.settings, &ctx.keys.items_dlq(), 16).await?;
     loop {
         let delivery = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_shared::domain::LineItem;
-use sluice_shared::pacing::{
+use sluice_core::domain::LineItem;
+use sluice_store::pacing::{
     BreakerState, CallOutcome, Grant, Hold, MAX_FLEET_PAUSE, PaceLimits, Pacer, Successes, TokenUse,
 };
 use tokio_util::sync::CancellationToken;

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_shared::domain::{LineItem, LinesMessage, Row, Usage, now_millis};
-use sluice_shared::keys::retry_tier;
-use sluice_shared::pacing::{LEASE_MS, Pacer};
-use sluice_shared::store::CallGate;
+use sluice_core::domain::{LineItem, LinesMessage, Row, Usage, now_millis};
+use sluice_core::keys::retry_tier;
+use sluice_store::CallGate;
+use sluice_store::pacing::{LEASE_MS, Pacer};
 use tokio::sync::SemaphorePermit;
 
 use crate::WorkerContext;

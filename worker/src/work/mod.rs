@@ -34,10 +34,10 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sluice_shared::config::BudgetSettings;
-use sluice_shared::domain::{BatchEvent, LinesMessage, Row, Usage};
-use sluice_shared::pacing::PaceLimits;
-use sluice_shared::store::RowWrite;
+use sluice_core::config::BudgetSettings;
+use sluice_core::domain::{BatchEvent, LinesMessage, Row, Usage};
+use sluice_store::RowWrite;
+use sluice_store::pacing::PaceLimits;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -172,7 +172,7 @@ impl BatchInfoCache {
 
 /// Consumes line messages until `shutdown`, then lets in-flight lines finish within the grace.
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let conn = crate::amqp::connect(&ctx.settings, "sluice-worker").await?;
+    let conn = sluice_broker::consumer::connect(&ctx.settings, "sluice-worker").await?;
     let concurrency = ctx.settings.worker.concurrency;
     // The main and the express work queue, each on a channel with its own prefetch; their lines
     // share the call slots.
@@ -180,7 +180,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Res
     let mut consumers = Vec::new();
     for queue in [ctx.keys.items_queue(), ctx.keys.express_queue()] {
         let (channel, consumer) =
-            crate::amqp::consume(&conn, &ctx.settings, &queue, prefetch(&ctx)).await?;
+            sluice_broker::consumer::consume(&conn, &ctx.settings, &queue, prefetch(&ctx)).await?;
         channels.push((channel, consumer.tag()));
         consumers.push(consumer);
     }

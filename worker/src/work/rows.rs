@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_shared::domain::{Row, Usage};
+use sluice_core::domain::{Row, Usage};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 

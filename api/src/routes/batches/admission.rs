@@ -12,9 +12,9 @@
 //! they are stored.
 
 use anyhow::Context;
-use sluice_shared::domain::{now_millis, now_secs};
-use sluice_shared::routing::{Target, resolve_target};
-use sluice_shared::schedule::{self, Newcomer, Priority};
+use sluice_core::domain::{now_millis, now_secs};
+use sluice_core::routing::{Target, resolve_target};
+use sluice_store::schedule::{self, Newcomer, Priority};
 
 use super::CreateBatch;
 use crate::auth::Tenant;

@@ -8,9 +8,9 @@ use anyhow::Context;
 use axum::Json;
 use axum::extract::State;
 use serde_json::Value;
-use sluice_shared::domain::{BatchMeta, BatchStatus, new_batch_id, now_secs};
-use sluice_shared::schedule::Priority;
-use sluice_shared::store::Transition;
+use sluice_core::domain::{BatchMeta, BatchStatus, new_batch_id, now_secs};
+use sluice_store::Transition;
+use sluice_store::schedule::Priority;
 
 use super::dialect::present;
 use super::{PageRequest, announce, check_id, list_object, read_page, visible};
@@ -85,7 +85,7 @@ pub(crate) async fn reserve_batch(state: &AppState, tenant: &Tenant) -> Result<S
     if !reserved {
         // At the limit: first drop what a crash may have left counted (a reservation whose batch
         // was never stored, a terminal batch never retired), then try once more.
-        let stale_before = sluice_shared::domain::now_millis() - RESERVATION_GRACE_MS;
+        let stale_before = sluice_core::domain::now_millis() - RESERVATION_GRACE_MS;
         let pruned = store
             .prune_open_batches(tenant.id(), stale_before)
             .await

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use sluice_shared::domain::SUPPORTED_ENDPOINTS;
-use sluice_shared::schedule::Priority;
-use sluice_shared::validate::clip;
+use sluice_core::domain::SUPPORTED_ENDPOINTS;
+use sluice_core::validate::clip;
+use sluice_store::schedule::Priority;
 
 use crate::error::{ApiError, json_type_name};
 use crate::routes::{ECHO_BYTES, EXPIRES_AFTER_SECS};
@@ -102,7 +102,7 @@ pub(crate) fn parse_completion_window(
     completion_window: &str,
     (min, max): (Duration, Duration),
 ) -> Result<Duration, ApiError> {
-    sluice_shared::config::parse_window(completion_window)
+    sluice_core::config::parse_window(completion_window)
         .filter(|w| (min..=max).contains(w))
         .ok_or_else(|| {
             ApiError::invalid_value(

@@ -14,9 +14,9 @@ use axum::response::{IntoResponse, Response};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use serde_json::{Value, json};
-use sluice_shared::domain::{FileMeta, now_millis, now_secs};
-use sluice_shared::file_users::FileDelete;
-use sluice_shared::validate::clip;
+use sluice_core::domain::{FileMeta, now_millis, now_secs};
+use sluice_core::validate::clip;
+use sluice_store::file_users::FileDelete;
 
 use super::{ECHO_BYTES, PageRequest, check_id, list_object, read_page, visible};
 use crate::auth::Tenant;
@@ -211,7 +211,7 @@ pub async fn content(
         storage_path(&meta).with_context(|| format!("File {file_id} has no storage path"))?;
     // Ranged reads: the client sets the pace, and one request streaming the whole file would
     // outlast the store's request timeout on a slow download.
-    let (size, chunks) = match sluice_shared::storage::read_chunked(&state.files, &path).await {
+    let (size, chunks) = match sluice_runtime::storage::read_chunked(&state.files, &path).await {
         Ok(object) => object,
         Err(object_store::Error::NotFound { .. }) => {
             tracing::warn!(%file_id, "A file record points at missing bytes.");

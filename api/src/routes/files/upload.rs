@@ -14,11 +14,11 @@ use axum::response::{IntoResponse, Response};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, WriteMultipart};
 use serde_json::Value;
-use sluice_shared::config::StorageQuota;
-use sluice_shared::domain::{FileMeta, new_file_id, now_secs};
-use sluice_shared::lifecycle_store::{QuotaPart, Registered, StorageUsage};
-use sluice_shared::storage::upload_path;
-use sluice_shared::validate::clip;
+use sluice_core::config::StorageQuota;
+use sluice_core::domain::{FileMeta, new_file_id, now_secs};
+use sluice_core::validate::clip;
+use sluice_runtime::storage::upload_path;
+use sluice_store::lifecycle_store::{QuotaPart, Registered, StorageUsage};
 
 use super::part_headers::guard_part_headers;
 use crate::auth::Tenant;
@@ -119,7 +119,7 @@ impl Room {
 }
 
 /// The caller's room, refusing at once when not even one more file fits: nothing is stored then.
-/// The final word is [`sluice_shared::Store::register_file`]'s atomic check, as uploads run concurrently.
+/// The final word is [`sluice_store::Store::register_file`]'s atomic check, as uploads run concurrently.
 async fn room_left(state: &AppState, tenant: &Tenant) -> Result<Room, ApiError> {
     let room = Room {
         usage: state
@@ -138,7 +138,7 @@ async fn room_left(state: &AppState, tenant: &Tenant) -> Result<Room, ApiError> 
     Ok(room)
 }
 
-/// Stores a received file's record under the tenant's quota (see [`sluice_shared::Store::register_file`]); over
+/// Stores a received file's record under the tenant's quota (see [`sluice_store::Store::register_file`]); over
 /// it, the record is gone and the caller removes the bytes at `path`.
 pub(crate) async fn register_upload(
     state: &AppState,

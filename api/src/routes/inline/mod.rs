@@ -14,10 +14,10 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
-use sluice_shared::domain::SUPPORTED_ENDPOINTS;
-use sluice_shared::domain::task_model;
-use sluice_shared::routing::{RouteError, resolve_target};
-use sluice_shared::validate::clip;
+use sluice_core::domain::SUPPORTED_ENDPOINTS;
+use sluice_core::domain::task_model;
+use sluice_core::routing::{RouteError, resolve_target};
+use sluice_core::validate::clip;
 
 use super::ECHO_BYTES;
 use super::batches::admission::{Ask, admit_lines};

@@ -32,7 +32,7 @@ pub(super) struct InlineFields {
 
 /// Settings of one streaming parse (moved onto the blocking thread).
 pub(super) struct StreamParse {
-    pub(super) limits: sluice_shared::config::Limits,
+    pub(super) limits: sluice_core::config::Limits,
     pub(super) bounds: (Duration, Duration),
 }
 
@@ -273,7 +273,7 @@ impl<'de> serde::de::Visitor<'de> for TopVisitor<'_> {
 
 /// The `requests` array, element by element.
 struct RequestsSeed<'p> {
-    limits: &'p sluice_shared::config::Limits,
+    limits: &'p sluice_core::config::Limits,
     shared: &'p Rc<Shared>,
     endpoint: &'p str,
 }

@@ -1,0 +1,490 @@
+//! Checking every line of an input file before anything is enqueued.
+//!
+//! One error per bad line (the first problem found), with OpenAI's codes where OpenAI has one.
+//! What a file can make us hold is bounded by configuration, not by the file: at most
+//! `limits.max_reported_errors` errors are kept (then one `too_many_errors` entry counts the rest),
+//! each message is cut to `limits.max_error_message_bytes`, and reading stops after
+//! `limits.max_lines + 1` lines, when the file is known to be too long. Duplicate `custom_id`s are
+//! found from a 128-bit keyed fingerprint of each id, not the id itself: about 30 bytes per line,
+//! whatever the ids' length.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+
+use crate::Settings;
+use crate::config::Limits;
+use crate::domain::BatchError;
+use crate::domain::task_model;
+use crate::routing::{RouteError, resolve_target};
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::lines::{LineProbe, RequestLine};
+
+/// The fields of a request body that validation looks at; the rest is skipped unparsed.
+#[derive(Debug, Deserialize)]
+struct BodyProbe<'a> {
+    model: Option<Value>,
+    stream: Option<Value>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    document: Option<&'a RawValue>,
+    #[serde(borrow)]
+    document_mime_type: Option<&'a RawValue>,
+}
+
+/// Why a line's model cannot run: the code and message of the line's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelProblem {
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The model check of a batch on `endpoint` under `settings`' routing (task models included).
+pub fn check_model(settings: &Settings, model: &str, endpoint: &str) -> Result<(), ModelProblem> {
+    match resolve_target(&settings.providers, &settings.tasks, model, endpoint) {
+        Ok(_) => Ok(()),
+        Err(RouteError::ModelNotFound { .. }) => Err(ModelProblem {
+            code: "model_not_found",
+            message: format!("The provided model '{model}' is not supported by the Batch API."),
+        }),
+        Err(e) => Err(ModelProblem {
+            code: e.code(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// A model check: `Ok` when some provider runs the model for the batch.
+pub type ModelCheck<'a> = dyn Fn(&str) -> Result<(), ModelProblem> + Sync + 'a;
+
+/// Longest model name a line may carry: it is stored on the batch and echoed in messages.
+const MAX_MODEL_CHARS: usize = 256;
+/// Longest `param` of a line error (task checks name nested fields).
+const MAX_PARAM_BYTES: usize = 256;
+
+/// `s` cut to at most `max` bytes at a character boundary, with `…` when something was cut, so
+/// client text echoed in a message cannot make the message large.
+pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let ellipsis = '…';
+    let mut end = max.saturating_sub(ellipsis.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ellipsis}", &s[..end]).into()
+}
+
+/// Validation state across the lines of one file.
+pub struct Validator<'a> {
+    endpoint: &'a str,
+    max_lines: u64,
+    max_errors: usize,
+    max_message: usize,
+    /// Budget of listed message bytes, and what is used of it.
+    max_listed_bytes: usize,
+    listed_bytes: usize,
+    max_custom_id: usize,
+    serves: &'a ModelCheck<'a>,
+    /// First line of each `custom_id`, by [`IdFingerprint`].
+    seen: HashMap<u128, u64>,
+    fingerprint: IdFingerprint,
+    /// Whether a line naming another model than the first is an error (`model_mismatch`).
+    one_model: bool,
+    model: Option<(String, u64)>,
+    /// Whether good lines name different models (only when `one_model` is off).
+    mixed: bool,
+    lines: u64,
+    /// Bad lines among the first `max_lines`, listed or not.
+    invalid: u64,
+    errors: Vec<BatchError>,
+}
+
+/// What validation found once the file (or its first `max_lines + 1` lines) was read.
+#[derive(Debug)]
+pub struct Verdict {
+    /// The errors to report: at most `max_reported_errors` line errors, then `too_many_errors`
+    /// when more lines were bad, then the file-level ones (`empty_file`, `too_many_tasks`).
+    pub errors: Vec<BatchError>,
+    /// Request lines read (at most `max_lines + 1`).
+    pub lines: u64,
+    /// Bad lines among those read, listed or not.
+    pub invalid: u64,
+    /// The batch's model: the one its good lines name (the first one's for a mix of task
+    /// models); `None` when they name different models, which only a batch allowed several
+    /// models can do.
+    pub model: Option<String>,
+}
+
+impl std::fmt::Debug for Validator<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Validator")
+            .field("lines", &self.lines)
+            .field("errors", &self.errors.len())
+            .finish()
+    }
+}
+
+fn err(code: &str, message: String, param: Option<&str>, line: Option<u64>) -> BatchError {
+    BatchError {
+        code: code.into(),
+        message,
+        param: param.map(Into::into),
+        line,
+    }
+}
+
+impl<'a> Validator<'a> {
+    /// A validator for a batch on `endpoint` under `limits`; `serves` tells whether some provider
+    /// runs a model.
+    pub fn new(endpoint: &'a str, limits: &Limits, serves: &'a ModelCheck<'a>) -> Self {
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Self {
+            endpoint,
+            max_lines: limits.max_lines,
+            max_errors: size(limits.max_reported_errors),
+            max_message: size(limits.max_error_message_bytes),
+            max_listed_bytes: size(limits.max_reported_error_bytes),
+            listed_bytes: 0,
+            max_custom_id: size(limits.max_custom_id_chars),
+            serves,
+            seen: HashMap::new(),
+            fingerprint: IdFingerprint::default(),
+            one_model: limits.one_model_per_batch,
+            model: None,
+            mixed: false,
+            lines: 0,
+            invalid: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Whether every line must name the same model; the default is `limits.one_model_per_batch`,
+    /// which a tenant's own setting overrides ([`Settings::one_model_per_batch`]).
+    pub fn one_model_per_batch(mut self, one_model: bool) -> Self {
+        self.one_model = one_model;
+        self
+    }
+
+    /// Checks one line, recording its error if it has one. A line past `max_lines` is only
+    /// counted: the file is too long whatever it holds.
+    pub fn check(&mut self, line: &RequestLine) {
+        self.lines += 1;
+        if self.lines > self.max_lines {
+            return;
+        }
+        if let Err(mut e) = self.check_line(line) {
+            self.invalid += 1;
+            if self.errors.len() < self.max_errors && self.listed_bytes < self.max_listed_bytes {
+                if e.message.len() > self.max_message {
+                    e.message = clip(&e.message, self.max_message).into_owned();
+                }
+                if let Some(param) = e.param.as_mut().filter(|p| p.len() > MAX_PARAM_BYTES) {
+                    *param = clip(param, MAX_PARAM_BYTES).into_owned();
+                }
+                self.listed_bytes += e.message.len() + e.param.as_ref().map_or(0, String::len);
+                self.errors.push(e);
+            }
+        }
+    }
+
+    /// Whether reading on can change nothing: the file has more lines than a batch may hold.
+    pub fn done(&self) -> bool {
+        self.lines > self.max_lines
+    }
+
+    fn check_line(&mut self, line: &RequestLine) -> Result<(), BatchError> {
+        let n = Some(line.number);
+        if line.too_long {
+            return Err(err(
+                "line_too_long",
+                "This line exceeds the maximum line size.".into(),
+                None,
+                n,
+            ));
+        }
+        let probe = LineProbe::parse(&line.bytes).ok_or_else(|| {
+            err(
+                "invalid_json_line",
+                "This line is not parseable as valid JSON.".into(),
+                None,
+                n,
+            )
+        })?;
+        let missing = |p: &str| {
+            err(
+                "missing_required_parameter",
+                format!("Missing required parameter: '{p}'."),
+                Some(p),
+                n,
+            )
+        };
+        let custom_id_raw = probe.custom_id.ok_or_else(|| missing("custom_id"))?;
+        let method = probe.method.ok_or_else(|| missing("method"))?;
+        let url = probe.url.ok_or_else(|| missing("url"))?;
+        let body = probe.body.ok_or_else(|| missing("body"))?;
+
+        let custom_id: String = serde_json::from_str(custom_id_raw.get()).map_err(|_| {
+            err(
+                "invalid_request",
+                "custom_id must be a string.".into(),
+                Some("custom_id"),
+                n,
+            )
+        })?;
+        if custom_id.chars().count() > self.max_custom_id {
+            return Err(err(
+                "invalid_request",
+                format!(
+                    "custom_id is too long: at most {} characters are allowed.",
+                    self.max_custom_id
+                ),
+                Some("custom_id"),
+                n,
+            ));
+        }
+        if serde_json::from_str::<String>(method.get()).ok().as_deref() != Some("POST") {
+            return Err(err(
+                "invalid_request",
+                "Only 'POST' is supported for method.".into(),
+                Some("method"),
+                n,
+            ));
+        }
+        if serde_json::from_str::<String>(url.get()).ok().as_deref() != Some(self.endpoint) {
+            return Err(err(
+                "invalid_url",
+                "The URL provided for this request does not match the batch endpoint.".into(),
+                Some("url"),
+                n,
+            ));
+        }
+        if !body.get().trim_start().starts_with('{') {
+            return Err(err(
+                "invalid_request",
+                "body must be a JSON object.".into(),
+                Some("body"),
+                n,
+            ));
+        }
+        let probe: BodyProbe<'_> = serde_json::from_str(body.get()).map_err(|_| {
+            err(
+                "invalid_request",
+                "body must be a JSON object.".into(),
+                Some("body"),
+                n,
+            )
+        })?;
+        if probe.stream.as_ref().and_then(Value::as_bool) == Some(true) {
+            return Err(err(
+                "streaming_unsupported",
+                format!(
+                    "{}: Streaming is not supported in the Batch API.",
+                    endpoint_title(self.endpoint)
+                ),
+                Some("body.stream"),
+                n,
+            ));
+        }
+        let model = match probe.model {
+            Some(Value::String(m)) if !m.is_empty() => m,
+            _ => {
+                return Err(err(
+                    "invalid_request",
+                    "Model parameter is required.".into(),
+                    Some("body.model"),
+                    n,
+                ));
+            }
+        };
+        if model.chars().count() > MAX_MODEL_CHARS {
+            return Err(err(
+                "invalid_request",
+                format!(
+                    "The model name is too long: at most {MAX_MODEL_CHARS} characters are allowed."
+                ),
+                Some("body.model"),
+                n,
+            ));
+        }
+        // The model first: for a model that cannot run, its other fields do not matter.
+        if let Err(problem) = (self.serves)(&model) {
+            return Err(err(problem.code, problem.message, Some("body.model"), n));
+        }
+        if probe.document.is_some() || probe.document_mime_type.is_some() {
+            let param = if probe.document.is_some() {
+                "body.document"
+            } else {
+                "body.document_mime_type"
+            };
+            return Err(err(
+                "unsupported_document",
+                "Documents (document / document_mime_type) are not supported in batch requests. \
+                 Pass pre-extracted text in the 'text' field."
+                    .into(),
+                Some(param),
+                n,
+            ));
+        }
+        if let Some(task) = task_model(&model) {
+            let fields: serde_json::Map<String, Value> =
+                serde_json::from_str(body.get()).map_err(|_| {
+                    err(
+                        "invalid_request",
+                        "body must be a JSON object.".into(),
+                        Some("body"),
+                        n,
+                    )
+                })?;
+            crate::task_body::check_body(task, &fields)
+                .map_err(|(message, param)| err("invalid_request", message, Some(&param), n))?;
+        } else if let Some(field) = required_body_field(self.endpoint) {
+            let present = match field {
+                "messages" => probe.messages.is_some(),
+                "input" => probe.input.is_some(),
+                _ => probe.prompt.is_some(),
+            };
+            if !present {
+                let param = format!("body.{field}");
+                return Err(err(
+                    "invalid_request",
+                    format!("Missing required parameter: '{field}'."),
+                    Some(&param),
+                    n,
+                ));
+            }
+        }
+        match &self.model {
+            None => self.model = Some((model, line.number)),
+            // Task models are one router: a batch may mix them (not with other models).
+            Some((first, _))
+                if *first != model
+                    && !(task_model(first).is_some() && task_model(&model).is_some())
+                    && !self.one_model =>
+            {
+                self.mixed = true;
+            }
+            Some((first, first_line))
+                if *first != model
+                    && !(task_model(first).is_some() && task_model(&model).is_some()) =>
+            {
+                return Err(err(
+                    "model_mismatch",
+                    format!(
+                        "All requests in a batch must use the same model: this line uses '{model}', line {first_line} uses '{first}'."
+                    ),
+                    Some("body.model"),
+                    n,
+                ));
+            }
+            Some(_) => {}
+        }
+        let id = self.fingerprint.of(&custom_id);
+        if let Some(first) = self.seen.get(&id) {
+            return Err(err(
+                "duplicate_custom_id",
+                format!(
+                    "The custom_id '{custom_id}' is already used on line {first}; each custom_id must be unique within a batch."
+                ),
+                Some("custom_id"),
+                n,
+            ));
+        }
+        self.seen.insert(id, line.number);
+        Ok(())
+    }
+
+    /// The errors found (bounded), plus the file-level ones (empty file, too many lines), and
+    /// the model.
+    pub fn finish(mut self) -> Verdict {
+        let listed = self.errors.len() as u64;
+        if self.invalid > listed {
+            let scope = if self.done() {
+                format!(" among the first {}", self.max_lines)
+            } else {
+                String::new()
+            };
+            self.errors.push(err(
+                "too_many_errors",
+                format!(
+                    "{} lines are invalid in all{scope}; only the first {listed} are listed. {} \
+                     more lines are invalid.",
+                    self.invalid,
+                    self.invalid - listed
+                ),
+                None,
+                None,
+            ));
+        }
+        if self.lines == 0 {
+            self.errors.push(err(
+                "empty_file",
+                "The input file contains no requests.".into(),
+                None,
+                None,
+            ));
+        }
+        if self.done() {
+            self.errors.push(err(
+                "too_many_tasks",
+                format!(
+                    "The input file has more than {max} requests; a batch may have at most {max}.",
+                    max = self.max_lines
+                ),
+                None,
+                None,
+            ));
+        }
+        Verdict {
+            errors: self.errors,
+            lines: self.lines,
+            invalid: self.invalid,
+            model: self.model.filter(|_| !self.mixed).map(|(m, _)| m),
+        }
+    }
+}
+
+/// How OpenAI names an endpoint in its messages.
+fn endpoint_title(endpoint: &str) -> &'static str {
+    match endpoint {
+        "/v1/chat/completions" => "Chat Completions",
+        "/v1/embeddings" => "Embeddings",
+        "/v1/completions" => "Completions",
+        "/v1/responses" => "Responses",
+        "/v1/moderations" => "Moderations",
+        _ => "This endpoint",
+    }
+}
+
+/// The body field each endpoint cannot do without.
+fn required_body_field(endpoint: &str) -> Option<&'static str> {
+    match endpoint {
+        "/v1/chat/completions" => Some("messages"),
+        "/v1/embeddings" | "/v1/moderations" | "/v1/responses" => Some("input"),
+        "/v1/completions" => Some("prompt"),
+        _ => None,
+    }
+}
+
+/// Two independently keyed SipHashes of a `custom_id`: 128 bits, so two different ids of one
+/// file (at most `limits.max_lines`) share a fingerprint with a chance below 10⁻²⁶, and the keys
+/// are random per file, so no file can be built to collide.
+#[derive(Default)]
+struct IdFingerprint(RandomState, RandomState);
+
+impl IdFingerprint {
+    fn of(&self, id: &str) -> u128 {
+        (u128::from(self.0.hash_one(id)) << 64) | u128::from(self.1.hash_one(id))
+    }
+}
+
+#[cfg(test)]
+mod tests;
