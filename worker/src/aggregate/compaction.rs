@@ -33,7 +33,9 @@ const MAX_PASSES: usize = 16;
 /// Rows collected for one segment, sorted by line.
 #[derive(Debug)]
 pub struct Pending {
+    /// The segment as registered: its name, line range, rows and bytes.
     pub record: SegmentRecord,
+    /// The rows' stored bytes, by line.
     pub rows: BTreeMap<u64, Vec<u8>>,
 }
 

@@ -25,7 +25,7 @@ use sluice_core::domain::task_model;
 use sluice_core::domain::{Row, Usage};
 use sluice_core::routing::{Route, TASK_ENDPOINT};
 
-use crate::upstream::{Attempt, Upstream, classify as classify_answer};
+use super::client::{Attempt, Upstream, classify as classify_answer};
 
 mod answer;
 pub use answer::{parse_answer, wrap};
