@@ -1,5 +1,5 @@
-//! The mock upstream's answers to task prompts (see [`sluice_worker::upstream::tasks`]): deterministic JSON derived
-//! from the prompt, so task batches run end to end in tests and demos.
+//! The mock upstream's answers to task prompts (see [`sluice_worker::upstream::tasks`]):
+//! deterministic JSON derived from the prompt, so task batches run end to end in tests and demos.
 //!
 //! A chat request whose system message carries the task marker gets:
 //! - `extract`: entity label *i* → the *i*-th distinct capitalised word of the text (no spans: the

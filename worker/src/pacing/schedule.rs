@@ -18,12 +18,12 @@ const HOLD_EVERY: Duration = Duration::from_millis(200);
 /// The lines a batch may have dispatched and unfinished.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Window {
-    pub lines: u64,
+    pub(crate) lines: u64,
     /// Top up as soon as any line of the window is free, not only once half of it is: a
     /// scheduled window is the batch's share, and a half-empty one would give it less.
-    pub eager: bool,
+    pub(crate) eager: bool,
     /// Lines per work-queue message (`WorkerSettings::lines_per_message_for`).
-    pub per_message: usize,
+    pub(crate) per_message: usize,
 }
 
 /// One batch's dispatch across its rounds: its measured throughput and where it is registered.

@@ -20,7 +20,7 @@ use super::retry::{ratelimit_pause, retry_after};
 
 /// Providers and the HTTP client that reaches them.
 #[derive(Debug, Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: reqwest::Client,
     providers: Vec<ProviderSettings>,
     tasks: TaskSettings,
@@ -29,7 +29,7 @@ pub struct Upstream {
 
 /// An upstream call that got no usable HTTP answer.
 #[derive(Debug)]
-pub enum CallFailure {
+pub(crate) enum CallFailure {
     /// Timeout, connection or protocol failure.
     Transport(reqwest::Error),
     /// The answer exceeded `limits.max_response_bytes`.
@@ -38,7 +38,7 @@ pub enum CallFailure {
 
 /// What one attempt produced.
 #[derive(Debug)]
-pub enum Attempt {
+pub(crate) enum Attempt {
     /// A final row (success or permanent failure) and the usage to count.
     Done(Row, Usage),
     /// A failure worth retrying: the row to write if no attempt is left, the reason (for metrics),
@@ -52,7 +52,7 @@ pub enum Attempt {
 
 impl Upstream {
     /// Builds the client from the worker settings.
-    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+    pub(crate) fn new(settings: &Settings) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_millis(settings.worker.connect_timeout_ms))
@@ -67,14 +67,13 @@ impl Upstream {
         })
     }
 
-    /// The provider serving `model`, first match in configuration order.
-    pub fn provider_for(&self, model: &str) -> Option<&ProviderSettings> {
-        self.providers.iter().find(|p| p.serves(model))
-    }
-
     /// Index and name of the provider a line of `model` on `endpoint` is called on (the backing
     /// model's provider for a task model); `None` when the model has no route.
-    pub fn provider_of(&self, model: &str, endpoint: &str) -> Option<(usize, &ProviderSettings)> {
+    pub(crate) fn provider_of(
+        &self,
+        model: &str,
+        endpoint: &str,
+    ) -> Option<(usize, &ProviderSettings)> {
         let index = match resolve_target(&self.providers, &self.tasks, model, endpoint) {
             Ok(Target::Model(route)) => route.provider,
             Ok(Target::Task { backing, .. }) => backing.provider,
@@ -84,19 +83,19 @@ impl Upstream {
     }
 
     /// The `[tasks]` settings (prompt templates).
-    pub fn task_settings(&self) -> &TaskSettings {
+    pub(crate) fn task_settings(&self) -> &TaskSettings {
         &self.tasks
     }
 
     /// What `model` runs on for `endpoint` (see [`sluice_core::routing`]).
-    pub fn resolve(&self, model: &str, endpoint: &str) -> Result<Target, RouteError> {
+    pub(crate) fn resolve(&self, model: &str, endpoint: &str) -> Result<Target, RouteError> {
         resolve_target(&self.providers, &self.tasks, model, endpoint)
     }
 
     /// Calls `route`'s provider once for a line, with the body's `model` rewritten only when the
     /// upstream knows the model under another name (prefix or flavor removed). Also returns the
     /// fleet pause the answer's `x-ratelimit-*` headers ask for (see [`ratelimit_pause`]).
-    pub async fn attempt_route(
+    pub(crate) async fn attempt_route(
         &self,
         route: &Route,
         endpoint: &str,
@@ -125,7 +124,7 @@ impl Upstream {
     }
 
     /// One HTTP exchange with provider number `provider`: status, headers and the capped body.
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         provider: usize,
         endpoint: &str,
@@ -153,7 +152,7 @@ impl Upstream {
     }
 
     /// The attempt outcome of a call that got no usable answer.
-    pub fn failure(&self, custom_id: &str, failure: CallFailure) -> Attempt {
+    pub(crate) fn failure(&self, custom_id: &str, failure: CallFailure) -> Attempt {
         match failure {
             CallFailure::Transport(e) => transport_failure(custom_id, &e),
             CallFailure::TooLarge => Attempt::Done(

@@ -1,10 +1,10 @@
 //! Calling an upstream for one line.
 //!
-//! - [`client`]: the HTTP client for the configured providers, and the classifying of an answer
+//! - `client`: the HTTP client for the configured providers, and the classifying of an answer
 //!   into a row or a retry.
-//! - [`retry`]: the one retry policy, and the delays upstreams ask for.
+//! - `retry`: the one retry policy, and the delays upstreams ask for.
 //! - [`tasks`]: the task models (`extract`, `summarize`, `classify`), run through a backing model.
-//! - [`call`]: one attempt at one line, through a provider's model or a task model.
+//! - `call`: one attempt at one line, through a provider's model or a task model.
 
 pub(crate) mod call;
 pub(crate) mod client;

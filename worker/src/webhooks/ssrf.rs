@@ -15,7 +15,7 @@ pub(crate) struct PrivateAddress(pub String);
 /// Resolves with the system resolver, dropping non-public addresses unless `allow_private`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GuardedResolver {
-    pub allow_private: bool,
+    pub(crate) allow_private: bool,
 }
 
 impl Resolve for GuardedResolver {
