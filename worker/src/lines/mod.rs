@@ -14,15 +14,18 @@
 //! A message's lines run concurrently, each holding one of the worker's `concurrency` call slots;
 //! rows that finish together are written with one script call.
 //!
-//! The modules, in the order a line meets them: [`consumer`] takes and acks the messages
-//! ([`delivery`]: acking and splitting them) and looks each batch up once ([`batch_info`]);
-//! [`line`] runs one line through its steps: the call gate again after a wait ([`gate`], asked
-//! together by batch in [`gate_checks`]), the tenant's budget ([`budget`]), the fleet limiter
-//! ([`fleet`]), the call and its retry; a line that must wait goes to a delay queue ([`requeue`]);
-//! [`rows`] writes the rows of lines that finished together. [`dead_letters`] gives a line that
-//! reached the delivery limit its error row.
+//! The modules, in the order a line meets them:
+//! - [`consumer`] takes and acks the messages ([`delivery`]: acking and splitting them) and looks
+//!   each batch up once ([`batch_info`]);
+//! - [`line`](mod@line) runs one line through its steps: the call gate again after a wait
+//!   ([`gate`], asked together by batch in [`gate_checks`]), the tenant's budget ([`budget`]), the
+//!   fleet limiter ([`fleet`]), the call and its retry; a line that must wait goes to a delay
+//!   queue ([`requeue`]);
+//! - [`rows`] writes the rows of lines that finished together;
+//! - [`dead_letters`] gives a line that reached the delivery limit its error row.
 //!
-//! The deciding steps (`gate`, `budget`, `fleet`) return what they decided; [`line`] acts on it.
+//! The budget and the fleet limiter decide (go, wait this long, refuse) and return their decision;
+//! [`line`](mod@line) acts on it, so neither calls back into the step that called it.
 
 mod batch_info;
 mod budget;

@@ -18,6 +18,7 @@ const HOLD_EVERY: Duration = Duration::from_millis(200);
 /// The lines a batch may have dispatched and unfinished.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Window {
+    /// Most lines of the batch dispatched and not finished.
     pub(crate) lines: u64,
     /// Top up as soon as any line of the window is free, not only once half of it is: a
     /// scheduled window is the batch's share, and a half-empty one would give it less.
