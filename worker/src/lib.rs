@@ -13,8 +13,16 @@
 //! 6. `webhooks`: batch events, announced by the dispatcher and the aggregator, delivered signed
 //!    and at least once.
 //!
-//! Beside the stages: `lease` (a renewed Redis lease, held by the dispatcher and the aggregator
-//! on a batch) and `queue_depth` (the queues' backlog as a metric).
+//! Beside the stages: `lease` (a renewed Redis lease, held on a batch by the dispatcher and the
+//! aggregator alike, so it belongs to neither) and `queue_depth` (the queues' backlog as a metric).
+//! `webhooks` is a folder of its own rather than a background task of the aggregator because two
+//! stages announce events (a failed validation, a finished batch) and only its delivery runs in
+//! the background.
+//!
+//! The worker role ([`run_worker`]) runs `dispatch` and `lines`; the aggregator role
+//! ([`run_aggregator`]) runs `aggregate`, the webhook delivery and `queue_depth`. No module
+//! imports one that imports it back: a stage uses only stages after it in this list (and `lease`),
+//! never one before it.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -94,21 +102,7 @@ impl WorkerContext {
             .await?;
         startup.health().connected(&store, &publisher);
         let upstream = upstream::Upstream::new(&settings)?;
-        for p in &settings.providers {
-            let limits = [
-                ("rpm", p.pacing.rpm),
-                ("tpm", p.pacing.tpm),
-                ("max_concurrency", p.pacing.max_concurrency.map(u64::from)),
-            ];
-            for (kind, value) in limits {
-                if let Some(v) = value {
-                    metrics
-                        .pacing_limit
-                        .with_label_values(&[p.name.as_str(), kind])
-                        .set(v as i64);
-                }
-            }
-        }
+        record_pacing_limits(&settings, &metrics);
         metrics.init_tenants(settings.tenants.iter().map(|t| t.id.as_str()));
         let pacer = Pacer::new(store.clone());
         let local_pace = pacing::local_pace::LocalPace::new(&settings.providers);
@@ -141,6 +135,25 @@ impl WorkerContext {
             fleet_views,
             pace_reports,
         })
+    }
+}
+
+/// Publishes every provider's configured limits as the `pacing_limit` gauge.
+fn record_pacing_limits(settings: &Settings, metrics: &Metrics) {
+    for p in &settings.providers {
+        let limits = [
+            ("rpm", p.pacing.rpm),
+            ("tpm", p.pacing.tpm),
+            ("max_concurrency", p.pacing.max_concurrency.map(u64::from)),
+        ];
+        for (kind, value) in limits {
+            if let Some(v) = value {
+                metrics
+                    .pacing_limit
+                    .with_label_values(&[p.name.as_str(), kind])
+                    .set(v as i64);
+            }
+        }
     }
 }
 
