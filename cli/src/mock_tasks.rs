@@ -1,5 +1,5 @@
-//! The mock upstream's answers to task prompts (see [`sluice_worker::tasks`]): deterministic JSON derived
-//! from the prompt, so task batches run end to end in tests and demos.
+//! The mock upstream's answers to task prompts (see [`sluice_worker::upstream::tasks`]):
+//! deterministic JSON derived from the prompt, so task batches run end to end in tests and demos.
 //!
 //! A chat request whose system message carries the task marker gets:
 //! - `extract`: entity label *i* → the *i*-th distinct capitalised word of the text (no spans: the
@@ -11,7 +11,7 @@
 
 use serde_json::{Value, json};
 
-use sluice_worker::tasks::MARKER_PREFIX;
+use sluice_worker::upstream::tasks::MARKER_PREFIX;
 
 /// Trigger of an unusable (non-JSON) answer.
 pub const INVALID_OUTPUT_TRIGGER: &str = "MOCK_INVALID_OUTPUT";
@@ -107,7 +107,7 @@ fn first_sentence(text: &str) -> &str {
 mod tests {
     use super::*;
     use sluice_core::config::TaskSettings;
-    use sluice_worker::tasks::build_request;
+    use sluice_worker::upstream::tasks::build_request;
 
     fn answer(task: &str, input: Value) -> Option<String> {
         let req = build_request(

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use sluice_core::Settings;
 use sluice_runtime::metrics::Metrics;
+use sluice_runtime::ops;
 use sluice_runtime::startup::Startup;
-use sluice_worker::{WorkerContext, ops};
+use sluice_worker::WorkerContext;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the API; `with_ops` also serves `/metrics`, `/livez` and `/readyz` on the metrics port

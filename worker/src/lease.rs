@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Proof of holding a lease. Dropping it stops renewal; call [`Lease::release`] to give it back early.
 #[derive(Debug)]
-pub struct Lease {
+pub(crate) struct Lease {
     store: Store,
     key: String,
     token: String,
@@ -19,7 +19,7 @@ pub struct Lease {
 
 impl Lease {
     /// Takes `key` if free, renewing it every third of `ttl` until released or dropped.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         store: &Store,
         key: String,
         ttl: Duration,
@@ -63,12 +63,12 @@ impl Lease {
     }
 
     /// Whether another replica may have taken over (work must stop).
-    pub fn is_lost(&self) -> bool {
+    pub(crate) fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }
 
     /// Gives the lease back.
-    pub async fn release(self) {
+    pub(crate) async fn release(self) {
         self.stop.cancel();
         if let Err(e) = self.store.release_lease(&self.key, &self.token).await {
             tracing::warn!(error = %e, "Could not release a lease; it will expire.");

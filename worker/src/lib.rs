@@ -1,35 +1,39 @@
-//! Sluice's back-end roles.
+//! Sluice's back-end roles, in pipeline order:
 //!
-//! - [`dispatcher`]: validates an input file and enqueues its lines, several per message.
-//! - [`work`]: calls the upstream for each line and records its row; dead-lettered lines too.
-//! - [`aggregator`]: writes result files, finishes batches, expires and recovers them.
-//! - [`call`]: one attempt at one line, through a provider or a task model.
-//! - [`lifecycle`]: deletes expired files and removes batch records past their retention.
-//! - [`compaction`]: moves finished rows out of Redis into sorted segment objects while a batch runs.
-//! - [`upstream`]: the HTTP client and the one retry policy.
-//! - [`tasks`]: the task models (`extract`, `summarize`, `classify`) run through a backing model.
-//! - [`schedule`]: the window each batch of a rate-limited provider gets, fleet-wide.
-//! - [`queue_depth`]: the queues' backlog as a metric.
-//! - [`webhooks`]: signed batch events, announced with the terminal status and delivered at least once.
+//! 1. `dispatch`: validates a batch's input file and enqueues its lines, several per message,
+//!    one fair window at a time.
+//! 2. `lines`: runs each line of a work-queue message: the call gate, the tenant budget, the
+//!    fleet limiter, the call, and its row; dead-lettered lines get an error row.
+//! 3. `pacing`: this process's side of the fleet-wide limiter and of the batch schedule, which
+//!    both the dispatcher and the line worker consult.
+//! 4. [`upstream`]: the HTTP client, the one retry policy, and the task models run through a
+//!    backing model.
+//! 5. [`aggregate`]: rows into result files and terminal statuses; the sweeps that expire,
+//!    recover, compact and finally remove batches and files.
+//! 6. `webhooks`: batch events, announced by the dispatcher and the aggregator, delivered signed
+//!    and at least once.
+//!
+//! Beside the stages: `lease` (a renewed Redis lease, held on a batch by the dispatcher and the
+//! aggregator alike, so it belongs to neither) and `queue_depth` (the queues' backlog as a metric).
+//! `webhooks` is a folder of its own rather than a background task of the aggregator because two
+//! stages announce events (a failed validation, a finished batch) and only its delivery runs in
+//! the background.
+//!
+//! The worker role ([`run_worker`]) runs `dispatch` and `lines`; the aggregator role
+//! ([`run_aggregator`]) runs `aggregate`, the webhook delivery and `queue_depth`. No module
+//! imports one that imports it back: a stage uses only stages after it in this list (and `lease`),
+//! never one before it.
 
-pub mod aggregator;
-pub mod call;
-pub mod compaction;
-pub mod dispatcher;
-pub mod fleet_view;
-pub mod gate_checks;
-pub mod lease;
-pub mod lifecycle;
-pub mod local_pace;
-pub mod ops;
-pub mod pace_reports;
-pub mod queue_depth;
-pub mod reservations;
-pub mod schedule;
-pub mod tasks;
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod aggregate;
+pub(crate) mod dispatch;
+pub(crate) mod lease;
+pub(crate) mod lines;
+pub(crate) mod pacing;
+pub(crate) mod queue_depth;
 pub mod upstream;
-pub mod webhooks;
-pub mod work;
+pub(crate) mod webhooks;
 
 use std::sync::Arc;
 
@@ -45,25 +49,26 @@ use tokio_util::sync::CancellationToken;
 /// Everything a back-end role uses, built once per process and cheap to clone.
 #[derive(Clone)]
 pub struct WorkerContext {
-    pub settings: Arc<Settings>,
-    pub keys: Keys,
-    pub store: Store,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) keys: Keys,
+    pub(crate) store: Store,
+    /// Object storage: input, result and segment files.
     pub objects: Arc<dyn ObjectStore>,
-    pub publisher: Publisher,
-    pub upstream: upstream::Upstream,
-    pub metrics: Metrics,
+    pub(crate) publisher: Publisher,
+    pub(crate) upstream: upstream::Upstream,
+    pub(crate) metrics: Metrics,
     /// The fleet-wide limiter and circuit breaker of every provider.
-    pub pacer: Pacer,
+    pub(crate) pacer: Pacer,
     /// This process's smoothing of its single asks to `pacer` (providers with a concurrency limit).
-    pub local_pace: local_pace::LocalPace,
+    pub(crate) local_pace: pacing::local_pace::LocalPace,
     /// This process's lines asking the call gate again, together by batch.
-    pub gate_checks: gate_checks::GateChecks,
+    pub(crate) gate_checks: lines::gate_checks::GateChecks,
     /// This process's lines to a rate-paced provider, asking `pacer` for their starts together.
-    pub reservations: reservations::Reservations,
+    pub(crate) reservations: pacing::reservations::Reservations,
     /// This process's copy of its unpaced providers' fleet pause and breaker.
-    pub fleet_views: fleet_view::FleetViews,
+    pub(crate) fleet_views: pacing::fleet_view::FleetViews,
     /// Successes of paced calls, reported to `pacer` summed.
-    pub pace_reports: pace_reports::PaceReports,
+    pub(crate) pace_reports: pacing::pace_reports::PaceReports,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -97,35 +102,21 @@ impl WorkerContext {
             .await?;
         startup.health().connected(&store, &publisher);
         let upstream = upstream::Upstream::new(&settings)?;
-        for p in &settings.providers {
-            let limits = [
-                ("rpm", p.pacing.rpm),
-                ("tpm", p.pacing.tpm),
-                ("max_concurrency", p.pacing.max_concurrency.map(u64::from)),
-            ];
-            for (kind, value) in limits {
-                if let Some(v) = value {
-                    metrics
-                        .pacing_limit
-                        .with_label_values(&[p.name.as_str(), kind])
-                        .set(v as i64);
-                }
-            }
-        }
+        record_pacing_limits(&settings, &metrics);
         metrics.init_tenants(settings.tenants.iter().map(|t| t.id.as_str()));
         let pacer = Pacer::new(store.clone());
-        let local_pace = local_pace::LocalPace::new(&settings.providers);
+        let local_pace = pacing::local_pace::LocalPace::new(&settings.providers);
         let w = &settings.worker;
-        let fleet_views = fleet_view::FleetViews::new(
+        let fleet_views = pacing::fleet_view::FleetViews::new(
             pacer.clone(),
             std::time::Duration::from_millis(w.fleet_view_ms),
         );
-        let reservations = reservations::Reservations::new(
+        let reservations = pacing::reservations::Reservations::new(
             pacer.clone(),
             std::time::Duration::from_millis(w.pacing_coalesce_ms),
         );
-        let gate_checks = gate_checks::GateChecks::new(store.clone(), w.in_flight_for());
-        let pace_reports = pace_reports::PaceReports::new(
+        let gate_checks = lines::gate_checks::GateChecks::new(store.clone(), w.in_flight_for());
+        let pace_reports = pacing::pace_reports::PaceReports::new(
             pacer.clone(),
             std::time::Duration::from_millis(w.pacing_report_ms),
         );
@@ -147,6 +138,25 @@ impl WorkerContext {
     }
 }
 
+/// Publishes every provider's configured limits as the `pacing_limit` gauge.
+fn record_pacing_limits(settings: &Settings, metrics: &Metrics) {
+    for p in &settings.providers {
+        let limits = [
+            ("rpm", p.pacing.rpm),
+            ("tpm", p.pacing.tpm),
+            ("max_concurrency", p.pacing.max_concurrency.map(u64::from)),
+        ];
+        for (kind, value) in limits {
+            if let Some(v) = value {
+                metrics
+                    .pacing_limit
+                    .with_label_values(&[p.name.as_str(), kind])
+                    .set(v as i64);
+            }
+        }
+    }
+}
+
 /// Runs the worker role (dispatcher, line worker, dead-letter consumer) until `shutdown`.
 pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let d = {
@@ -155,7 +165,7 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
             let c = ctx.clone();
             let s2 = s.clone();
             sluice_broker::consumer::supervise("dispatcher", s, move || {
-                dispatcher::run(c.clone(), s2.clone())
+                dispatch::control::run(c.clone(), s2.clone())
             })
             .await
         })
@@ -165,7 +175,7 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
         tokio::spawn(async move {
             let s2 = s.clone();
             sluice_broker::consumer::supervise("dead-letters", s, move || {
-                work::run_dead_letters(ctx.clone(), s2.clone())
+                lines::dead_letters::run(ctx.clone(), s2.clone())
             })
             .await
         })
@@ -174,7 +184,7 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
         let s2 = shutdown.clone();
         let c = ctx.clone();
         sluice_broker::consumer::supervise("worker", shutdown, move || {
-            work::run(c.clone(), s2.clone())
+            lines::consumer::run(c.clone(), s2.clone())
         })
         .await;
     }
@@ -188,7 +198,7 @@ pub async fn run_worker(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
 pub async fn run_aggregator(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let depth = tokio::spawn(queue_depth::run(ctx.clone(), shutdown.clone()));
     let hooks = tokio::spawn(webhooks::run(ctx.clone(), shutdown.clone()));
-    let result = aggregator::run(ctx, shutdown).await;
+    let result = aggregate::aggregator::run(ctx, shutdown).await;
     depth.abort();
     hooks.await??;
     result

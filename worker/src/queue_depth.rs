@@ -14,7 +14,7 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// Samples until `shutdown`. A failed sample is skipped: the gauge keeps its last value and the
 /// next tick tries again on a fresh channel.
-pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
+pub(crate) async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

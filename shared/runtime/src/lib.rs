@@ -2,6 +2,7 @@
 //! health, metrics, logs, shutdown, and object storage for input, result and segment files.
 //!
 //! - [`startup`]: connecting with retries and a deadline, and what `/readyz` reports meanwhile.
+//! - [`ops`]: the `/metrics`, `/livez` and `/readyz` endpoint every role serves.
 //! - [`metrics`]: every Prometheus series, registered once.
 //! - [`telemetry`], [`shutdown`]: logging and signal handling.
 //! - [`storage`]: object storage (local disk or S3) for input and result files.
@@ -10,6 +11,7 @@
 
 pub mod lines;
 pub mod metrics;
+pub mod ops;
 pub mod segments;
 pub mod shutdown;
 pub mod startup;

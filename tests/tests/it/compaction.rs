@@ -9,7 +9,7 @@ use sluice_runtime::metrics::Metrics;
 use sluice_runtime::segments::segment_path;
 use sluice_tests::*;
 use sluice_worker::WorkerContext;
-use sluice_worker::compaction;
+use sluice_worker::aggregate::compaction;
 
 async fn hlen(app: &TestApp, key: &str) -> i64 {
     redis::cmd("HLEN")

@@ -66,7 +66,7 @@ impl Role {
             .arg("--config")
             .arg(&config)
             // The dependency check's `info` line says when a role is ready.
-            .env("RUST_LOG", "warn,sluice_worker::ops=info")
+            .env("RUST_LOG", "warn,sluice_runtime::ops=info")
             .env("RUST_BACKTRACE", "1")
             .stdout(file.try_clone().expect("log"))
             .stderr(file)

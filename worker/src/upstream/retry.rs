@@ -90,13 +90,18 @@ fn parse_reset(value: &str) -> Option<Duration> {
     }
     (total.is_finite() && total < 1e9).then(|| Duration::from_secs_f64(total))
 }
+
 /// Capped exponential backoff with jitter, stretched to whatever the upstream asked for, within
 /// a per-line budget of attempts and of time.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
+    /// Most attempts a line gets.
     pub max_attempts: u32,
+    /// The first backoff, doubled for each attempt after.
     pub base: Duration,
+    /// Longest backoff.
     pub max: Duration,
+    /// Cap on the delay an upstream's `Retry-After` stretches a backoff to.
     pub max_retry_after: Duration,
     /// Longest span from a line's first attempt to its last.
     pub max_elapsed: Duration,
@@ -163,9 +168,18 @@ impl RetryPolicy {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::tests::headers;
+pub(super) mod tests {
     use super::*;
+    use reqwest::header::HeaderValue;
+
+    /// A header map of `pairs` (the client tests use it too).
+    pub(in crate::upstream) fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
 
     #[test]
     fn retry_after_reads_every_form_and_ignores_odd_values() {

@@ -30,11 +30,11 @@ use sluice_core::webhooks::{WebhookJob, endpoint_tag, event_id, event_type, sign
 use tokio_util::sync::CancellationToken;
 
 use crate::WorkerContext;
-pub use ssrf::{GuardedResolver, PrivateAddress, is_public};
+pub(crate) use ssrf::{GuardedResolver, PrivateAddress, is_public};
 
 /// Publishes, with confirms, one job per webhook endpoint of `tenant` announcing that `batch_id`
 /// reaches `status`. Call it before writing the status: see the module documentation.
-pub async fn announce(
+pub(crate) async fn announce(
     ctx: &WorkerContext,
     batch_id: &str,
     tenant: &str,
@@ -67,7 +67,7 @@ pub async fn announce(
 }
 
 /// Runs the delivery consumer until `shutdown`.
-pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let sender = Sender::new(&ctx.settings.webhooks)?;
     sluice_broker::consumer::supervise("webhooks", shutdown.clone(), move || {
         consume(ctx.clone(), sender.clone(), shutdown.clone())

@@ -10,12 +10,12 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 /// A host that resolves only to addresses webhooks may not call.
 #[derive(Debug, thiserror::Error)]
 #[error("{0} resolves only to loopback, private or other non-public addresses")]
-pub struct PrivateAddress(pub String);
+pub(crate) struct PrivateAddress(pub String);
 
 /// Resolves with the system resolver, dropping non-public addresses unless `allow_private`.
 #[derive(Debug, Clone, Copy)]
-pub struct GuardedResolver {
-    pub allow_private: bool,
+pub(crate) struct GuardedResolver {
+    pub(crate) allow_private: bool,
 }
 
 impl Resolve for GuardedResolver {
@@ -40,7 +40,7 @@ impl Resolve for GuardedResolver {
 
 /// Whether `ip` is a public unicast address: not loopback, private, link-local, shared (CGNAT),
 /// unspecified, multicast, broadcast, documentation or reserved, nor an IPv6 form of one.
-pub fn is_public(ip: IpAddr) -> bool {
+pub(crate) fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
         IpAddr::V6(v6) => {

@@ -16,7 +16,7 @@ fn answer_json(content: &str) -> Result<Value, String> {
 }
 
 /// Parses and checks the model's answer to `task` on `input`; the domain result.
-pub fn parse_answer(
+pub(crate) fn parse_answer(
     task: &str,
     input: &Map<String, Value>,
     content: &str,
@@ -185,7 +185,7 @@ fn classify_result(input: &Map<String, Value>, answer: Value) -> Result<Value, S
 }
 
 /// The ChatCompletion-shaped body of a task result.
-pub fn wrap(task: &str, backing: &Value, result: &Value) -> Value {
+pub(crate) fn wrap(task: &str, backing: &Value, result: &Value) -> Value {
     let created = backing
         .get("created")
         .and_then(Value::as_u64)

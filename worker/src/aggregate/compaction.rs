@@ -3,7 +3,7 @@
 //!
 //! One compaction is three steps, each safe to die after:
 //! 1. [`collect`] reads pending rows (up to `aggregator.segment_bytes`) and sorts them by line;
-//! 2. [`write`] stores them as a new segment object; dying here leaves an orphan object that is
+//! 2. [`write()`] stores them as a new segment object; dying here leaves an orphan object that is
 //!    never read (only registered segments count) and is deleted with the batch's segments;
 //! 3. [`register`] records the segment and deletes exactly its rows from Redis in one script,
 //!    refused unless every one of them is still pending: a lapsed replica that compacted the same
@@ -33,12 +33,14 @@ const MAX_PASSES: usize = 16;
 /// Rows collected for one segment, sorted by line.
 #[derive(Debug)]
 pub struct Pending {
+    /// The segment as registered: its name, line range, rows and bytes.
     pub record: SegmentRecord,
+    /// The rows' stored bytes, by line.
     pub rows: BTreeMap<u64, Vec<u8>>,
 }
 
 /// Whether a batch's pending rows passed a compaction threshold.
-pub fn due(ctx: &WorkerContext, meta: &BatchMeta) -> bool {
+pub(crate) fn due(ctx: &WorkerContext, meta: &BatchMeta) -> bool {
     let a = &ctx.settings.aggregator;
     meta.int("pend_n").unwrap_or(0) >= a.compact_rows as i64
         || meta.int("pend_b").unwrap_or(0) >= a.compact_bytes as i64
@@ -118,7 +120,11 @@ pub async fn register(ctx: &WorkerContext, batch: &str, pending: &Pending) -> an
 
 /// One compaction of up to a segment of pending rows; the rows it moved (0 when none were
 /// pending or it was refused).
-pub async fn compact_once(ctx: &WorkerContext, batch: &str, lease: &Lease) -> anyhow::Result<u64> {
+pub(crate) async fn compact_once(
+    ctx: &WorkerContext,
+    batch: &str,
+    lease: &Lease,
+) -> anyhow::Result<u64> {
     let started = Instant::now();
     let Some(pending) = collect(ctx, batch).await? else {
         return Ok(0);
@@ -138,7 +144,7 @@ pub async fn compact_once(ctx: &WorkerContext, batch: &str, lease: &Lease) -> an
 }
 
 /// Compacts `batch` if its pending rows passed a threshold and no other replica holds its lease.
-pub async fn compact_if_due(ctx: &WorkerContext, batch: &str) -> anyhow::Result<()> {
+pub(crate) async fn compact_if_due(ctx: &WorkerContext, batch: &str) -> anyhow::Result<()> {
     let Some(meta) = ctx.store.get_batch(batch).await? else {
         return Ok(());
     };
@@ -170,7 +176,11 @@ pub async fn compact_if_due(ctx: &WorkerContext, batch: &str) -> anyhow::Result<
 
 /// Compacts every pending row (finalize: no row can be added any more); false if the lease was
 /// lost.
-pub async fn compact_all(ctx: &WorkerContext, batch: &str, lease: &Lease) -> anyhow::Result<bool> {
+pub(crate) async fn compact_all(
+    ctx: &WorkerContext,
+    batch: &str,
+    lease: &Lease,
+) -> anyhow::Result<bool> {
     loop {
         if lease.is_lost() {
             return Ok(false);
@@ -188,7 +198,7 @@ pub async fn compact_all(ctx: &WorkerContext, batch: &str, lease: &Lease) -> any
 /// Merges registered segments in passes of `aggregator.merge_fan_in` until at most that many
 /// remain, so the final merge's memory is bounded whatever the number of segments. Returns the
 /// segments, or None if the lease was lost.
-pub async fn merge_down(
+pub(crate) async fn merge_down(
     ctx: &WorkerContext,
     batch: &str,
     lease: &Lease,
@@ -238,7 +248,7 @@ pub async fn merge_down(
 
 /// Deletes the batch's segment objects that no record names: those of compactions that died
 /// before registering, or whose registration was refused.
-pub async fn delete_orphans(ctx: &WorkerContext, batch: &str) -> anyhow::Result<()> {
+pub(crate) async fn delete_orphans(ctx: &WorkerContext, batch: &str) -> anyhow::Result<()> {
     use futures::TryStreamExt;
     let registered: std::collections::HashSet<object_store::path::Path> = ctx
         .store
@@ -260,7 +270,7 @@ pub async fn delete_orphans(ctx: &WorkerContext, batch: &str) -> anyhow::Result<
 }
 
 /// Deletes every segment object of a batch, registered or orphan, then the records.
-pub async fn delete_all(ctx: &WorkerContext, batch: &str) -> anyhow::Result<()> {
+pub(crate) async fn delete_all(ctx: &WorkerContext, batch: &str) -> anyhow::Result<()> {
     use futures::TryStreamExt;
     let prefix = segments_prefix(batch);
     let paths: Vec<_> = ctx

@@ -22,7 +22,7 @@ struct Pending {
 
 /// The successes each provider's calls have not reported yet.
 #[derive(Clone)]
-pub struct PaceReports {
+pub(crate) struct PaceReports {
     pacer: Pacer,
     every: Duration,
     pending: Arc<Mutex<HashMap<String, Pending>>>,
@@ -30,7 +30,7 @@ pub struct PaceReports {
 
 impl PaceReports {
     /// Reports through `pacer`, each provider's successes summed over `every`.
-    pub fn new(pacer: Pacer, every: Duration) -> Self {
+    pub(crate) fn new(pacer: Pacer, every: Duration) -> Self {
         Self {
             pacer,
             every,
@@ -39,7 +39,7 @@ impl PaceReports {
     }
 
     /// Adds one successful call; the first one of a period schedules its flush.
-    pub fn add(&self, provider: &str, limits: &PaceLimits, call: Successes) {
+    pub(crate) fn add(&self, provider: &str, limits: &PaceLimits, call: Successes) {
         let mut pending = self.pending.lock().expect("reports lock");
         let p = pending.entry(provider.to_owned()).or_default();
         p.sum.add(call);

@@ -47,7 +47,7 @@ struct Provider {
 
 /// The views of every provider this worker has called, refreshed on demand.
 #[derive(Clone)]
-pub struct FleetViews {
+pub(crate) struct FleetViews {
     pacer: Pacer,
     max_age: Duration,
     providers: Arc<Mutex<HashMap<String, Arc<Provider>>>>,
@@ -55,7 +55,7 @@ pub struct FleetViews {
 
 impl FleetViews {
     /// Views read through `pacer`, never used older than `max_age`.
-    pub fn new(pacer: Pacer, max_age: Duration) -> Self {
+    pub(crate) fn new(pacer: Pacer, max_age: Duration) -> Self {
         Self {
             pacer,
             max_age,
@@ -77,7 +77,7 @@ impl FleetViews {
 
     /// The provider's pause and breaker, read from Redis if this worker's copy is older than
     /// `max_age`.
-    pub async fn get(&self, name: &str) -> Result<FleetView, StoreError> {
+    pub(crate) async fn get(&self, name: &str) -> Result<FleetView, StoreError> {
         let p = self.provider(name);
         if let Some(view) = self.fresh(&p, Instant::now()) {
             return Ok(view);
@@ -102,7 +102,7 @@ impl FleetViews {
 
     /// Whether a success has nothing to tell the fleet: as last read or learnt, the breaker is
     /// closed with no failures counted (a success would reset them).
-    pub fn quiet(&self, name: &str) -> bool {
+    pub(crate) fn quiet(&self, name: &str) -> bool {
         let p = self.provider(name);
         let cached = p.cached.lock().expect("view lock");
         cached.is_some_and(|c| c.breaker == BreakerState::Closed && c.fails == 0)
@@ -110,7 +110,7 @@ impl FleetViews {
 
     /// Records what this worker just reported (a pause it set, the breaker's state after its
     /// outcome), so its own next calls need not wait for a read.
-    pub fn learn(
+    pub(crate) fn learn(
         &self,
         name: &str,
         pause: Option<Duration>,

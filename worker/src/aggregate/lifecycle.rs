@@ -27,7 +27,7 @@ const USE_GRACE_MS: i64 = 60_000;
 const IN_USE_RETRY_SECS: std::ops::RangeInclusive<i64> = 1..=60;
 
 /// One pass, if no other replica is running one: expired files, then ended batches.
-pub async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
+pub(crate) async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
     let period = Duration::from_millis(ctx.settings.aggregator.sweep_interval_ms);
     // Not released: it lapses on its own, so the fleet runs about one pass per period.
     if ctx
@@ -45,7 +45,7 @@ pub async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
 }
 
 /// Deletes the files whose `expires_at` has passed, up to `lifecycle.sweep_limit` of them.
-pub async fn expire_files(ctx: &WorkerContext) -> anyhow::Result<()> {
+pub(crate) async fn expire_files(ctx: &WorkerContext) -> anyhow::Result<()> {
     let now = now_secs();
     let store = &ctx.store;
     let retry = (ctx.settings.aggregator.sweep_interval_ms as i64 * 10 / 1000)
@@ -104,12 +104,12 @@ pub async fn expire_files(ctx: &WorkerContext) -> anyhow::Result<()> {
 }
 
 /// Removes the batch records whose retention has passed, up to `lifecycle.sweep_limit` of them.
-pub async fn remove_ended_batches(ctx: &WorkerContext) -> anyhow::Result<()> {
+pub(crate) async fn remove_ended_batches(ctx: &WorkerContext) -> anyhow::Result<()> {
     let lc = &ctx.settings.lifecycle;
     let before = now_secs() - lc.batch_retention_secs as i64;
     for id in ctx.store.ended_batches(before, lc.sweep_limit).await? {
         // Segment objects first: once the record is gone nothing would find them.
-        crate::compaction::delete_all(ctx, &id).await?;
+        super::compaction::delete_all(ctx, &id).await?;
         ctx.store.remove_batch(&id).await?;
         ctx.metrics
             .lifecycle_removed

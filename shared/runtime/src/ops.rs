@@ -1,16 +1,16 @@
 //! The operations endpoint every role serves on its own port: `/metrics`, `/livez`, `/readyz`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use std::time::Duration;
-
-use sluice_runtime::metrics::Metrics;
-use sluice_runtime::startup::Health;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::startup::Health;
 
 #[derive(Clone)]
 struct Ops {

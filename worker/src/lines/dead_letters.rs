@@ -5,15 +5,13 @@ use futures::StreamExt;
 use sluice_core::domain::{LinesMessage, Row, Usage};
 use tokio_util::sync::CancellationToken;
 
-use super::{ack, notify_aggregator, split, store_rows};
+use super::delivery::{ack, split};
+use super::rows::{notify_aggregator, store_rows};
 use crate::WorkerContext;
 
 /// Consumes dead-lettered line messages: each becomes a `processing_failed` row so its batch
 /// still finishes.
-pub async fn run_dead_letters(
-    ctx: WorkerContext,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let conn = sluice_broker::consumer::connect(&ctx.settings, "sluice-dlq").await?;
     let (channel, mut consumer) =
         sluice_broker::consumer::consume(&conn, &ctx.settings, &ctx.keys.items_dlq(), 16).await?;

@@ -44,7 +44,7 @@ struct Queue {
 
 /// The reservation queues of this worker's rate-paced providers.
 #[derive(Clone)]
-pub struct Reservations {
+pub(crate) struct Reservations {
     pacer: Pacer,
     coalesce: Duration,
     queues: Arc<Mutex<HashMap<String, Queue>>>,
@@ -52,7 +52,7 @@ pub struct Reservations {
 
 impl Reservations {
     /// Queues asking through `pacer`, waiting at most `coalesce` to ask together.
-    pub fn new(pacer: Pacer, coalesce: Duration) -> Self {
+    pub(crate) fn new(pacer: Pacer, coalesce: Duration) -> Self {
         Self {
             pacer,
             coalesce,
@@ -62,13 +62,13 @@ impl Reservations {
 
     /// Whether calls to a provider with `limits` reserve their starts here: a rate limit and no
     /// concurrency limit.
-    pub fn batches(limits: &PaceLimits) -> bool {
+    pub(crate) fn batches(limits: &PaceLimits) -> bool {
         limits.rate_limited() && !Pacer::leases(limits)
     }
 
     /// The fleet limiter's answer for one call costing `tokens` (estimated), asked with the other
     /// lines waiting for `provider`.
-    pub async fn reserve(
+    pub(crate) async fn reserve(
         &self,
         provider: &str,
         limits: &PaceLimits,

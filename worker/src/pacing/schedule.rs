@@ -17,18 +17,19 @@ const HOLD_EVERY: Duration = Duration::from_millis(200);
 
 /// The lines a batch may have dispatched and unfinished.
 #[derive(Debug, Clone, Copy)]
-pub struct Window {
-    pub lines: u64,
+pub(crate) struct Window {
+    /// Most lines of the batch dispatched and not finished.
+    pub(crate) lines: u64,
     /// Top up as soon as any line of the window is free, not only once half of it is: a
     /// scheduled window is the batch's share, and a half-empty one would give it less.
-    pub eager: bool,
+    pub(crate) eager: bool,
     /// Lines per work-queue message (`WorkerSettings::lines_per_message_for`).
-    pub per_message: usize,
+    pub(crate) per_message: usize,
 }
 
 /// One batch's dispatch across its rounds: its measured throughput and where it is registered.
 #[derive(Debug, Default)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     last: Option<(u64, Instant)>,
     /// Lines per second, smoothed.
     rate: f64,
@@ -44,7 +45,7 @@ impl Tracker {
     /// `worker.batch_window` lines or `worker.batch_window_secs` of the batch's own throughput,
     /// whichever is more (a fast batch is never starved by its own window, while a slow one
     /// keeps few lines ahead of other batches).
-    pub async fn window(
+    pub(crate) async fn window(
         &mut self,
         ctx: &WorkerContext,
         batch_id: &str,
@@ -140,7 +141,7 @@ impl Tracker {
     /// are done (or it stops): its lines still wait in the queue, and a batch that left at once
     /// would hand its share to its tenant's next batch while they do, so the tenant would get
     /// more than its share at every change of batch.
-    pub async fn hold_while_lines_wait(
+    pub(crate) async fn hold_while_lines_wait(
         &mut self,
         ctx: &WorkerContext,
         batch_id: &str,
@@ -170,7 +171,7 @@ impl Tracker {
 
     /// Takes the batch out of its provider's registry (its lines are all done, or it
     /// stopped), so its share goes to the others at once rather than when its entry goes stale.
-    pub async fn leave(&mut self, ctx: &WorkerContext, batch_id: &str) {
+    pub(crate) async fn leave(&mut self, ctx: &WorkerContext, batch_id: &str) {
         if let Some(provider) = self.registered.take()
             && let Err(e) = schedule::remove_entry(&ctx.store, &provider, batch_id).await
         {

@@ -7,17 +7,15 @@ use sluice_core::config::OnExhausted;
 use sluice_core::domain::{LineItem, Row, Usage, now_millis};
 use sluice_store::budget::{Admit, BilledLine, Counted, Used};
 
+use super::batch_info::BatchInfo;
 use crate::WorkerContext;
-
-use super::BatchInfo;
-use super::line::requeue;
 
 /// What the budget decided for a line about to call.
 pub(super) enum Admission {
     /// Call (one request counted, unless the line already counted).
     Go,
-    /// Spent, policy `wait`: the line went to a delay queue until the reset.
-    Held,
+    /// Spent, policy `wait`: the line waits this long, for the reset, in a delay queue.
+    Wait(Duration),
     /// Spent, policy `fail`: its error row, without a call.
     Refused(Row),
 }
@@ -65,7 +63,8 @@ pub(super) async fn add_written<'r>(
 }
 
 /// Asks the tenant's budget whether the line may call. Lines of tenants without a limit always go
-/// (their usage is counted after the call).
+/// (their usage is counted after the call). The caller acts on the answer: a line told to wait
+/// keeps its attempt count.
 pub(super) async fn admit(
     ctx: &WorkerContext,
     info: &BatchInfo,
@@ -111,8 +110,7 @@ pub(super) async fn admit(
                 wait_ms = wait.as_millis() as u64,
                 "Budget spent; the line waits for the reset."
             );
-            requeue(ctx, batch, item, item.a, item.t, wait).await?;
-            Ok(Admission::Held)
+            Ok(Admission::Wait(wait))
         }
     }
 }

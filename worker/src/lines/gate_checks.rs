@@ -17,7 +17,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 /// Oldest gate answer a line may call on.
-pub const FRESH: Duration = Duration::from_millis(250);
+pub(crate) const FRESH: Duration = Duration::from_millis(250);
 
 /// Lines due this much later than the ask are not taken by it: their answer would be too old by
 /// the time the script's answer arrives and they call.
@@ -40,7 +40,7 @@ struct Batch {
 
 /// The gate checks of this worker's lines, by batch.
 #[derive(Clone)]
-pub struct GateChecks {
+pub(crate) struct GateChecks {
     store: Store,
     /// How long a gate's in-flight mark lasts from its check: one call and the longest hold.
     in_flight_for: Duration,
@@ -49,7 +49,7 @@ pub struct GateChecks {
 
 impl GateChecks {
     /// Checks through `store` that mark lines in flight for `in_flight_for`.
-    pub fn new(store: Store, in_flight_for: Duration) -> Self {
+    pub(crate) fn new(store: Store, in_flight_for: Duration) -> Self {
         Self {
             store,
             in_flight_for,
@@ -60,7 +60,7 @@ impl GateChecks {
     /// The gate's answer for `line` of `batch`, which calls at `call_at`: asked at most [`FRESH`]
     /// before then, with the batch's other lines due about then. Marks the line in flight when the
     /// answer is [`CallGate::Go`].
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
         batch: &str,
         line: u64,

@@ -25,17 +25,18 @@ use sluice_core::domain::task_model;
 use sluice_core::domain::{Row, Usage};
 use sluice_core::routing::{Route, TASK_ENDPOINT};
 
-use crate::upstream::{Attempt, Upstream, classify as classify_answer};
+use super::client::{Attempt, Upstream, classify as classify_answer};
 
 mod answer;
-pub use answer::{parse_answer, wrap};
+use answer::{parse_answer, wrap};
 
 /// Start of the marker the system message of every task prompt carries: `[sluice-task:<task>]`.
 /// The mock upstream recognises task prompts by it.
 pub const MARKER_PREFIX: &str = "[sluice-task:";
 
 /// Default prompt of `extract`.
-pub const DEFAULT_EXTRACT_PROMPT: &str = "Extract every entity of the following types from the \
+pub(crate) const DEFAULT_EXTRACT_PROMPT: &str =
+    "Extract every entity of the following types from the \
 text. Each line gives an entity type, then what it means.
 <entities>
 {entities}
@@ -51,7 +52,7 @@ Answer [] when there is none.
 </text>";
 
 /// Default prompt of `summarize`.
-pub const DEFAULT_SUMMARIZE_PROMPT: &str = "Summarize the text.
+pub(crate) const DEFAULT_SUMMARIZE_PROMPT: &str = "Summarize the text.
 <instructions>
 {instructions}
 </instructions>
@@ -61,7 +62,8 @@ Answer with a JSON object only: {\"summary\": \"<the summary>\"}.
 </text>";
 
 /// Default prompt of `classify`.
-pub const DEFAULT_CLASSIFY_PROMPT: &str = "Decide for each label whether it applies to the text \
+pub(crate) const DEFAULT_CLASSIFY_PROMPT: &str =
+    "Decide for each label whether it applies to the text \
 by answering its yes/no question. Each line gives a label name, then its question.
 <labels>
 {labels}
@@ -195,7 +197,7 @@ pub fn build_request(
 
 /// Runs one task line: one backing call, then the answer's check. Retries follow the same policy
 /// as any line (the caller loops on [`Attempt::Retry`]).
-pub async fn attempt(
+pub(crate) async fn attempt(
     upstream: &Upstream,
     task: &'static str,
     backing: &Route,

@@ -16,11 +16,11 @@ use sluice_core::config::ProviderSettings;
 
 /// One limiter per provider that has an RPM limit.
 #[derive(Clone, Default)]
-pub struct LocalPace(Arc<HashMap<String, DefaultDirectRateLimiter>>);
+pub(crate) struct LocalPace(Arc<HashMap<String, DefaultDirectRateLimiter>>);
 
 impl LocalPace {
     /// Limiters for the providers with `pacing.rpm`, at that rate with `pacing.burst_ms` of burst.
-    pub fn new(providers: &[ProviderSettings]) -> Self {
+    pub(crate) fn new(providers: &[ProviderSettings]) -> Self {
         let limiters = providers
             .iter()
             .filter_map(|p| {
@@ -37,7 +37,7 @@ impl LocalPace {
     }
 
     /// Waits until this process may ask the fleet limiter for a call to `provider`.
-    pub async fn until_ready(&self, provider: &str) {
+    pub(crate) async fn until_ready(&self, provider: &str) {
         if let Some(limiter) = self.0.get(provider) {
             limiter.until_ready().await;
         }

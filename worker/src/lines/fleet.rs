@@ -9,11 +9,10 @@ use sluice_store::pacing::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::gate::{REGATE_AFTER, regate};
 use crate::WorkerContext;
-use crate::reservations::Reservations;
+use crate::pacing::reservations::Reservations;
 use crate::upstream::Attempt;
-
-use super::line::{REGATE_AFTER, regate, requeue};
 
 /// Sleeps for `d` unless the worker abandons its lines first (then false).
 async fn pause(abandon: &CancellationToken, d: Duration) -> bool {
@@ -46,15 +45,18 @@ pub(super) enum Slot {
     /// Call now; `probe`: the breaker is half-open and this call tests the upstream; `charged`:
     /// tokens the reservation took.
     Call { probe: bool, charged: u64 },
-    /// The line went to a delay queue, or needs no call any more: ack it.
+    /// A fleet pause or open breaker longer than a hold: the line goes to a delay queue for this
+    /// long, without spending an attempt.
+    Delay(Duration),
+    /// The line needs no call any more: ack it.
     Done,
     /// Abandoned for shutdown: do not ack.
     Abandoned,
 }
 
 /// Waits (in the consumer slot, up to `max_hold_ms` at a time) until the fleet lets this call
-/// start; a longer fleet pause or open breaker sends the line to a delay queue without spending an
-/// attempt.
+/// start; a longer fleet pause or open breaker answers [`Slot::Delay`], for the caller to hand the
+/// line to a delay queue.
 pub(super) async fn wait_for_slot(
     ctx: &WorkerContext,
     batch: &str,
@@ -134,8 +136,7 @@ pub(super) async fn wait_for_slot(
                 wait_ms = wait.as_millis() as u64,
                 "Line goes to a delay queue."
             );
-            requeue(ctx, batch, item, item.a, item.t, wait).await?;
-            return Ok(Slot::Done);
+            return Ok(Slot::Delay(wait));
         }
         // Spread the holders of one pause or breaker so they do not all come back at once.
         let jitter = match probe {

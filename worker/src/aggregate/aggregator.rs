@@ -30,7 +30,7 @@ const ROW_CHUNK: u64 = 1_000;
 const WRITE_PART_BYTES: usize = 8 * 1024 * 1024;
 
 /// Runs the finalize-event consumer and the sweep until `shutdown`.
-pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyhow::Result<()> {
     let sweep = tokio::spawn(sweep_loop(ctx.clone(), shutdown.clone()));
     let c = ctx.clone();
     let s = shutdown.clone();
@@ -78,7 +78,7 @@ async fn sweep_loop(ctx: WorkerContext, shutdown: CancellationToken) {
         if let Err(e) = sweep(&ctx).await {
             tracing::warn!(error = %e, "Sweep failed.");
         }
-        if let Err(e) = crate::lifecycle::sweep(&ctx).await {
+        if let Err(e) = super::lifecycle::sweep(&ctx).await {
             tracing::warn!(error = %e, "Lifecycle sweep failed.");
         }
     }
@@ -86,7 +86,7 @@ async fn sweep_loop(ctx: WorkerContext, shutdown: CancellationToken) {
 
 /// One pass over every non-terminal batch: expire what is due, re-dispatch what is stuck, and
 /// finalize whatever is ready but was missed.
-pub async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
+pub(crate) async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
     let now = now_secs();
     for (batch_id, expires_at) in ctx.store.active_batches().await? {
         let Some(meta) = ctx.store.get_batch(&batch_id).await? else {
@@ -194,13 +194,13 @@ fn next_step(meta: &BatchMeta) -> Next {
 }
 
 /// Finalizes `batch_id` if it is ready and no other replica is on it.
-pub async fn finalize_if_ready(ctx: &WorkerContext, batch_id: &str) -> anyhow::Result<()> {
+pub(crate) async fn finalize_if_ready(ctx: &WorkerContext, batch_id: &str) -> anyhow::Result<()> {
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(());
     };
     if matches!(next_step(&meta), Next::Nothing) {
         // Not done yet: its finished rows may be due to leave Redis.
-        crate::compaction::compact_if_due(ctx, batch_id).await?;
+        super::compaction::compact_if_due(ctx, batch_id).await?;
         // The batch's last row may have landed meanwhile, and its finalize event found the lease
         // held by this compaction: finish it now rather than at the next sweep.
         match ctx.store.get_batch(batch_id).await? {
@@ -263,14 +263,14 @@ async fn finalize_leased(ctx: &WorkerContext, batch_id: &str, lease: &Lease) -> 
         return Ok(());
     };
     // No row can be added any more (every line has its bit): move the rest into segments.
-    if !crate::compaction::compact_all(ctx, batch_id, lease).await? {
+    if !super::compaction::compact_all(ctx, batch_id, lease).await? {
         return Ok(());
     }
     let Some((output, errors)) = write_files(ctx, batch_id, &meta, lease).await? else {
         return Ok(());
     };
     // Only registered segments count; the rest is dead weight from compactions that died.
-    if let Err(e) = crate::compaction::delete_orphans(ctx, batch_id).await {
+    if let Err(e) = super::compaction::delete_orphans(ctx, batch_id).await {
         tracing::warn!(%batch_id, error = %e, "Could not delete orphan segments.");
     }
     end(ctx, batch_id, &meta, terminal, output, errors, started).await
@@ -373,9 +373,9 @@ async fn fill_missing(
             chunk.clear();
             // A large stopped batch fills many rows: they leave Redis as they go.
             if let Some(meta) = ctx.store.get_batch(batch_id).await?
-                && crate::compaction::due(ctx, &meta)
+                && super::compaction::due(ctx, &meta)
             {
-                crate::compaction::compact_once(ctx, batch_id, lease).await?;
+                super::compaction::compact_once(ctx, batch_id, lease).await?;
             }
         }
     }
@@ -401,7 +401,7 @@ async fn write_files(
         BufWriter::with_capacity(ctx.objects.clone(), path.clone(), WRITE_PART_BYTES)
             .with_max_concurrency(2)
     };
-    let Some(segments) = crate::compaction::merge_down(ctx, batch_id, lease).await? else {
+    let Some(segments) = super::compaction::merge_down(ctx, batch_id, lease).await? else {
         return Ok(None);
     };
     let (mut out, mut err) = (writer(&out_path), writer(&err_path));

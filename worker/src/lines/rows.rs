@@ -14,9 +14,12 @@ use sluice_core::domain::{Row, Usage};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::WorkerContext;
+use sluice_core::domain::BatchEvent;
+use sluice_store::RowWrite;
 
-use super::{BatchInfo, write_rows};
+use super::batch_info::BatchInfo;
+use super::budget;
+use crate::WorkerContext;
 
 /// Most rows one write carries.
 const MAX_ROWS: usize = 512;
@@ -118,5 +121,81 @@ impl RowWriters {
                     .ok();
             }
         }
+    }
+}
+
+/// Writes the rows of lines that just finished, counts them, and tells the aggregator when the
+/// batch may be done.
+async fn write_rows(
+    ctx: &WorkerContext,
+    info: &BatchInfo,
+    batch: &str,
+    rows: &[(u64, Row, Usage)],
+) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let written = store_rows(ctx, batch, rows).await?;
+    budget::add_written(
+        ctx,
+        info,
+        rows.iter()
+            .zip(&written)
+            .filter(|(_, w)| matches!(w, RowWrite::Inserted | RowWrite::Last | RowWrite::Drained))
+            .map(|((_, _, usage), _)| usage),
+    )
+    .await;
+    let mut finalize = false;
+    for ((_, row, _), written) in rows.iter().zip(written) {
+        let outcome = match written {
+            RowWrite::Inserted | RowWrite::Last | RowWrite::Drained if row.ok => "succeeded",
+            RowWrite::Inserted | RowWrite::Last | RowWrite::Drained => "failed",
+            RowWrite::Duplicate => "duplicate",
+            RowWrite::Late => "late",
+        };
+        ctx.metrics.lines.with_label_values(&[outcome]).inc();
+        finalize |= written.wants_finalize();
+    }
+    if finalize {
+        notify_aggregator(ctx, batch).await;
+    }
+    Ok(())
+}
+
+/// Stores rows, and wakes the aggregator when the batch's pending rows call for a compaction (the
+/// finalize event: the aggregator compacts what is not ready to finalize).
+pub(super) async fn store_rows(
+    ctx: &WorkerContext,
+    batch: &str,
+    rows: &[(u64, Row, Usage)],
+) -> anyhow::Result<Vec<RowWrite>> {
+    let a = &ctx.settings.aggregator;
+    let (written, compact) = ctx
+        .store
+        .write_rows(
+            batch,
+            rows,
+            (a.compact_rows, a.compact_bytes),
+            Duration::from_millis(a.compact_ask_ms),
+        )
+        .await?;
+    if compact {
+        notify_aggregator(ctx, batch).await;
+    }
+    Ok(written)
+}
+
+/// Tells the aggregator a batch may be ready. A lost event is caught by its sweep.
+pub(crate) async fn notify_aggregator(ctx: &WorkerContext, batch_id: &str) {
+    let event = serde_json::to_vec(&BatchEvent {
+        batch_id: batch_id.to_owned(),
+    })
+    .expect("event serializes");
+    if let Err(e) = ctx
+        .publisher
+        .publish(&ctx.keys.finalize_queue(), &event)
+        .await
+    {
+        tracing::warn!(%batch_id, error = %e, "Could not publish a finalize event; the sweep will catch it.");
     }
 }

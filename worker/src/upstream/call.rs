@@ -1,5 +1,5 @@
-//! One attempt at one line: a provider's model through [`crate::upstream`], a task model through
-//! [`crate::tasks`] and its backing model.
+//! One attempt at one line: a provider's model through [`super::client`], a task model through
+//! [`super::tasks`] and its backing model.
 
 use std::time::Duration;
 
@@ -7,11 +7,11 @@ use serde_json::value::RawValue;
 use sluice_core::domain::{Row, Usage};
 use sluice_core::routing::Target;
 
-use crate::upstream::{Attempt, Upstream};
+use super::client::{Attempt, Upstream};
 
 /// Runs one attempt at a line whose batch targets `model` on `endpoint`. Also returns the fleet
 /// pause the answer's `x-ratelimit-*` headers ask for (task models never ask for one).
-pub async fn attempt(
+pub(crate) async fn attempt(
     upstream: &Upstream,
     endpoint: &str,
     model: &str,
@@ -25,7 +25,7 @@ pub async fn attempt(
                 .await
         }
         Ok(Target::Task { task, backing }) => (
-            crate::tasks::attempt(upstream, task, &backing, custom_id, body).await,
+            super::tasks::attempt(upstream, task, &backing, custom_id, body).await,
             None,
         ),
         Err(e) => {
