@@ -26,16 +26,18 @@ use sluice_runtime::lines::RequestLines;
 use sluice_runtime::segments::Merge;
 use sluice_store::RetrySlot;
 
-use super::ECHO_BYTES;
-use super::batches::{
-    CreateBatch, load_batch, parse_completion_window, parse_metadata, quoted_list, release_batch,
-    reserve_batch, store_reserved_with,
-};
-use super::create::json_too_large;
-use super::jsonl_body::{default_window, store_lines};
+use super::create::defaults::default_window;
+use super::create::input_lines::store_lines;
+use super::create::too_large::json_too_large;
+use super::lookup::load_batch;
+use super::params::{CreateBatch, parse_completion_window, parse_metadata, quoted_list};
+use super::record::store_reserved_with;
+use super::reservation::{release_batch, reserve_batch};
 use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::extract::{ApiPath, parse_json};
+use crate::routes::bounds::ECHO_BYTES;
+use crate::routes::files::lookup::load_file;
 use crate::state::AppState;
 
 /// The row statuses a retry can take, as `statuses` names them.
@@ -236,7 +238,7 @@ fn string_list(
     request_body(content = Option<crate::openapi::RetryBatchRequest>, content_type = "application/json",
         description = "Optional. Which rows to retry (default: every failed, expired and cancelled one) and the new batch's window and metadata (default: the parent's)."),
     responses((status = 200, description = "The new batch, `validating`, with `retry_of`; its input file holds the chosen original request lines in input order", body = crate::openapi::Batch), (status = 400, description = "Invalid request, or nothing to retry (`nothing_to_retry`)", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 403, description = "The new input file would take the tenant past its storage quota (`storage_quota_exceeded`)", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 409, description = "The batch has not finished (`batch_not_finished`), its input file is gone (`input_file_unavailable`), or it has `limits.max_retries_per_batch` retries already (`too_many_retries`)", body = crate::openapi::ErrorResponse), (status = 413, description = "Over the size limit", body = crate::openapi::ErrorResponse), (status = 429, description = "Too many open batches, or uploads in flight", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse), (status = 503, description = "Not ready", body = crate::openapi::ErrorResponse)))]
-pub async fn retry(
+pub(crate) async fn retry(
     State(state): State<AppState>,
     tenant: Tenant,
     ApiPath(batch_id): ApiPath<String>,
@@ -443,7 +445,7 @@ async fn chosen_lines(
         code: "input_file_unavailable",
         errors: None,
     };
-    let input = super::files::load_file(state, tenant, input_id)
+    let input = load_file(state, tenant, input_id)
         .await
         .map_err(|e| match e {
             ApiError::NotFound { .. } | ApiError::InvalidRequest { .. } => unavailable(),
