@@ -15,11 +15,11 @@ use crate::state::AppState;
 /// The authenticated caller. Extracting it rejects the request with 401 when the key is missing
 /// or unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tenant(pub String);
+pub(crate) struct Tenant(pub String);
 
 impl Tenant {
     /// The tenant id.
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.0
     }
 }

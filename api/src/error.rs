@@ -19,7 +19,10 @@ use sluice_store::lifecycle_store::{QuotaPart, StorageUsage};
 const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 
 /// Header the OpenAI SDKs obey over their own retry policy.
-pub const SHOULD_RETRY: &str = "x-should-retry";
+pub(crate) const SHOULD_RETRY: &str = "x-should-retry";
+
+/// Header that makes a create safe to retry; named as the `param` of its errors.
+pub(crate) const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
@@ -27,49 +30,88 @@ pub enum ApiError {
     /// 400: the request is malformed or a parameter is invalid.
     #[error("{message}")]
     InvalidRequest {
+        /// What is wrong, for a person.
         message: String,
+        /// The offending parameter, as the client named it.
         param: Option<String>,
+        /// A machine-readable reason (`invalid_value`, `missing_required_parameter`…).
         code: Option<&'static str>,
     },
     /// 401: the API key is missing or unknown.
     #[error("{message}")]
-    Unauthenticated { message: &'static str },
+    Unauthenticated {
+        /// Why the key was refused.
+        message: &'static str,
+    },
     /// 404: no such object for this tenant, or no such route.
     #[error("{message}")]
-    NotFound { message: String },
+    NotFound {
+        /// What was not found.
+        message: String,
+    },
     /// 405: the route exists, but not with this method.
     #[error("{message}")]
-    MethodNotAllowed { message: String },
+    MethodNotAllowed {
+        /// The method and URL refused.
+        message: String,
+    },
     /// 409: the object is in a state that forbids the operation.
     #[error("{message}")]
-    Conflict { message: String },
+    Conflict {
+        /// Why the object's state forbids the operation.
+        message: String,
+    },
     /// 413: an upload above the configured limit.
     #[error("File is too large: the limit is {limit} bytes.")]
-    FileTooLarge { limit: u64 },
+    FileTooLarge {
+        /// The largest upload accepted, in bytes.
+        limit: u64,
+    },
     /// Any other status produced outside our handlers (middleware, framework), re-wrapped.
     #[error("{message}")]
-    Status { status: StatusCode, message: String },
+    Status {
+        /// The status the response had.
+        status: StatusCode,
+        /// A message for that status.
+        message: String,
+    },
     /// 503: a dependency is down (readiness probe).
     #[error("{message}")]
-    NotReady { message: String },
+    NotReady {
+        /// Which dependency is down.
+        message: String,
+    },
     /// A deterministic answer with its own status and code (429 `batch_limit_exceeded`, 501
     /// `not_implemented`, 503 `no_provider_configured`…), optionally listing per-line `errors`.
     #[error("{message}")]
     Coded {
+        /// The HTTP status.
         status: StatusCode,
+        /// What happened, for a person.
         message: String,
+        /// The parameter the answer is about, if any.
         param: Option<String>,
+        /// The machine-readable `error.code`.
         code: &'static str,
+        /// Per-line errors, sent as `error.errors`.
         errors: Option<Value>,
     },
     /// 409 `idempotency_key_in_progress`: another request with the same `Idempotency-Key` is still
     /// running. The only 4xx the SDKs should retry: a later attempt gets that request's answer.
     #[error("{message}")]
-    KeyInProgress { message: String },
+    KeyInProgress {
+        /// How long the request waited, and what to do.
+        message: String,
+    },
     /// 429 `budget_exceeded`: the tenant's token or request budget is spent until `reset_at`
     /// (unix seconds), sent in the `sluice-budget-reset` and `retry-after` headers too.
     #[error("{message}")]
-    BudgetExceeded { message: String, reset_at: i64 },
+    BudgetExceeded {
+        /// Which budget is spent, and until when.
+        message: String,
+        /// When the budget resets (unix seconds).
+        reset_at: i64,
+    },
     /// 500: our fault. The client sees an opaque message; the source is logged.
     #[error("The server had an error while processing your request.")]
     Internal(#[from] anyhow::Error),
@@ -176,7 +218,7 @@ impl ApiError {
                       body, form or endpoint). A retry must repeat the first request exactly; \
                       use a new key for a new request."
                 .into(),
-            param: Some(crate::idempotency::HEADER.into()),
+            param: Some(IDEMPOTENCY_KEY.into()),
             code: "idempotency_key_reused",
             errors: None,
         }
@@ -231,10 +273,9 @@ impl ApiError {
             Self::Unauthenticated { .. } => (None, Some("invalid_api_key")),
             Self::FileTooLarge { .. } => (Some("file"), Some("file_too_large")),
             Self::Coded { param, code, .. } => (param.as_deref(), Some(*code)),
-            Self::KeyInProgress { .. } => (
-                Some(crate::idempotency::HEADER),
-                Some("idempotency_key_in_progress"),
-            ),
+            Self::KeyInProgress { .. } => {
+                (Some(IDEMPOTENCY_KEY), Some("idempotency_key_in_progress"))
+            }
             Self::BudgetExceeded { .. } => (None, Some("budget_exceeded")),
             _ => (None, None),
         };
@@ -306,11 +347,11 @@ fn budget_headers(headers: &mut axum::http::HeaderMap, reset_at: i64) {
 }
 
 /// Header of a `budget_exceeded` answer: when the budget resets (unix seconds).
-pub const BUDGET_RESET: &str = "sluice-budget-reset";
+pub(crate) const BUDGET_RESET: &str = "sluice-budget-reset";
 
 /// Middleware (via `map_response`): logs the source of our 5xx, and re-wraps any error response
 /// that did not come from [`ApiError`] (framework 405s, body-limit 413s…) in the envelope.
-pub async fn ensure_envelope(mut response: Response) -> Response {
+pub(crate) async fn ensure_envelope(mut response: Response) -> Response {
     if let Some(ServerErrorSource(source)) = response.extensions_mut().remove::<ServerErrorSource>()
     {
         // `{:#}` prints the whole context chain on one line.
@@ -336,7 +377,7 @@ pub async fn ensure_envelope(mut response: Response) -> Response {
 }
 
 /// "an array", "a string"…: how OpenAI names a JSON value's type in messages.
-pub fn json_type_name(value: &Value) -> &'static str {
+pub(crate) fn json_type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -3,9 +3,8 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
-use bytes::Bytes;
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -13,11 +12,11 @@ use crate::error::ApiError;
 /// A path parameter.
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
-pub struct ApiPath<T>(pub T);
+pub(crate) struct ApiPath<T>(pub T);
 
 /// The query string as a map; handlers validate each parameter themselves to name it in errors.
 #[derive(Debug)]
-pub struct ApiQuery(pub HashMap<String, String>);
+pub(crate) struct ApiQuery(pub HashMap<String, String>);
 
 impl<S: Send + Sync> FromRequestParts<S> for ApiQuery {
     type Rejection = ApiError;
@@ -28,22 +27,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiQuery {
     }
 }
 
-/// A JSON body parsed into a [`Value`], whatever the `Content-Type`: handlers check field types
-/// themselves so that errors can name the offending parameter (`invalid_type` on `metadata.k`).
-#[derive(Debug)]
-pub struct JsonBody(pub Value);
-
-impl<S: Send + Sync> FromRequest<S> for JsonBody {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await?;
-        parse_json(&bytes).map(JsonBody)
-    }
-}
-
 /// A request body parsed as JSON, with the API's messages for an empty or malformed body.
-pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             "The request body is empty; a JSON object was expected.",
@@ -58,7 +43,7 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
 }
 
 /// An optional integer query parameter within `range`, `default` when absent.
-pub fn int_param(
+pub(crate) fn int_param(
     query: &HashMap<String, String>,
     name: &str,
     range: std::ops::RangeInclusive<usize>,

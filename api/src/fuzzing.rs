@@ -12,12 +12,12 @@ use crate::error::ApiError;
 
 /// Whether the content type announces JSON Lines (`POST /v1/batches`).
 pub fn is_jsonl(headers: &HeaderMap) -> bool {
-    crate::routes::create::is_jsonl(headers)
+    crate::routes::batches::create::is_jsonl(headers)
 }
 
 /// Whether an untyped create body is request lines rather than one create object.
 pub fn looks_like_lines(bytes: &[u8]) -> bool {
-    crate::routes::create::looks_like_lines(bytes)
+    crate::routes::batches::create::looks_like_lines(bytes)
 }
 
 /// The JSON parse of every JSON request body.
@@ -27,7 +27,7 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
 
 /// The parameters check of the create over an uploaded file.
 pub fn parse_file_create(body: &Value, bounds: (Duration, Duration)) -> Result<(), ApiError> {
-    crate::routes::batches::CreateBatch::parse(body, bounds).map(drop)
+    crate::routes::batches::params::CreateBatch::parse(body, bounds).map(drop)
 }
 
 /// `completion_window` within `bounds`.
@@ -35,17 +35,17 @@ pub fn parse_completion_window(
     window: &str,
     bounds: (Duration, Duration),
 ) -> Result<Duration, ApiError> {
-    crate::routes::batches::parse_completion_window(window, bounds)
+    crate::routes::batches::params::parse_completion_window(window, bounds)
 }
 
 /// `metadata` as stored (compact JSON).
 pub fn parse_metadata(value: Option<&Value>) -> Result<Option<String>, ApiError> {
-    crate::routes::batches::parse_metadata(value)
+    crate::routes::batches::params::parse_metadata(value)
 }
 
 /// `output_expires_after` in seconds.
 pub fn parse_output_expiry(value: Option<&Value>) -> Result<Option<i64>, ApiError> {
-    crate::routes::batches::parse_output_expiry(value)
+    crate::routes::batches::params::parse_output_expiry(value)
 }
 
 /// An error as the client receives it: status and body.

@@ -1,14 +1,17 @@
+#![warn(missing_docs, unreachable_pub)]
 //! The Sluice HTTP API: OpenAI-compatible Files and Batches endpoints under `/v1`.
 //!
 //! # Layout
 //! - [`Application`]: connects to Redis, RabbitMQ and object storage, binds, serves until told to stop.
 //! - [`router`]: the route table, usable without a socket (`oneshot` tests).
-//! - [`state`]: the handles handlers share.
-//! - [`error`]: [`ApiError`], the only error response, in OpenAI's envelope.
-//! - [`auth`]: API key → [`auth::Tenant`].
-//! - [`idempotency`]: `Idempotency-Key` on creates (first answer replayed, one object per key).
-//! - [`extract`]: extractors whose rejections are [`ApiError`]s.
-//! - [`routes`]: the handlers.
+//! - `routes`: the handlers, grouped by resource (`files`, `batches`, `usage`, `health`,
+//!   `console`).
+//! - [`AppState`] (`state`): the handles handlers share.
+//! - [`ApiError`] (`error`): the only error response, in OpenAI's envelope.
+//! - `auth`: API key → tenant.
+//! - `idempotency`: `Idempotency-Key` on creates (first answer replayed, one object per key).
+//! - `extract`: extractors whose rejections are [`ApiError`]s.
+//! - `openapi`: the API description served at `/openapi.json`.
 //! - `server`: the accept loop and the per-connection and per-request limits.
 //!
 //! The API only records and announces work: batches are validated, run and finalized by the
@@ -25,16 +28,16 @@ use sluice_store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub mod auth;
-pub mod error;
-pub mod extract;
+mod auth;
+mod error;
+mod extract;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod idempotency;
-pub mod openapi;
-pub mod routes;
+mod idempotency;
+mod openapi;
+mod routes;
 mod server;
-pub mod state;
+mod state;
 
 pub use error::ApiError;
 pub use routes::router;

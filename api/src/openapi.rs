@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`.
 //!
 //! Paths and operations come from the `#[utoipa::path]` attribute on each handler, collected by
-//! the router itself ([`crate::routes::router`] registers handlers through `utoipa_axum::routes!`),
+//! the router itself ([`crate::router`] registers handlers through `utoipa_axum::routes!`),
 //! so a route cannot exist without its entry. The types below describe the JSON the handlers
 //! answer; schemathesis in CI checks real responses against them, so they cannot drift either.
 
@@ -28,7 +28,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         (name = "health", description = "Liveness and readiness."),
     ),
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 struct SecuritySchemes;
 
@@ -48,13 +48,13 @@ impl Modify for SecuritySchemes {
 
 /// `{"error": {...}}`: every error Sluice answers.
 #[derive(Serialize, ToSchema)]
-pub struct ErrorResponse {
+pub(crate) struct ErrorResponse {
     pub error: ErrorBody,
 }
 
 /// What went wrong, in OpenAI's terms.
 #[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub message: String,
     /// `invalid_request_error`, `server_error`, …
     #[serde(rename = "type")]
@@ -68,7 +68,7 @@ pub struct ErrorBody {
 /// A stored file.
 #[derive(Serialize, ToSchema)]
 #[schema(as = File)]
-pub struct FileObject {
+pub(crate) struct FileObject {
     pub id: String,
     /// Always `file`.
     #[schema(pattern = "^file$")]
@@ -86,7 +86,7 @@ pub struct FileObject {
 
 /// The answer to `DELETE /v1/files/{file_id}`.
 #[derive(Serialize, ToSchema)]
-pub struct DeletedFile {
+pub(crate) struct DeletedFile {
     pub id: String,
     pub object: String,
     pub deleted: bool,
@@ -94,7 +94,8 @@ pub struct DeletedFile {
 
 /// The multipart form of `POST /v1/files`.
 #[derive(ToSchema)]
-pub struct UploadForm {
+#[expect(dead_code, reason = "described in the API document, never built")]
+pub(crate) struct UploadForm {
     /// The JSONL file, one request per line.
     #[schema(value_type = String, format = Binary)]
     pub file: Vec<u8>,
@@ -105,14 +106,15 @@ pub struct UploadForm {
 /// Listing order.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum Order {
+#[expect(dead_code, reason = "described in the API document, never built")]
+pub(crate) enum Order {
     Asc,
     Desc,
 }
 
 /// A page of files.
 #[derive(Serialize, ToSchema)]
-pub struct FileList {
+pub(crate) struct FileList {
     pub object: String,
     pub data: Vec<FileObject>,
     pub first_id: Option<String>,
@@ -122,7 +124,7 @@ pub struct FileList {
 
 /// A batch: its status, counts, result files and token usage.
 #[derive(Serialize, ToSchema)]
-pub struct Batch {
+pub(crate) struct Batch {
     pub id: String,
     /// Always `batch`.
     pub object: String,
@@ -158,14 +160,14 @@ pub struct Batch {
 
 /// Why validation failed: one entry per bad line.
 #[derive(Serialize, ToSchema)]
-pub struct BatchErrors {
+pub(crate) struct BatchErrors {
     pub object: String,
     pub data: Vec<BatchError>,
 }
 
 /// One validation error.
 #[derive(Serialize, ToSchema)]
-pub struct BatchError {
+pub(crate) struct BatchError {
     pub code: String,
     pub message: String,
     pub param: Option<String>,
@@ -175,7 +177,7 @@ pub struct BatchError {
 
 /// Lines by outcome so far.
 #[derive(Serialize, ToSchema)]
-pub struct RequestCounts {
+pub(crate) struct RequestCounts {
     pub total: i64,
     pub completed: i64,
     pub failed: i64,
@@ -183,7 +185,7 @@ pub struct RequestCounts {
 
 /// Tokens summed over the upstream responses.
 #[derive(Serialize, ToSchema)]
-pub struct BatchUsage {
+pub(crate) struct BatchUsage {
     pub input_tokens: i64,
     pub input_tokens_details: InputTokensDetails,
     pub output_tokens: i64,
@@ -192,18 +194,18 @@ pub struct BatchUsage {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct InputTokensDetails {
+pub(crate) struct InputTokensDetails {
     pub cached_tokens: i64,
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct OutputTokensDetails {
+pub(crate) struct OutputTokensDetails {
     pub reasoning_tokens: i64,
 }
 
 /// A page of batches, newest first.
 #[derive(Serialize, ToSchema)]
-pub struct BatchList {
+pub(crate) struct BatchList {
     pub object: String,
     pub data: Vec<Batch>,
     pub first_id: Option<String>,
@@ -214,7 +216,7 @@ pub struct BatchList {
 /// `POST /v1/batches` as JSON: either over an uploaded file (`input_file_id`, `endpoint`) or
 /// with the requests inline (`requests`).
 #[derive(Serialize, ToSchema)]
-pub struct CreateBatchRequest {
+pub(crate) struct CreateBatchRequest {
     /// An uploaded file of purpose `batch`.
     #[schema(min_length = 1)]
     pub input_file_id: Option<String>,
@@ -232,7 +234,7 @@ pub struct CreateBatchRequest {
 /// `POST /v1/batches/{batch_id}/retry`: which rows of the finished batch to run again, and the
 /// new batch's settings. Every field is optional.
 #[derive(Serialize, ToSchema)]
-pub struct RetryBatchRequest {
+pub(crate) struct RetryBatchRequest {
     /// Rows to take by outcome (default: all three): `failed` (ran and failed), `expired` and
     /// `cancelled` (never ran: the batch expired or was cancelled first).
     pub statuses: Option<Vec<RetryStatus>>,
@@ -248,7 +250,8 @@ pub struct RetryBatchRequest {
 /// Outcomes of rows a retry can take.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum RetryStatus {
+#[expect(dead_code, reason = "described in the API document, never built")]
+pub(crate) enum RetryStatus {
     Failed,
     Expired,
     Cancelled,
@@ -256,7 +259,11 @@ pub enum RetryStatus {
 
 /// The endpoints a batch can call.
 #[derive(Serialize, ToSchema)]
-pub enum Endpoint {
+#[allow(
+    dead_code,
+    reason = "described in the API document, built only by its tests"
+)]
+pub(crate) enum Endpoint {
     #[serde(rename = "/v1/chat/completions")]
     ChatCompletions,
     #[serde(rename = "/v1/embeddings")]
@@ -271,7 +278,7 @@ pub enum Endpoint {
 
 /// When result files expire.
 #[derive(Serialize, ToSchema)]
-pub struct ExpiresAfter {
+pub(crate) struct ExpiresAfter {
     /// Always `created_at`.
     pub anchor: String,
     /// Between 3600 and 2592000.
@@ -280,7 +287,7 @@ pub struct ExpiresAfter {
 
 /// One inline request.
 #[derive(Serialize, ToSchema)]
-pub struct InlineRequest {
+pub(crate) struct InlineRequest {
     pub custom_id: String,
     /// The request body sent to the endpoint; it names the `model`.
     pub body: serde_json::Value,
@@ -288,7 +295,7 @@ pub struct InlineRequest {
 
 /// `{"status": "ok"}` or the failing dependencies.
 #[derive(Serialize, ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     pub status: String,
 }
 

@@ -13,15 +13,15 @@ use sluice_store::Store;
 #[derive(Clone)]
 pub struct AppState {
     /// The settings the process started with.
-    pub settings: Arc<Settings>,
+    pub(crate) settings: Arc<Settings>,
     /// Redis: file and batch records.
-    pub store: Store,
+    pub(crate) store: Store,
     /// RabbitMQ: control and finalize events.
-    pub publisher: Publisher,
+    pub(crate) publisher: Publisher,
     /// Object storage holding file contents.
-    pub files: Arc<dyn ObjectStore>,
+    pub(crate) files: Arc<dyn ObjectStore>,
     /// Prometheus series.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// SHA-256 of an API key → tenant id, computed once instead of per request.
     pub(crate) api_keys: Arc<HashMap<[u8; 32], String>>,
 }
@@ -47,7 +47,7 @@ impl AppState {
     }
 
     /// Key builder of the store's namespace.
-    pub fn keys(&self) -> &Keys {
+    pub(crate) fn keys(&self) -> &Keys {
         self.store.keys()
     }
 }

@@ -43,13 +43,11 @@ use tracing::Instrument;
 
 use self::fingerprint::{Fingerprint, FingerprintError, Head, fingerprint, tee};
 use crate::auth::Tenant;
-use crate::error::ApiError;
+use crate::error::{ApiError, IDEMPOTENCY_KEY};
 use crate::state::AppState;
 
-/// The request header, as named in messages and the API description.
-pub const HEADER: &str = "Idempotency-Key";
 /// Set on an answer replayed from the first request with the key (Stripe's name).
-pub const REPLAYED: &str = "idempotent-replayed";
+pub(crate) const REPLAYED: &str = "idempotent-replayed";
 /// How often a request waiting for the first one looks at the key again.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -71,7 +69,7 @@ impl Guard {
 /// What a key is bound to once its first request succeeded.
 #[derive(Serialize, Deserialize)]
 struct Recorded {
-    /// Hex SHA-256 of the first request (see [`fingerprint`]).
+    /// Hex SHA-256 of the first request (see [`fingerprint()`]).
     fingerprint: String,
     status: u16,
     body: String,
@@ -176,17 +174,19 @@ fn key_of(headers: &HeaderMap, max_chars: u64) -> Result<String, ApiError> {
         Some(Ok(key)) if !key.trim().is_empty() => key.trim(),
         _ => {
             return Err(ApiError::invalid_value(
-                HEADER,
-                format!("Invalid '{HEADER}' header: expected a non-empty string of visible ASCII."),
+                IDEMPOTENCY_KEY,
+                format!(
+                    "Invalid '{IDEMPOTENCY_KEY}' header: expected a non-empty string of visible ASCII."
+                ),
             ));
         }
     };
     if key.len() as u64 > max_chars {
         return Err(ApiError::InvalidRequest {
             message: format!(
-                "Invalid '{HEADER}' header: string too long. Expected at most {max_chars} characters."
+                "Invalid '{IDEMPOTENCY_KEY}' header: string too long. Expected at most {max_chars} characters."
             ),
-            param: Some(HEADER.to_owned()),
+            param: Some(IDEMPOTENCY_KEY.to_owned()),
             code: Some("string_above_max_length"),
         });
     }
@@ -385,7 +385,7 @@ mod tests {
         for bad in [&b""[..], b"   ", b"caf\xc3\xa9"] {
             let err = key_of(&with_key(bad), 255).unwrap_err();
             assert!(
-                matches!(&err, ApiError::InvalidRequest { param: Some(p), code: Some("invalid_value"), .. } if p == HEADER),
+                matches!(&err, ApiError::InvalidRequest { param: Some(p), code: Some("invalid_value"), .. } if p == IDEMPOTENCY_KEY),
                 "{bad:?}: {err:?}"
             );
         }

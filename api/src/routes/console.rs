@@ -68,7 +68,7 @@ static ASSETS: LazyLock<[Asset; 7]> = LazyLock::new(|| {
 });
 
 /// `/console`, `/console/` (the page) and `/console/{asset}`; no state, no key.
-pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+pub(crate) fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/console", get(index))
         .route("/console/", get(index))

@@ -13,7 +13,7 @@ use crate::state::AppState;
 /// `GET /livez`.
 #[utoipa::path(get, path = "/livez", operation_id = "livez", tag = "health", security(()),
     responses((status = 200, description = "The process serves HTTP", body = crate::openapi::Health)))]
-pub async fn livez() -> Json<Value> {
+pub(crate) async fn livez() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
@@ -21,7 +21,7 @@ pub async fn livez() -> Json<Value> {
 /// otherwise, saying why.
 #[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "health", security(()),
     responses((status = 200, description = "Redis and the broker answer", body = crate::openapi::Health), (status = 503, description = "Not ready, or no provider configured", body = crate::openapi::ErrorResponse)))]
-pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     // `dependencies.probe_timeout_ms`: how long a probe waits before calling a dependency down.
     let probe_timeout = state.settings.dependencies.probe_timeout();
     let redis = async {

@@ -16,7 +16,7 @@ use crate::state::AppState;
 
 /// The tenant's usage and budget.
 #[derive(Serialize, ToSchema)]
-pub struct TenantUsage {
+pub(crate) struct TenantUsage {
     /// Always `usage`.
     pub object: &'static str,
     /// What a running batch's lines do once a budget is spent: `wait` for the reset, or `fail`
@@ -30,7 +30,7 @@ pub struct TenantUsage {
 
 /// A spent budget.
 #[derive(Serialize, ToSchema)]
-pub struct Exhausted {
+pub(crate) struct Exhausted {
     /// `day` or `month`.
     pub window: &'static str,
     /// `tokens` or `requests`.
@@ -41,7 +41,7 @@ pub struct Exhausted {
 
 /// One window: `[start_time, end_time)` in unix seconds; its budget resets at `end_time`.
 #[derive(Serialize, ToSchema)]
-pub struct UsageWindow {
+pub(crate) struct UsageWindow {
     /// Always `usage.window`.
     pub object: &'static str,
     /// `day` (UTC) or `month` (UTC calendar month).
@@ -56,7 +56,7 @@ pub struct UsageWindow {
 
 /// Used, limit (null: none) and what remains (null: no limit).
 #[derive(Serialize, ToSchema)]
-pub struct Amount {
+pub(crate) struct Amount {
     pub used: u64,
     pub limit: Option<u64>,
     pub remaining: Option<u64>,
@@ -96,7 +96,7 @@ async fn usage_of(
 /// `GET /v1/usage`.
 #[utoipa::path(get, path = "/usage", operation_id = "getUsage", tag = "usage",
     responses((status = 200, description = "The tenant's usage and budget in the current UTC day and month", body = TenantUsage), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
-pub async fn usage(
+pub(crate) async fn usage(
     State(state): State<AppState>,
     tenant: Tenant,
 ) -> Result<Json<TenantUsage>, ApiError> {

@@ -16,7 +16,7 @@ use sluice_core::domain::{now_millis, now_secs};
 use sluice_core::routing::{Target, resolve_target};
 use sluice_store::schedule::{self, Newcomer, Priority};
 
-use super::CreateBatch;
+use super::params::CreateBatch;
 use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::state::AppState;

@@ -9,7 +9,7 @@ use sluice_core::validate::clip;
 use sluice_store::schedule::Priority;
 
 use crate::error::{ApiError, json_type_name};
-use crate::routes::{ECHO_BYTES, EXPIRES_AFTER_SECS};
+use crate::routes::bounds::{ECHO_BYTES, EXPIRES_AFTER_SECS};
 
 const MAX_METADATA_PAIRS: usize = 16;
 const MAX_METADATA_KEY_CHARS: usize = 64;

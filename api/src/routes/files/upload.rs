@@ -23,7 +23,7 @@ use sluice_store::lifecycle_store::{QuotaPart, Registered, StorageUsage};
 use super::part_headers::guard_part_headers;
 use crate::auth::Tenant;
 use crate::error::ApiError;
-use crate::routes::{ECHO_BYTES, EXPIRES_AFTER_SECS};
+use crate::routes::bounds::{ECHO_BYTES, EXPIRES_AFTER_SECS};
 use crate::state::AppState;
 
 /// Purposes OpenAI accepts at upload; all but `batch` get a "not supported here" answer rather than
@@ -63,7 +63,7 @@ struct Received {
     request_body(content = crate::openapi::UploadForm, content_type = "multipart/form-data"),
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes the create safe to retry: the same key with the same request within `idempotency.retention_secs` (24 h) answers the first success again (with `idempotent-replayed: true`) and creates nothing. Per tenant; at most `idempotency.max_key_chars` (255) visible ASCII characters.")),
     responses((status = 200, description = "The stored file", body = crate::openapi::FileObject, headers(("idempotent-replayed" = String, description = "`true` when this is the recorded answer to an earlier request with the same `Idempotency-Key`."))), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 403, description = "The file would take the tenant past its storage quota (`storage_quota_exceeded`)", body = crate::openapi::ErrorResponse), (status = 408, description = "The body stopped arriving (`request_body_timeout`)", body = crate::openapi::ErrorResponse), (status = 409, description = "The `Idempotency-Key` was used with another request (`idempotency_key_reused`), or its first request is still running (`idempotency_key_in_progress`, retryable)", body = crate::openapi::ErrorResponse), (status = 413, description = "Over the size limit", body = crate::openapi::ErrorResponse), (status = 429, description = "Too many uploads in flight for this tenant (`too_many_uploads`)", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
-pub async fn upload(
+pub(crate) async fn upload(
     State(state): State<AppState>,
     tenant: Tenant,
     request: Request,
@@ -411,7 +411,10 @@ fn basename(filename: &str) -> &str {
 }
 
 /// Response middleware of the upload route: the body-limit layer's bare 413 becomes the envelope.
-pub async fn too_large_as_envelope(State(limit): State<u64>, response: Response) -> Response {
+pub(crate) async fn too_large_as_envelope(
+    State(limit): State<u64>,
+    response: Response,
+) -> Response {
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::FileTooLarge { limit }.into_response()
     } else {

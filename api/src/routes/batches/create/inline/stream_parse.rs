@@ -10,10 +10,13 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use super::{check_endpoint, request_line};
+use super::request_line::{check_endpoint, request_line};
 use crate::error::ApiError;
-use crate::routes::batches::{parse_completion_window, parse_metadata, parse_output_expiry};
-use crate::routes::jsonl_body::{DEFAULT_ENDPOINT, DEFAULT_WINDOW};
+use crate::routes::batches::create::defaults::{DEFAULT_ENDPOINT, DEFAULT_WINDOW};
+use crate::routes::batches::create::too_large::json_too_large;
+use crate::routes::batches::params::{
+    parse_completion_window, parse_metadata, parse_output_expiry,
+};
 
 /// Why the streaming parser stopped without a result.
 pub(super) enum ParseStop {
@@ -238,9 +241,7 @@ impl<'de> serde::de::Visitor<'de> for TopVisitor<'_> {
                     }
                 }
                 "input_file_id" | "requests" => {
-                    return stop(crate::routes::create::json_too_large(
-                        limits.max_json_body_bytes,
-                    ));
+                    return stop(json_too_large(limits.max_json_body_bytes));
                 }
                 _ => {
                     map.next_value::<serde::de::IgnoredAny>()?;
@@ -248,9 +249,7 @@ impl<'de> serde::de::Visitor<'de> for TopVisitor<'_> {
             }
         }
         if !requests {
-            return stop(crate::routes::create::json_too_large(
-                limits.max_json_body_bytes,
-            ));
+            return stop(json_too_large(limits.max_json_body_bytes));
         }
         let (completion_window, window) = match window {
             Some(w) => w,

@@ -1,7 +1,7 @@
 //! `POST /v1/batches`: the one entry of every way to create a batch, told apart by the request.
 //!
-//! - `Content-Type: application/jsonl` (or `x-ndjson`…): one request per line (seed 003), streamed;
-//! - a JSON object with `requests` and no `input_file_id`: an inline batch (seed 000/001);
+//! - `Content-Type: application/jsonl` (or `x-ndjson`…): one request per line, streamed;
+//! - a JSON object with `requests` and no `input_file_id`: an inline batch;
 //! - a body whose first line is a request line (`custom_id`…), whatever the content type: JSONL;
 //! - anything else: the OpenAI create over an uploaded file, with its usual errors.
 //!
@@ -17,12 +17,18 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use serde_json::Value;
 
-use super::batches::create_from_json;
-use super::{inline, jsonl_body};
+use self::from_file::create_from_json;
 use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::extract::parse_json;
 use crate::state::AppState;
+
+pub(crate) mod defaults;
+mod from_file;
+mod inline;
+pub(crate) mod input_lines;
+mod jsonl_body;
+pub(crate) mod too_large;
 
 /// `POST /v1/batches`.
 #[utoipa::path(post, path = "/batches", operation_id = "createBatch", tag = "batches",
@@ -33,7 +39,7 @@ use crate::state::AppState;
         )),
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes the create safe to retry: the same key with the same request within `idempotency.retention_secs` (24 h) answers the first success again (with `idempotent-replayed: true`) and creates nothing. Per tenant; at most `idempotency.max_key_chars` (255) visible ASCII characters.")),
     responses((status = 200, description = "The new batch, `validating`", body = crate::openapi::Batch, headers(("idempotent-replayed" = String, description = "`true` when this is the recorded answer to an earlier request with the same `Idempotency-Key`."))), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 403, description = "Inline or JSONL-body requests would take the tenant past its storage quota (`storage_quota_exceeded`)", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 409, description = "The `Idempotency-Key` was used with another request (`idempotency_key_reused`), or its first request is still running (`idempotency_key_in_progress`, retryable)", body = crate::openapi::ErrorResponse), (status = 413, description = "Over the size limit", body = crate::openapi::ErrorResponse), (status = 429, description = "Too many open batches (`batch_limit_exceeded`), or the tenant's budget is spent (`budget_exceeded`, with the reset in `sluice-budget-reset` and `retry-after`)", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse), (status = 501, description = "The provider does not take batch work", body = crate::openapi::ErrorResponse), (status = 503, description = "Not ready, or no provider configured", body = crate::openapi::ErrorResponse)))]
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<AppState>,
     tenant: Tenant,
     request: Request,
@@ -66,7 +72,7 @@ pub async fn create(
         return jsonl_body::create(&state, &tenant, all).await.map(Json);
     }
     if !whole {
-        return inline::create_streamed(&state, &tenant, head, chunks)
+        return inline::streamed::create(&state, &tenant, head, chunks)
             .await
             .map(Json);
     }
@@ -75,23 +81,9 @@ pub async fn create(
         && map.contains_key("requests")
         && !map.contains_key("input_file_id")
     {
-        return inline::create(&state, &tenant, map).await.map(Json);
+        return inline::whole::create(&state, &tenant, map).await.map(Json);
     }
     create_from_json(&state, &tenant, &body).await.map(Json)
-}
-
-/// 413 for a create body of the `input_file_id` form (or no known form) over its cap.
-pub(crate) fn json_too_large(limit: u64) -> ApiError {
-    ApiError::Coded {
-        status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-        message: format!(
-            "The request body is too large: a JSON create body is limited to {limit} bytes. \
-             Send many requests inline ('requests'), as a JSONL body, or as an uploaded file."
-        ),
-        param: None,
-        code: "request_too_large",
-        errors: None,
-    }
 }
 
 /// Whether the content type announces JSON Lines.

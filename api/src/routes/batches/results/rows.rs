@@ -20,16 +20,16 @@ use sluice_core::domain::Row;
 use sluice_core::segments::SegmentRecord;
 use sluice_runtime::segments::Merge;
 
-use super::batches::load_batch;
 use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery, int_param};
+use crate::routes::batches::lookup::load_batch;
 use crate::state::AppState;
 
 /// Header naming the `after` of the next page.
-pub const NEXT_AFTER: &str = "sluice-next-after";
+pub(crate) const NEXT_AFTER: &str = "sluice-next-after";
 /// Header saying whether finished rows remain past the page (`true`/`false`).
-pub const HAS_MORE: &str = "sluice-has-more";
+pub(crate) const HAS_MORE: &str = "sluice-has-more";
 /// Fresh snapshots tried when compactions keep moving rows under a page.
 const ATTEMPTS: usize = 4;
 /// Pending rows read from Redis per call.
@@ -78,7 +78,7 @@ fn custom_id_of(line: &[u8]) -> Option<String> {
         ("custom_id" = Option<String>, Query, description = "Only the row with this `custom_id`."),
     ),
     responses((status = 200, description = "The finished rows so far, in input order, as in the output and error files (JSONL). Headers: `sluice-next-after` (the `after` of the next page) and `sluice-has-more`.", content_type = "application/jsonl", body = String), (status = 400, description = "Invalid request", body = crate::openapi::ErrorResponse), (status = 401, description = "Missing or unknown API key", body = crate::openapi::ErrorResponse), (status = 404, description = "No such object for this tenant", body = crate::openapi::ErrorResponse), (status = 500, description = "Internal error", body = crate::openapi::ErrorResponse)))]
-pub async fn results(
+pub(crate) async fn results(
     State(state): State<AppState>,
     tenant: Tenant,
     ApiPath(batch_id): ApiPath<String>,
