@@ -4,7 +4,6 @@
 //! Roles run as tasks in the test process by default; [`TestApp::spawn_worker_process`] starts a
 //! worker as a separate `sluice` process for tests that kill it.
 
-pub mod bench;
 pub mod lossy_proxy;
 pub mod node;
 pub mod python;

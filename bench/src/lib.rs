@@ -1,10 +1,11 @@
-//! Pieces the benchmark programs (`sluice-bench`, `sluice-bench-pacing`) share.
+//! Pieces the benchmark programs share: finding the `sluice` binary, waiting for the API, and
+//! reading a process's memory and CPU time from `/proc`.
 
 use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::KEY_A;
+use sluice_tests::KEY_A;
 
 /// The `sluice` binary next to the benchmark's own (both built by `cargo build --release --bins`).
 pub fn sluice_bin() -> PathBuf {

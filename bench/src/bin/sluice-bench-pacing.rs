@@ -17,7 +17,7 @@
 //! 8. `background`: a `background` batch running when another tenant's batch arrives; its calls
 //!    during that batch's run.
 //!
-//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench-pacing`
+//! `cargo build --release --bins && cargo run --release -p sluice-bench --bin sluice-bench-pacing`
 //! (`-- --only rpm` runs one scenario; `--workers 4` is the default; `--big N` sizes tenant A's
 //! batch, `--fairness-rpm N` rate-limits the provider in the fairness scenario).
 
@@ -31,7 +31,7 @@ use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_core::Settings;
 use sluice_core::config::{PacingSettings, StorageSettings};
 use sluice_store::Store;
-use sluice_tests::bench::{redis_commandstats, sluice_bin, wait_ready};
+use sluice_bench::{redis_commandstats, sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, KEY_B, MODEL, test_settings};
 use tokio_util::sync::CancellationToken;
 

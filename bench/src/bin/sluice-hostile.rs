@@ -5,7 +5,7 @@
 //! time, it sends the input and prints the answer's status, the batch object's size and each
 //! process's peak RSS (`VmHWM`) and open file descriptors. A process that died is reported.
 //!
-//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-hostile`
+//! `cargo build --release --bins && cargo run --release -p sluice-bench --bin sluice-hostile`
 //! (pass `--sluice OLD/target/release/sluice` to measure another build the same way).
 
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
-use sluice_tests::bench::{sluice_bin, wait_ready};
+use sluice_bench::{sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, KEY_B, MODEL, spare_port};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;

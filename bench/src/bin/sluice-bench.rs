@@ -8,7 +8,7 @@
 //!
 //! and prints a Markdown table. Run with:
 //!
-//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench -- --lines 50000`
+//! `cargo build --release --bins && cargo run --release -p sluice-bench --bin sluice-bench -- --lines 50000`
 
 use std::io::Write;
 use std::path::Path;
@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_core::config::{StorageSettings, hash_api_key};
 use sluice_store::Store;
-use sluice_tests::bench::{
+use sluice_bench::{
     CpuMeter, Procs, listener_pid, memory_kib, redis_commandstats, sluice_bin, wait_ready,
 };
 use sluice_tests::{KEY_A, MODEL, test_settings};

@@ -7,7 +7,7 @@
 //! taken before the batch), polls `GET /v1/batches/{id}/results?limit=1` until it returns a row,
 //! and reads the aggregator's peak RSS (VmHWM) from /proc. Run with:
 //!
-//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench-memory -- --kind embeddings --lines 50000`
+//! `cargo build --release --bins && cargo run --release -p sluice-bench --bin sluice-bench-memory -- --kind embeddings --lines 50000`
 
 use std::io::Write;
 use std::path::Path;
@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_core::config::{StorageSettings, hash_api_key};
 use sluice_store::Store;
-use sluice_tests::bench::{Procs, memory_kib, sluice_bin, wait_ready};
+use sluice_bench::{Procs, memory_kib, sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, MODEL, test_settings};
 use tokio_util::sync::CancellationToken;
 
