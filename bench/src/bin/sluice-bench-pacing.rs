@@ -1,4 +1,4 @@
-//! `sluice-bench-pacing`: the upstream pacing figures of BENCHMARKS.md (issue 4), measured from the
+//! `sluice-bench-pacing`: the upstream pacing figures of BENCHMARKS.md, measured from the
 //! upstream's side against real RabbitMQ and Redis.
 //!
 //! Each scenario starts `sluice api`, `sluice aggregator` and N `sluice worker` release processes on
@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use sluice_bench::{redis_commandstats, sluice_bin, wait_ready};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_core::Settings;
 use sluice_core::config::{PacingSettings, StorageSettings};
 use sluice_store::Store;
-use sluice_bench::{redis_commandstats, sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, KEY_B, MODEL, test_settings};
 use tokio_util::sync::CancellationToken;
 

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
-use sluice_core::config::{StorageSettings, hash_api_key};
-use sluice_store::Store;
 use sluice_bench::{
     CpuMeter, Procs, listener_pid, memory_kib, redis_commandstats, sluice_bin, wait_ready,
 };
+use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
+use sluice_core::config::{StorageSettings, hash_api_key};
+use sluice_store::Store;
 use sluice_tests::{KEY_A, MODEL, test_settings};
 use tokio_util::sync::CancellationToken;
 

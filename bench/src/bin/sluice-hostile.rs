@@ -1,5 +1,5 @@
-//! `sluice-hostile`: what each hostile input of issue 11 costs a running Sluice, for the closing
-//! note and BENCHMARKS.md. It starts `sluice api`, `sluice worker` and `sluice aggregator` from
+//! `sluice-hostile`: what each hostile input a tenant can send costs a running Sluice, for
+//! BENCHMARKS.md. It starts `sluice api`, `sluice worker` and `sluice aggregator` from
 //! `--sluice PATH` (default: the binary beside this one) as separate processes, with a minimal
 //! configuration that any build reads, and an in-process mock upstream; then, one scenario at a
 //! time, it sends the input and prints the answer's status, the batch object's size and each
@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
-use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_bench::{sluice_bin, wait_ready};
+use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_tests::{KEY_A, KEY_B, MODEL, spare_port};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
