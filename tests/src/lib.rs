@@ -14,6 +14,7 @@ pub mod node;
 mod process;
 pub mod python;
 pub mod rabbitmq_server;
+mod raw_http;
 pub mod redis_server;
 mod requests;
 pub mod s3_server;
@@ -24,6 +25,7 @@ pub use lines::{
     chat_line, chat_line_with_mock, chat_lines, custom_ids, jsonl, model_chat_line, req_ids,
 };
 pub use process::{KillOnDrop, send_signal, sluice_binary, spare_port};
+pub use raw_http::RawAnswer;
 
 /// API key of tenant A in every test app.
 pub const KEY_A: &str = "sk-test-tenant-a-0123456789abcdef";

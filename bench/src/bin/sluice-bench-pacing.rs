@@ -22,12 +22,12 @@
 //! batch, `--fairness-rpm N` rate-limits the provider in the fairness scenario).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use sluice_bench::{redis_commandstats, sluice_bin, wait_ready};
+use sluice_bench::{KillOnDrop, redis_commandstats, sluice_bin, wait_ready};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_core::Settings;
 use sluice_core::config::{PacingSettings, StorageSettings};
@@ -40,7 +40,7 @@ const PORT: u16 = 18_090;
 struct Env {
     settings: Settings,
     dir: PathBuf,
-    procs: Vec<Child>,
+    procs: Vec<KillOnDrop>,
     http: reqwest::Client,
     base: String,
     store: Store,
@@ -76,7 +76,7 @@ async fn start(
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("sluice.toml");
     std::fs::write(&config, toml::to_string(&settings)?)?;
-    let spawn = |role: &str| -> anyhow::Result<Child> {
+    let spawn = |role: &str| -> anyhow::Result<KillOnDrop> {
         Command::new(sluice_bin())
             .arg(role)
             .arg("--config")
@@ -84,6 +84,7 @@ async fn start(
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
+            .map(KillOnDrop::new)
             .with_context(|| format!("starting {}", sluice_bin().display()))
     };
     let mut procs = vec![spawn("api")?, spawn("aggregator")?];
@@ -175,8 +176,7 @@ impl Env {
 
     async fn finish(mut self) {
         for c in &mut self.procs {
-            c.kill().ok();
-            c.wait().ok();
+            c.kill_and_reap();
         }
         self.stop.cancel();
         if let Ok(conn) = sluice_broker::connect(&self.settings.amqp_url, "bench-cleanup").await

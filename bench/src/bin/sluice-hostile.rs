@@ -9,13 +9,13 @@
 //! (pass `--sluice OLD/target/release/sluice` to measure another build the same way).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
-use sluice_bench::{sluice_bin, wait_ready};
+use sluice_bench::{KillOnDrop, sluice_bin, wait_ready};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_tests::{KEY_A, KEY_B, MODEL, spare_port};
 use tokio::io::AsyncWriteExt;
@@ -31,8 +31,9 @@ struct Args {
     only: Option<String>,
 }
 
+/// The role processes, killed when dropped.
 struct Roles {
-    children: Vec<(&'static str, Child)>,
+    children: Vec<(&'static str, KillOnDrop)>,
 }
 
 impl Roles {
@@ -55,15 +56,6 @@ impl Roles {
             parts.push(format!("{role}: {} MiB, {fds} fds", hwm / 1024));
         }
         parts.join("; ")
-    }
-}
-
-impl Drop for Roles {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            child.kill().ok();
-            child.wait().ok();
-        }
     }
 }
 
@@ -240,6 +232,7 @@ api_key_sha256 = ["{b}"]
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(KillOnDrop::new)
             .with_context(|| format!("starting {}", bin.display()))?;
         children.push((role, child));
     }

@@ -84,18 +84,12 @@ fn check_error(
 }
 
 /// Uploads `content` over a raw socket and reads the answer while still writing, as the OpenAI
-/// SDK's HTTP client does. The server may answer 413 and close before the body is all sent;
-/// reqwest (hyper) then reports a broken pipe and drops the answer, so it cannot test this.
+/// SDK's HTTP client does (see [`TestApp::raw_request`]); (status, `x-should-retry`,
+/// `content-type`, body).
 async fn raw_upload(
     app: &TestApp,
     content: &[u8],
 ) -> (u16, Option<String>, Option<String>, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = app
-        .base
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .to_owned();
     let boundary = format!("sluice-{}", uuid::Uuid::new_v4().simple());
     let mut body = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\n\
@@ -105,68 +99,21 @@ async fn raw_upload(
     .into_bytes();
     body.extend_from_slice(content);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let head = format!(
-        "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY_A}\r\n\
-         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    let stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (mut rd, mut wr) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        // A write error only means the server stopped reading; its answer is what matters.
-        if wr.write_all(head.as_bytes()).await.is_ok() {
-            wr.write_all(&body).await.ok();
-        }
-        wr
-    });
-    let mut raw = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let answer = loop {
-        let n = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf))
-            .await
-            .expect("the server answers")
-            .unwrap_or(0);
-        raw.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_owned())
-                })
-                .and_then(|v| v.parse::<usize>().ok());
-            if n == 0 || length.is_some_and(|len| body.len() >= len) {
-                break text;
-            }
-        }
-        assert!(n > 0, "connection closed before a whole answer: {text:?}");
-    };
-    writer.abort();
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let header = |name: &str| {
-        head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    };
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let answer = app
+        .raw_request(
+            "POST",
+            "/files",
+            &content_type,
+            body,
+            Duration::from_secs(20),
+        )
+        .await;
     (
-        status,
-        header("x-should-retry"),
-        header("content-type"),
-        body.to_owned(),
+        answer.status,
+        answer.header("x-should-retry"),
+        answer.header("content-type"),
+        answer.body,
     )
 }
 

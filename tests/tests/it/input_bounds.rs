@@ -13,65 +13,12 @@ const CHAT: &str = "/v1/chat/completions";
 /// An answer read over a raw socket: (status, body).
 type Answer = (u16, String);
 
-/// Sends one request over a raw socket and reads the answer while still writing: the server may
-/// answer (413, or a 400 once the verdict is certain) and close before the body is all sent,
-/// which reqwest reports as a broken pipe, dropping the answer.
+/// Sends one request over a raw socket (see [`TestApp::raw_request`]); (status, body).
 async fn raw(app: &TestApp, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = app
-        .base
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .to_owned();
-    let head = format!(
-        "{method} /v1{path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY_A}\r\n\
-         Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (mut rd, mut wr) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        // A write error only means the server stopped reading; its answer is what matters.
-        if wr.write_all(head.as_bytes()).await.is_ok() {
-            wr.write_all(&body).await.ok();
-        }
-        wr
-    });
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let text = loop {
-        let n = tokio::time::timeout(Duration::from_secs(60), rd.read(&mut buf))
-            .await
-            .expect("the server answers")
-            .unwrap_or(0);
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_owned())
-                })
-                .and_then(|v| v.parse::<usize>().ok());
-            if n == 0 || length.is_some_and(|len| body.len() >= len) {
-                break text;
-            }
-        }
-        assert!(n > 0, "connection closed before a whole answer: {text:?}");
-    };
-    writer.abort();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a whole answer");
-    let status = head
-        .lines()
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    (status, body.to_owned())
+    let answer = app
+        .raw_request(method, path, content_type, body, Duration::from_secs(60))
+        .await;
+    (answer.status, answer.body)
 }
 
 /// The `error` object of an answer that must have `status`.
