@@ -84,18 +84,12 @@ fn check_error(
 }
 
 /// Uploads `content` over a raw socket and reads the answer while still writing, as the OpenAI
-/// SDK's HTTP client does. The server may answer 413 and close before the body is all sent;
-/// reqwest (hyper) then reports a broken pipe and drops the answer, so it cannot test this.
+/// SDK's HTTP client does (see [`TestApp::raw_request`]); (status, `x-should-retry`,
+/// `content-type`, body).
 async fn raw_upload(
     app: &TestApp,
     content: &[u8],
 ) -> (u16, Option<String>, Option<String>, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = app
-        .base
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .to_owned();
     let boundary = format!("sluice-{}", uuid::Uuid::new_v4().simple());
     let mut body = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\n\
@@ -105,68 +99,21 @@ async fn raw_upload(
     .into_bytes();
     body.extend_from_slice(content);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let head = format!(
-        "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY_A}\r\n\
-         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    let stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (mut rd, mut wr) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        // A write error only means the server stopped reading; its answer is what matters.
-        if wr.write_all(head.as_bytes()).await.is_ok() {
-            wr.write_all(&body).await.ok();
-        }
-        wr
-    });
-    let mut raw = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let answer = loop {
-        let n = tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf))
-            .await
-            .expect("the server answers")
-            .unwrap_or(0);
-        raw.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_owned())
-                })
-                .and_then(|v| v.parse::<usize>().ok());
-            if n == 0 || length.is_some_and(|len| body.len() >= len) {
-                break text;
-            }
-        }
-        assert!(n > 0, "connection closed before a whole answer: {text:?}");
-    };
-    writer.abort();
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let header = |name: &str| {
-        head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_owned())
-        })
-    };
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let answer = app
+        .raw_request(
+            "POST",
+            "/files",
+            &content_type,
+            body,
+            Duration::from_secs(20),
+        )
+        .await;
     (
-        status,
-        header("x-should-retry"),
-        header("content-type"),
-        body.to_owned(),
+        answer.status,
+        answer.header("x-should-retry"),
+        answer.header("content-type"),
+        answer.body,
     )
 }
 
@@ -183,17 +130,6 @@ pub(crate) async fn expect_ok(req: reqwest::RequestBuilder) -> Value {
     let text = resp.text().await.expect("body");
     assert_eq!(status, 200, "{url}: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"))
-}
-
-/// The ids of a list object's `data`.
-pub(crate) fn ids(list: &Value) -> Vec<String> {
-    assert_eq!(list["object"], "list", "{list}");
-    list["data"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no data: {list}"))
-        .iter()
-        .map(|o| o["id"].as_str().expect("id").to_owned())
-        .collect()
 }
 
 /// A multipart upload form with the given parts (`None` purpose = no purpose field).
@@ -291,10 +227,9 @@ async fn requests_without_a_valid_key_get_401_in_the_openai_envelope() {
     // x-api-key is an accepted alternative to bearer auth, and it authenticates the right tenant.
     let file_id = app.upload(KEY_A, jsonl(&chat_lines(1))).await;
     let listed = expect_ok(app.http.get(url("/files")).header("x-api-key", KEY_A)).await;
-    assert_eq!(ids(&listed), vec![file_id.clone()]);
+    assert_eq!(list_ids(&listed), vec![file_id.clone()]);
     let listed_b = expect_ok(app.http.get(url("/files")).header("x-api-key", KEY_B)).await;
-    assert!(ids(&listed_b).is_empty(), "{listed_b}");
-    app.cleanup().await;
+    assert!(list_ids(&listed_b).is_empty(), "{listed_b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -332,7 +267,7 @@ async fn an_upload_over_the_size_limit_gets_413_and_the_api_stays_healthy() {
     .await;
     // Nothing of the refused uploads is visible.
     let listed = expect_ok(app.req(Method::GET, "/files", KEY_A)).await;
-    assert!(ids(&listed).is_empty(), "{listed}");
+    assert!(list_ids(&listed).is_empty(), "{listed}");
 
     // The API still serves: a normal upload, just under the limit, goes through whole.
     let ok = line.repeat(MIB / line.len() - 1).into_bytes();
@@ -342,8 +277,7 @@ async fn an_upload_over_the_size_limit_gets_413_and_the_api_stays_healthy() {
     assert_eq!(meta["bytes"], ok.len());
     assert_eq!(app.file_content(KEY_A, &file_id).await.len(), ok.len());
     let listed = expect_ok(app.req(Method::GET, "/files", KEY_A)).await;
-    assert_eq!(ids(&listed), vec![file_id]);
-    app.cleanup().await;
+    assert_eq!(list_ids(&listed), vec![file_id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -397,7 +331,7 @@ async fn upload_form_errors_are_400s_that_name_the_problem() {
 
     // None of the refused uploads left a file behind; the same content under a good name works.
     let listed = expect_ok(app.req(Method::GET, "/files", KEY_A)).await;
-    assert!(ids(&listed).is_empty(), "{listed}");
+    assert!(list_ids(&listed).is_empty(), "{listed}");
     let resp = app
         .upload_raw(KEY_A, "dir/input.JSONL", content.clone())
         .await;
@@ -405,7 +339,6 @@ async fn upload_form_errors_are_400s_that_name_the_problem() {
     let file: Value = resp.json().await.unwrap();
     assert_eq!(file["filename"], "input.JSONL");
     assert_eq!(file["bytes"], content.len());
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -529,10 +462,9 @@ async fn batch_parameters_are_checked_when_the_batch_is_created() {
 
     // Only the accepted requests created batches.
     let listed = expect_ok(app.req(Method::GET, "/batches", KEY_A)).await;
-    let mut got = ids(&listed);
+    let mut got = list_ids(&listed);
     got.reverse();
     assert_eq!(got, accepted);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -615,7 +547,6 @@ async fn malformed_requests_and_unknown_routes_get_the_envelope() {
             .contains("file-missing"),
         "{err}"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -629,7 +560,7 @@ async fn batches_are_listed_newest_first_and_paged_with_after() {
     let newest_first: Vec<String> = created.iter().rev().cloned().collect();
 
     let page = expect_ok(app.req(Method::GET, "/batches?limit=2", KEY_A)).await;
-    assert_eq!(ids(&page), newest_first[..2]);
+    assert_eq!(list_ids(&page), newest_first[..2]);
     assert_eq!(page["has_more"], true);
     assert_eq!(page["first_id"], newest_first[0].as_str());
     assert_eq!(page["last_id"], newest_first[1].as_str());
@@ -644,7 +575,7 @@ async fn batches_are_listed_newest_first_and_paged_with_after() {
             Some(a) => format!("/batches?limit=2&after={a}"),
         };
         let page = expect_ok(app.req(Method::GET, &path, KEY_A)).await;
-        let page_ids = ids(&page);
+        let page_ids = list_ids(&page);
         pages += 1;
         assert!(pages <= 3, "too many pages: {seen:?} then {page}");
         assert_eq!(
@@ -670,10 +601,10 @@ async fn batches_are_listed_newest_first_and_paged_with_after() {
     // Boundaries: a page that ends exactly at the last batch has no more; the default limit is
     // enough for five; a cursor at the oldest batch gives an empty page.
     let page = expect_ok(app.req(Method::GET, "/batches?limit=5", KEY_A)).await;
-    assert_eq!(ids(&page), newest_first);
+    assert_eq!(list_ids(&page), newest_first);
     assert_eq!(page["has_more"], false);
     let page = expect_ok(app.req(Method::GET, "/batches", KEY_A)).await;
-    assert_eq!(ids(&page), newest_first);
+    assert_eq!(list_ids(&page), newest_first);
     assert_eq!(page["has_more"], false);
     let page = expect_ok(app.req(
         Method::GET,
@@ -691,9 +622,11 @@ async fn batches_are_listed_newest_first_and_paged_with_after() {
         KEY_A,
     ))
     .await;
-    assert_eq!(ids(&page), vec![created[1].clone(), created[0].clone()]);
+    assert_eq!(
+        list_ids(&page),
+        vec![created[1].clone(), created[0].clone()]
+    );
     assert_eq!(page["has_more"], false);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -721,41 +654,41 @@ async fn files_are_listed_in_either_order_filtered_by_purpose_and_limited() {
     };
     let page = list("").await;
     assert_eq!(
-        ids(&page),
+        list_ids(&page),
         vec![output.clone(), f3.clone(), f2.clone(), f1.clone()]
     );
     assert_eq!(page["has_more"], false);
     assert_eq!(page["first_id"], output.as_str());
     assert_eq!(page["last_id"], f1.as_str());
-    assert_eq!(ids(&list("?order=desc").await), ids(&page));
+    assert_eq!(list_ids(&list("?order=desc").await), list_ids(&page));
     assert_eq!(
-        ids(&list("?order=asc").await),
+        list_ids(&list("?order=asc").await),
         vec![f1.clone(), f2.clone(), f3.clone(), output.clone()]
     );
 
     let page = list("?purpose=batch").await;
-    assert_eq!(ids(&page), vec![f3.clone(), f2.clone(), f1.clone()]);
+    assert_eq!(list_ids(&page), vec![f3.clone(), f2.clone(), f1.clone()]);
     for f in page["data"].as_array().unwrap() {
         assert_eq!(f["purpose"], "batch");
     }
     let page = list("?purpose=batch_output").await;
-    assert_eq!(ids(&page), vec![output.clone()]);
+    assert_eq!(list_ids(&page), vec![output.clone()]);
     assert_eq!(page["data"][0]["purpose"], "batch_output");
     assert_eq!(page["data"][0]["status"], "processed");
-    assert!(ids(&list("?purpose=fine-tune").await).is_empty());
+    assert!(list_ids(&list("?purpose=fine-tune").await).is_empty());
 
     let page = list("?limit=2").await;
-    assert_eq!(ids(&page), vec![output.clone(), f3.clone()]);
+    assert_eq!(list_ids(&page), vec![output.clone(), f3.clone()]);
     assert_eq!(page["has_more"], true);
     let page = list(&format!("?limit=2&after={f3}")).await;
-    assert_eq!(ids(&page), vec![f2.clone(), f1.clone()]);
+    assert_eq!(list_ids(&page), vec![f2.clone(), f1.clone()]);
     assert_eq!(page["has_more"], false);
     // The purpose filter does not eat into the page size, and has_more accounts for it.
     let page = list("?order=asc&purpose=batch&limit=2").await;
-    assert_eq!(ids(&page), vec![f1.clone(), f2.clone()]);
+    assert_eq!(list_ids(&page), vec![f1.clone(), f2.clone()]);
     assert_eq!(page["has_more"], true);
     let page = list(&format!("?order=asc&purpose=batch&limit=2&after={f2}")).await;
-    assert_eq!(ids(&page), vec![f3.clone()]);
+    assert_eq!(list_ids(&page), vec![f3.clone()]);
     assert_eq!(page["has_more"], false);
 
     // Cancelling a finished batch is a deterministic 409, not to be retried.
@@ -769,7 +702,6 @@ async fn files_are_listed_in_either_order_filtered_by_purpose_and_limited() {
         "Cannot cancel a batch with status 'completed'."
     );
     assert_eq!(err["error"]["type"], "invalid_request_error");
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -796,13 +728,12 @@ async fn a_deleted_file_answers_the_deletion_object_and_then_404() {
         );
     }
     let listed = expect_ok(app.req(Method::GET, "/files", KEY_A)).await;
-    assert_eq!(ids(&listed), vec![keep.clone()]);
+    assert_eq!(list_ids(&listed), vec![keep.clone()]);
     // The other file is untouched.
     assert_eq!(
         app.file_content(KEY_A, &keep).await.into_bytes(),
         jsonl(&chat_lines(1))
     );
-    app.cleanup().await;
 }
 
 /// Asserts the full key set of a batch object in `validating`, with its explicit nulls.
@@ -868,7 +799,7 @@ fn assert_new_batch_shape(batch: &Value, file_id: &str, metadata: &Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn created_files_and_batches_carry_every_contract_field() {
+async fn created_files_and_batches_carry_every_openai_field() {
     let app = api_only(|_| {}).await;
     let content = jsonl(&chat_lines(3));
     let before = sluice_core::domain::now_secs();
@@ -926,5 +857,4 @@ async fn created_files_and_batches_carry_every_contract_field() {
     body["metadata"] = metadata.clone();
     let batch = expect_ok(app.req(Method::POST, "/batches", KEY_A).json(&body)).await;
     assert_new_batch_shape(&batch, &file_id, &metadata);
-    app.cleanup().await;
 }

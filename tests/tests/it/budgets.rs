@@ -33,10 +33,6 @@ fn keyed_lines(n: usize, usage_tokens: Option<u64>) -> Vec<Value> {
         .collect()
 }
 
-fn ids(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("req-{i}")).collect()
-}
-
 /// Asserts the mock was called exactly once for each of `ids` and for nothing else.
 fn assert_called_once_each(app: &TestApp, ids: &[String]) {
     let stats = app.upstream_stats();
@@ -139,7 +135,6 @@ async fn a_spent_budget_refuses_creates_with_the_reset_and_spares_other_tenants(
     );
     assert_eq!(b["exhausted"], Value::Null);
     assert_eq!(usage(&app, KEY_A).await["data"][0]["requests"]["used"], 2);
-    app.cleanup().await;
 }
 
 /// The request counts of tenant A's day windows in Redis, oldest first.
@@ -195,8 +190,8 @@ async fn lines_past_a_spent_budget_wait_for_the_reset_and_then_run_once() {
     assert_eq!(done["request_counts"]["completed"], LINES as u64);
     let (output, errors) = app.results(KEY_A, &done).await;
     assert!(errors.is_empty(), "{errors:?}");
-    assert_exactly_once(&output, &errors, &ids(LINES));
-    assert_called_once_each(&app, &ids(LINES));
+    assert_exactly_once(&output, &errors, &req_ids(LINES));
+    assert_called_once_each(&app, &req_ids(LINES));
 
     // No window let more than its budget through, so the lines ran over three windows at least.
     let windows = day_windows(&app).await;
@@ -222,7 +217,6 @@ async fn lines_past_a_spent_budget_wait_for_the_reset_and_then_run_once() {
             .render()
             .contains("sluice_budget_lines_total{action=\"held\",tenant=\"tenant-a\"}")
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -240,7 +234,7 @@ async fn the_fail_policy_fails_the_lines_past_the_budget_without_calling() {
     assert_eq!(done["request_counts"]["completed"], 2, "{done}");
     assert_eq!(done["request_counts"]["failed"], 3, "{done}");
     let (output, errors) = app.results(KEY_A, &done).await;
-    assert_exactly_once(&output, &errors, &ids(5));
+    assert_exactly_once(&output, &errors, &req_ids(5));
     for row in &errors {
         assert_eq!(row["error"]["code"], "budget_exceeded", "{row}");
         assert_eq!(row["response"], Value::Null, "{row}");
@@ -255,7 +249,6 @@ async fn the_fail_policy_fails_the_lines_past_the_budget_without_calling() {
     let u = usage(&app, KEY_A).await;
     assert_eq!(u["on_exhausted"], "fail");
     assert_eq!(u["data"][0]["requests"]["used"], 2);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -277,7 +270,7 @@ async fn usage_matches_the_mock_and_a_spent_month_stops_the_lines() {
     // 0, 20 and 40 tokens are under 50; at 60 the month is spent.
     assert_eq!(done["request_counts"]["completed"], 3, "{done}");
     let (output, errors) = app.results(KEY_A, &done).await;
-    assert_exactly_once(&output, &errors, &ids(5));
+    assert_exactly_once(&output, &errors, &req_ids(5));
     for row in &errors {
         let message = row["error"]["message"].as_str().unwrap();
         assert!(message.contains("monthly token budget"), "{message}");
@@ -322,7 +315,6 @@ async fn usage_matches_the_mock_and_a_spent_month_stops_the_lines() {
         usage(&app, KEY_A).await["data"][1]["tokens"]["used"],
         mock_tokens
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -376,7 +368,6 @@ async fn a_line_counts_once_however_often_it_is_admitted_and_charged() {
     );
     assert_eq!(u["data"][0]["tokens"]["used"], 15);
     assert_eq!(usage(&app, KEY_B).await["data"][0]["requests"]["used"], 0);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -415,7 +406,7 @@ async fn a_line_redelivered_after_its_worker_died_counts_once() {
     let done = app.wait_terminal(KEY_A, &batch, WAIT).await;
     assert_eq!(done["status"], "completed", "{done}");
     let (output, errors) = app.results(KEY_A, &done).await;
-    assert_exactly_once(&output, &errors, &ids(LINES));
+    assert_exactly_once(&output, &errors, &req_ids(LINES));
     assert!(errors.is_empty(), "{errors:?}");
     let twice = app
         .upstream_stats()
@@ -428,5 +419,4 @@ async fn a_line_redelivered_after_its_worker_died_counts_once() {
     let day = &usage(&app, KEY_A).await["data"][0];
     assert_eq!(day["requests"]["used"], LINES as u64, "{day}");
     assert_eq!(day["tokens"]["used"], LINES as u64 * TOKENS, "{day}");
-    app.cleanup().await;
 }

@@ -1,51 +1,14 @@
-//! Worker processes killed or stopped mid-batch (reliability scenarios F1, F2 and a dispatcher
-//! crash during enqueue): every line still ends exactly once and the batch completes.
+//! Worker processes killed or stopped mid-batch (killed with `-9`, stopped with SIGTERM, and a
+//! dispatcher killed during enqueue): every line still ends exactly once and the batch completes.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice_tests::*;
 
-/// Worker processes of one test. If the test panics before `cleanup`, the processes still alive
-/// are killed, so a failing test does not leave workers consuming forever.
-#[derive(Default)]
-pub(crate) struct Workers {
-    alive: Vec<u32>,
-}
-
-impl Workers {
-    pub(crate) fn spawn(&mut self, app: &mut TestApp) -> u32 {
-        let pid = app.spawn_worker_process();
-        self.alive.push(pid);
-        pid
-    }
-
-    /// Signals a worker and waits for it to exit.
-    pub(crate) fn signal(&mut self, app: &mut TestApp, pid: u32, signal: &str) {
-        app.signal_process(pid, signal);
-        self.alive.retain(|p| *p != pid);
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        // Only on panic: otherwise `cleanup` has killed and reaped them (their pids may be reused).
-        if std::thread::panicking() {
-            for pid in &self.alive {
-                // Best effort: the test is failing anyway.
-                std::process::Command::new("kill")
-                    .arg("-KILL")
-                    .arg(pid.to_string())
-                    .status()
-                    .ok();
-            }
-        }
-    }
-}
-
 /// `n` chat lines `req-0…` whose upstream answer takes `delay_ms`, keyed by custom id.
 fn delayed_lines(n: usize, delay_ms: u64) -> (Vec<Value>, Vec<String>) {
-    let ids: Vec<String> = (0..n).map(|i| format!("req-{i}")).collect();
+    let ids: Vec<String> = req_ids(n);
     let lines = ids
         .iter()
         .map(|id| chat_line_with_mock(id, json!({"delay_ms": delay_ms})))
@@ -85,17 +48,16 @@ pub(crate) async fn worker_killed_mid_batch(storage: StorageKind) {
         ..AppOptions::default()
     };
     let mut app = spawn_app_with(options, |_| {}).await;
-    let mut workers = Workers::default();
     let (lines, expected) = delayed_lines(2_000, 10);
     let id = app.submit(KEY_A, &lines).await;
-    let victim = workers.spawn(&mut app);
-    workers.spawn(&mut app);
+    let victim = app.spawn_worker_process();
+    app.spawn_worker_process();
     app.wait_for(KEY_A, &id, Duration::from_secs(30), |b| completed(b) >= 300)
         .await;
 
-    workers.signal(&mut app, victim, "KILL");
+    app.signal_process(victim, "KILL");
     let at_kill = app.get_batch(KEY_A, &id).await;
-    workers.spawn(&mut app);
+    app.spawn_worker_process();
     let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(30)).await;
 
     assert!(
@@ -122,7 +84,6 @@ pub(crate) async fn worker_killed_mid_batch(storage: StorageKind) {
         twice.iter().all(|(_, n)| *n == 2),
         "a line was called more than twice: {twice:?}"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -138,12 +99,11 @@ async fn a_dispatcher_killed_mid_enqueue_is_resumed_and_every_line_ends_exactly_
         s.aggregator.redispatch_after_ms = 1_000;
     })
     .await;
-    let mut workers = Workers::default();
     let total: i64 = 5_000;
     let lines = chat_lines(total as usize);
-    let expected: Vec<String> = (0..total).map(|i| format!("req-{i}")).collect();
+    let expected: Vec<String> = req_ids(total as usize);
     let id = app.submit(KEY_A, &lines).await;
-    let dispatcher = workers.spawn(&mut app);
+    let dispatcher = app.spawn_worker_process();
     // Kill it right after its first checkpoint (every 2,000 confirmed lines), mid-enqueue.
     let started = Instant::now();
     loop {
@@ -163,14 +123,14 @@ async fn a_dispatcher_killed_mid_enqueue_is_resumed_and_every_line_ends_exactly_
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    workers.signal(&mut app, dispatcher, "KILL");
+    app.signal_process(dispatcher, "KILL");
     let at_kill = app
         .store
         .get_batch(&id)
         .await
         .expect("redis")
         .expect("batch exists");
-    workers.spawn(&mut app);
+    app.spawn_worker_process();
     let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(40)).await;
 
     assert_eq!(at_kill.get("status"), Some("in_progress"));
@@ -181,7 +141,6 @@ async fn a_dispatcher_killed_mid_enqueue_is_resumed_and_every_line_ends_exactly_
     );
     assert_all_succeeded_once(&app, &batch, &expected).await;
     assert!(app.upstream_stats().calls >= total as u64);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -192,19 +151,18 @@ async fn a_worker_stopped_with_sigterm_finishes_its_lines_within_the_grace_and_t
         ..AppOptions::default()
     };
     let mut app = spawn_app_with(options, |_| {}).await;
-    let mut workers = Workers::default();
     let (lines, expected) = delayed_lines(2_000, 10);
     let id = app.submit(KEY_A, &lines).await;
-    let worker = workers.spawn(&mut app);
+    let worker = app.spawn_worker_process();
     app.wait_for(KEY_A, &id, Duration::from_secs(30), |b| completed(b) >= 300)
         .await;
 
     let signalled = Instant::now();
-    workers.signal(&mut app, worker, "TERM");
+    app.signal_process(worker, "TERM");
     let exit_took = signalled.elapsed();
     let at_exit = app.get_batch(KEY_A, &id).await;
     let calls_at_exit = app.upstream_stats().calls;
-    workers.spawn(&mut app);
+    app.spawn_worker_process();
     let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(30)).await;
 
     let grace = Duration::from_millis(app.settings.worker.shutdown_grace_ms);
@@ -222,7 +180,6 @@ async fn a_worker_stopped_with_sigterm_finishes_its_lines_within_the_grace_and_t
     let stats = app.upstream_stats();
     assert_eq!(stats.calls, 2_000, "a graceful stop causes no second call");
     assert!(stats.per_key.values().all(|t| t.len() == 1));
-    app.cleanup().await;
 }
 
 /// An aggregator that died mid-finalize leaves a `finalizing` batch, its lease running out and
@@ -245,7 +202,7 @@ async fn an_aggregator_dead_mid_finalize_leaves_no_half_or_double_file() {
     .await;
     let total = 300;
     let lines = chat_lines(total);
-    let expected: Vec<String> = (0..total).map(|i| format!("req-{i}")).collect();
+    let expected: Vec<String> = req_ids(total);
     let id = app.submit(KEY_A, &lines).await;
     app.wait_for(KEY_A, &id, Duration::from_secs(30), |b| {
         completed(b) == total as u64
@@ -318,5 +275,4 @@ async fn an_aggregator_dead_mid_finalize_leaves_no_half_or_double_file() {
     assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed:#}");
     stop.cancel();
     aggregator.await.ok();
-    app.cleanup().await;
 }

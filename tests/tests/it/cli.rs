@@ -1,4 +1,4 @@
-//! Issue 13: the `sluice submit` / `sluice batches` client against a real running Sluice: plain
+//! The `sluice submit` / `sluice batches` client against a real running Sluice: plain
 //! lines off a terminal, a live progress bar in a pseudo-terminal (`script(1)`), exit codes, one-line
 //! errors, tenancy, Ctrl-C.
 
@@ -203,7 +203,6 @@ async fn submit_waits_with_plain_lines_off_a_terminal_and_exits_by_outcome() {
     assert!(text(&out.stdout).contains("32/32 done, 2 failed"));
 
     std::fs::remove_dir_all(&dir).ok();
-    app.cleanup().await;
 }
 
 /// Runs `command` in a pseudo-terminal through `script(1)`; returns the child and a buffer that
@@ -367,5 +366,4 @@ async fn a_terminal_shows_a_live_bar_and_ctrl_c_asks_before_cancelling() {
     );
 
     std::fs::remove_dir_all(&dir).ok();
-    app.cleanup().await;
 }

@@ -108,6 +108,6 @@ async fn a_batch_completes_against_a_three_node_redis_cluster() {
         spread.iter().filter(|n| **n > 0).count() >= 2,
         "keys should spread over the cluster's nodes: {spread:?}"
     );
-    app.cleanup().await;
+    drop(app);
     drop(cluster);
 }

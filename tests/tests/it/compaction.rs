@@ -39,19 +39,12 @@ pub fn lines_with_straggler(n: usize, straggle_ms: u64) -> Vec<Value> {
     lines
 }
 
-fn ids(lines: &[Value]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| l["custom_id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_are_compacted_into_segments_while_the_batch_runs() {
     compaction_during_run(StorageKind::Local).await;
 }
 
-/// Rows leave Redis for segment objects in `storage` while the batch runs (issue 12); the S3
+/// Rows leave Redis for segment objects in `storage` while the batch runs; the S3
 /// module runs it against a real S3-compatible server.
 pub(crate) async fn compaction_during_run(storage: StorageKind) {
     let options = AppOptions {
@@ -96,11 +89,14 @@ pub(crate) async fn compaction_during_run(storage: StorageKind) {
         .await;
     assert_eq!(batch["status"], "completed", "{batch:#}");
     let (output, errors) = app.results(KEY_A, &batch).await;
-    assert_exactly_once(&output, &errors, &ids(&lines));
-    assert_eq!(ids(&output), ids(&lines), "output in input order");
+    assert_exactly_once(&output, &errors, &custom_ids(&lines));
+    assert_eq!(
+        custom_ids(&output),
+        custom_ids(&lines),
+        "output in input order"
+    );
     // A terminal batch keeps no row in Redis.
     assert!(!exists(&app, &keys.batch_rows(&batch_id)).await);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -186,8 +182,12 @@ async fn a_compaction_dying_at_any_step_loses_and_doubles_no_row() {
     assert_eq!(batch["status"], "completed", "{batch:#}");
     assert_eq!(batch["request_counts"]["completed"], 300);
     let (output, errors) = app.results(KEY_A, &batch).await;
-    assert_exactly_once(&output, &errors, &ids(&lines));
-    assert_eq!(ids(&output), ids(&lines), "output in input order");
+    assert_exactly_once(&output, &errors, &custom_ids(&lines));
+    assert_eq!(
+        custom_ids(&output),
+        custom_ids(&lines),
+        "output in input order"
+    );
     // The orphans (never registered) are gone with the finalize; the registered ones stay.
     assert!(ctx.objects.head(&orphan_path).await.is_err());
     assert!(
@@ -203,7 +203,6 @@ async fn a_compaction_dying_at_any_step_loses_and_doubles_no_row() {
             .is_ok()
     );
     assert!(!exists(&app, &rows_key).await);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -225,12 +224,11 @@ async fn finalize_merges_more_segments_than_its_fan_in_in_passes() {
         .await;
     assert_eq!(batch["status"], "completed", "{batch:#}");
     let (output, errors) = app.results(KEY_A, &batch).await;
-    assert_exactly_once(&output, &errors, &ids(&lines));
+    assert_exactly_once(&output, &errors, &custom_ids(&lines));
     let failed: Vec<String> = (0..399).step_by(7).map(|i| format!("req-{i}")).collect();
-    assert_eq!(ids(&errors), failed);
+    assert_eq!(custom_ids(&errors), failed);
     assert!(
         app.store.segments(&batch_id).await.unwrap().len() <= 3,
         "merge passes leave at most fan-in segments"
     );
-    app.cleanup().await;
 }

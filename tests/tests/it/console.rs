@@ -113,7 +113,6 @@ async fn console_assets_are_served_without_a_key_under_a_strict_policy() {
         .await
         .unwrap();
     assert_eq!(traversal.status(), StatusCode::NOT_FOUND);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +131,6 @@ async fn the_console_can_be_turned_off() {
     // The API itself is unaffected.
     let (status, _) = list(&app, KEY_A).await;
     assert_eq!(status, 200);
-    app.cleanup().await;
 }
 
 /// The browser to drive: `CHROMIUM_PATH`, else Debian's `chromium`.
@@ -310,7 +308,6 @@ async fn the_console_runs_a_batch_end_to_end_in_a_real_browser() {
     let (_, list_b) = list(&app, KEY_B).await;
     assert!(list_b.is_empty(), "{list_b:?}");
     std::fs::remove_dir_all(&dir).ok();
-    app.cleanup().await;
 }
 
 async fn list(app: &TestApp, key: &str) -> (u16, Vec<Value>) {

@@ -1,4 +1,4 @@
-//! Issue 13: a first run that works anywhere. `sluice all --demo --services private` starts its own
+//! A first run that works anywhere. `sluice all --demo --services private` starts its own
 //! Redis and RabbitMQ (own ports, data beside the demo's files), runs a batch on them, and stops
 //! them when it exits. (`--services auto`, the default, does the same only when the default URLs do
 //! not answer; the shared services answer on this machine, so the test asks for private ones.)

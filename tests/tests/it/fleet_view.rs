@@ -1,4 +1,4 @@
-//! A provider with no pacing configured costs no limiter script per call (issue 16): each worker
+//! A provider with no pacing configured costs no limiter script per call: each worker
 //! keeps a copy of the fleet pause and breaker, read at most `worker.fleet_view_ms` before a
 //! call, and a pause set by one replica stops every replica's calls within 250 ms.
 
@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use serde_json::json;
 use sluice_tests::*;
-
-use crate::chaos::Workers;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_429_on_one_replica_pauses_the_other_replicas_within_250_ms() {
@@ -24,9 +22,8 @@ async fn a_429_on_one_replica_pauses_the_other_replicas_within_250_ms() {
     .await;
     // Three replicas: a replica whose copy were older than the bound would be caught unless it
     // happened to read within 250 ms of the pause, and all the other two would have to.
-    let mut workers = Workers::default();
     for _ in 0..3 {
-        workers.spawn(&mut app);
+        app.spawn_worker_process();
     }
     // 12 slots × 50 ms calls: about 5 s of calls without the pause, so the big batch still has
     // lines to call on every replica when the 429 comes and after the pause ends.
@@ -82,7 +79,6 @@ async fn a_429_on_one_replica_pauses_the_other_replicas_within_250_ms() {
         after >= 40,
         "only {after} calls after the pause: the big batch ended before the 429"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -103,7 +99,6 @@ async fn successes_of_an_unpaced_provider_run_no_limiter_script() {
         .await
         .unwrap();
     assert_eq!(breaker, 0, "a report script ran for a success");
-    app.cleanup().await;
 }
 
 /// The summed report of a paced provider's successes, against the real Redis: token corrections

@@ -1,4 +1,4 @@
-//! Hostile and careless tenants (issue 11): while tenant B runs an ordinary batch, tenant A sends
+//! Hostile and careless tenants: while tenant B runs an ordinary batch, tenant A sends
 //! input meant to hurt the fleet. Every test checks that A gets the documented answer, that B's
 //! batch completes with every row, that no Sluice process died, and that each process's peak RSS
 //! (`VmHWM` from `/proc`) stays under a stated bound.
@@ -23,28 +23,10 @@ struct Rig {
     app: TestApp,
     /// Peak RSS bound of the aggregator (MiB), tighter where a test is about its memory.
     aggregator_max_mib: u64,
+    /// The role processes, children of `app`, which kills them when the rig is dropped.
     roles: Vec<(&'static str, u32)>,
-    _kill_on_panic: KillOnPanic,
     b_batch: String,
     b_ids: Vec<String>,
-}
-
-/// Kills the role processes of a failing test, which `cleanup` never reaches.
-struct KillOnPanic(Vec<u32>);
-
-impl Drop for KillOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for pid in &self.0 {
-                // Best effort: the test is failing anyway.
-                std::process::Command::new("kill")
-                    .arg("-KILL")
-                    .arg(pid.to_string())
-                    .status()
-                    .ok();
-            }
-        }
-    }
 }
 
 impl Rig {
@@ -74,7 +56,6 @@ impl Rig {
         Self {
             app,
             aggregator_max_mib: AGGREGATOR_MAX_MIB,
-            _kill_on_panic: KillOnPanic(roles.iter().map(|(_, pid)| *pid).collect()),
             roles,
             b_batch,
             b_ids,
@@ -116,7 +97,7 @@ impl Rig {
         }
     }
 
-    /// B's batch completed with every row, and every process is healthy. Cleans up.
+    /// B's batch completed with every row, and every process is healthy.
     async fn finish(self) {
         let batch = self
             .app
@@ -131,7 +112,6 @@ impl Rig {
             errors.first()
         );
         self.assert_processes_healthy();
-        self.app.cleanup().await;
     }
 }
 

@@ -13,7 +13,7 @@ use sluice_tests::lossy_proxy::LossyProxy;
 use sluice_tests::python::run_openai_script;
 use sluice_tests::*;
 
-use crate::api_errors::{error_body, expect_ok, ids};
+use crate::api_errors::{error_body, expect_ok};
 
 const KEY: &str = "Idempotency-Key";
 
@@ -79,11 +79,11 @@ async fn refused(request: reqwest::RequestBuilder, status: u16) -> Value {
 }
 
 async fn batch_ids(app: &TestApp, tenant: &str) -> Vec<String> {
-    ids(&expect_ok(app.req(Method::GET, "/batches?limit=100", tenant)).await)
+    list_ids(&expect_ok(app.req(Method::GET, "/batches?limit=100", tenant)).await)
 }
 
 async fn file_ids(app: &TestApp, tenant: &str) -> Vec<String> {
-    ids(&expect_ok(app.req(Method::GET, "/files", tenant)).await)
+    list_ids(&expect_ok(app.req(Method::GET, "/files", tenant)).await)
 }
 
 fn unique_key(label: &str) -> String {
@@ -147,7 +147,6 @@ async fn concurrent_duplicate_creates_make_one_object_in_every_form() {
     assert_eq!(listed, created, "one batch per key");
     // The inline and JSONL creates stored one input file each, not one per copy.
     assert_eq!(file_ids(&app, KEY_A).await.len(), 3);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -202,7 +201,6 @@ async fn a_key_answers_its_first_request_and_refuses_any_other() {
     refused(create(&app, KEY_A, " ", &Create::Json(body.clone())), 400).await;
     let accepted = send(create(&app, KEY_A, &"k".repeat(255), &Create::Json(body))).await;
     assert_eq!(accepted.status, 200, "{}", accepted.body);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -229,7 +227,6 @@ async fn a_failed_first_request_leaves_the_key_free() {
     // From now on the key is bound to the request that succeeded.
     refused(create(&app, KEY_A, &key, &Create::Json(bad)), 409).await;
     assert_eq!(batch_ids(&app, KEY_A).await.len(), 1);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -261,7 +258,6 @@ async fn keys_are_scoped_per_tenant() {
     assert_eq!(a_ids.len(), 2);
     assert_eq!(b_ids.len(), 2);
     assert!(a_ids.iter().all(|id| !b_ids.contains(id)));
-    app.cleanup().await;
 }
 
 /// Starts a JSONL create whose body stays open until the returned sender sends the rest and is
@@ -341,7 +337,6 @@ async fn a_duplicate_waits_for_the_first_request_and_gets_its_answer() {
     assert_eq!((duplicate.status, duplicate.replayed), (200, true));
     assert_eq!(duplicate.body, first.body);
     assert_eq!(batch_ids(&app, KEY_A).await.len(), 1);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -371,7 +366,6 @@ async fn a_duplicate_that_cannot_wait_gets_a_retryable_409_then_the_first_answer
     let retry = send(create(&app, KEY_A, &key, &Create::Jsonl(body))).await;
     assert_eq!((retry.status, retry.replayed), (200, true));
     assert_eq!(retry.body["id"], first.body["id"]);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -397,7 +391,6 @@ async fn a_duplicate_runs_itself_when_the_first_request_fails() {
         batch_ids(&app, KEY_A).await,
         [duplicate.body["id"].as_str().unwrap()]
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -444,7 +437,6 @@ async fn a_create_cut_off_by_its_deadline_still_answers_its_retry() {
         .await
         .unwrap();
     assert_eq!(batches, [retry.body["id"].as_str().unwrap()]);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -477,7 +469,6 @@ async fn concurrent_retries_of_a_batch_with_one_key_make_one_child() {
         409,
     )
     .await;
-    app.cleanup().await;
 }
 
 /// Longest the SDK script may run (installing the SDK the first time is not counted).
@@ -540,5 +531,4 @@ async fn the_openai_sdk_retrying_a_lost_create_with_a_key_makes_no_duplicate() {
     expected.sort();
     assert_eq!(batches, expected, "the unkeyed pair and one keyed batch");
     assert_eq!(file_ids(&app, KEY_A).await, [got["file"].as_str().unwrap()]);
-    app.cleanup().await;
 }

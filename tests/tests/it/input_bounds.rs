@@ -1,4 +1,4 @@
-//! Hostile and careless input is bounded by configuration (issue 11, bullets 1–3): validation
+//! Hostile and careless input is bounded by configuration: validation
 //! errors are capped and counted, create bodies are capped per form (the inline form streams), and
 //! every client string has a length cap answered with a 400 naming its parameter.
 
@@ -13,65 +13,12 @@ const CHAT: &str = "/v1/chat/completions";
 /// An answer read over a raw socket: (status, body).
 type Answer = (u16, String);
 
-/// Sends one request over a raw socket and reads the answer while still writing: the server may
-/// answer (413, or a 400 once the verdict is certain) and close before the body is all sent,
-/// which reqwest reports as a broken pipe, dropping the answer.
+/// Sends one request over a raw socket (see [`TestApp::raw_request`]); (status, body).
 async fn raw(app: &TestApp, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = app
-        .base
-        .trim_start_matches("http://")
-        .trim_end_matches("/v1")
-        .to_owned();
-    let head = format!(
-        "{method} /v1{path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {KEY_A}\r\n\
-         Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("connect");
-    let (mut rd, mut wr) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        // A write error only means the server stopped reading; its answer is what matters.
-        if wr.write_all(head.as_bytes()).await.is_ok() {
-            wr.write_all(&body).await.ok();
-        }
-        wr
-    });
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let text = loop {
-        let n = tokio::time::timeout(Duration::from_secs(60), rd.read(&mut buf))
-            .await
-            .expect("the server answers")
-            .unwrap_or(0);
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_owned())
-                })
-                .and_then(|v| v.parse::<usize>().ok());
-            if n == 0 || length.is_some_and(|len| body.len() >= len) {
-                break text;
-            }
-        }
-        assert!(n > 0, "connection closed before a whole answer: {text:?}");
-    };
-    writer.abort();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a whole answer");
-    let status = head
-        .lines()
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    (status, body.to_owned())
+    let answer = app
+        .raw_request(method, path, content_type, body, Duration::from_secs(60))
+        .await;
+    (answer.status, answer.body)
 }
 
 /// The `error` object of an answer that must have `status`.
@@ -107,7 +54,7 @@ fn request(custom_id: &str, text: &str) -> Value {
 async fn two_million_bad_lines_fail_the_batch_with_bounded_errors_and_a_total() {
     let app = spawn_app().await;
     let limits = app.settings.limits.clone();
-    // 4 MB: two million lines of `x` (the measured case of the issue).
+    // 4 MB: two million lines of `x`, the smallest upload that once filled memory with errors.
     let file = app.upload(KEY_A, b"x\n".repeat(2_000_000)).await;
     let batch_id = app.create_batch(KEY_A, &file).await;
     let batch = app
@@ -148,7 +95,6 @@ async fn two_million_bad_lines_fail_the_batch_with_bounded_errors_and_a_total() 
     let (status, list) = send(app.req(Method::GET, "/batches", KEY_A)).await;
     assert_eq!(status, 200);
     assert!(list.len() < 300 * 1024, "{} bytes", list.len());
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -209,7 +155,6 @@ async fn bad_lines_of_a_jsonl_body_get_a_bounded_400() {
         serde_json::from_str::<Value>(&files).unwrap()["data"],
         json!([])
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -324,7 +269,6 @@ async fn over_long_strings_get_400_naming_their_parameter() {
         "{body}"
     );
     // Nothing validates here (API only); the same check runs in the dispatcher (unit-tested).
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -343,7 +287,6 @@ async fn a_long_custom_id_in_a_file_fails_its_batch_naming_custom_id() {
     assert_eq!(data[0]["param"], "custom_id");
     assert_eq!(data[0]["line"], 2);
     assert_eq!(app.upstream_stats().calls, 0);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -436,7 +379,6 @@ async fn create_bodies_over_their_form_cap_get_413_and_deep_json_gets_400() {
         serde_json::from_str::<Value>(&files).unwrap()["data"],
         json!([])
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -471,7 +413,6 @@ async fn a_large_inline_create_streams_and_runs_every_request() {
     assert!(errors.is_empty());
     let expected: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
     assert_exactly_once(&output, &errors, &expected);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -500,5 +441,4 @@ async fn long_echoed_errors_keep_the_batch_object_small() {
         send(app.req(Method::GET, &format!("/batches/{batch_id}"), KEY_A)).await;
     assert_eq!(status, 200);
     assert!(raw_batch.len() < 300 * 1024, "{} bytes", raw_batch.len());
-    app.cleanup().await;
 }

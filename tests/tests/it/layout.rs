@@ -26,7 +26,7 @@ fn sluice_dependencies(crate_dir: &str) -> Vec<String> {
 }
 
 /// Every crate of the workspace, as its folder.
-const CRATES: [&str; 8] = [
+const CRATES: [&str; 9] = [
     "shared/core",
     "shared/store",
     "shared/broker",
@@ -35,6 +35,7 @@ const CRATES: [&str; 8] = [
     "worker",
     "cli",
     "tests",
+    "bench",
 ];
 
 #[test]
@@ -90,9 +91,10 @@ fn only_the_cli_composes_the_roles_and_nothing_depends_on_it() {
             "sluice-worker"
         ]
     );
-    // The test harness starts the roles through the binary's library, as an operator would.
+    // The test harness and the benchmarks start the roles through the binary's library, as an
+    // operator would.
     for dir in CRATES {
-        if dir != "tests" {
+        if !matches!(dir, "tests" | "bench") {
             assert!(
                 !sluice_dependencies(dir).contains(&"sluice-cli".to_owned()),
                 "{dir} depends on the cli"

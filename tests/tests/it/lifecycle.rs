@@ -1,5 +1,6 @@
-//! Cancel, expiry and the terminal states a batch can reach besides the happy path (contract §1.2,
-//! §1.6; reliability scenarios F15, F16, F17).
+//! Cancel, expiry and the terminal states a batch can reach besides the happy path: cancelling
+//! while lines run, twice, or once completed; a window running out; a batch whose every line
+//! fails or whose results are mixed; several aggregators finishing one batch.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,7 +24,7 @@ fn unix_ms() -> u64 {
 
 /// `n` chat lines `req-0…`, each carrying the same mock directives (keyed by its custom id).
 fn mock_lines(n: usize, mock: &Value) -> (Vec<Value>, Vec<String>) {
-    let ids: Vec<String> = (0..n).map(|i| format!("req-{i}")).collect();
+    let ids: Vec<String> = req_ids(n);
     let lines = ids
         .iter()
         .map(|id| chat_line_with_mock(id, mock.clone()))
@@ -170,7 +171,6 @@ pub(crate) async fn cancel_mid_run(storage: StorageKind, paced: bool) {
         late.is_empty(),
         "upstream calls started after the cancel: {late:?}"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -200,7 +200,6 @@ async fn cancelling_a_completed_batch_is_a_409_that_tells_clients_not_to_retry()
     assert_eq!(after["status"], "completed");
     assert_eq!(after["cancelling_at"], Value::Null);
     assert_eq!(after["output_file_id"], batch["output_file_id"]);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -239,7 +238,6 @@ async fn cancelling_twice_answers_200_both_times_and_again_once_cancelled() {
     let (output, errors) = app.results(KEY_A, &batch).await;
     assert_exactly_once(&output, &errors, &expected);
     assert_counts_match_files(&batch, &output, &errors, 20);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -301,7 +299,6 @@ async fn a_batch_past_its_completion_window_expires_keeping_finished_rows_and_ma
         "an upstream call arrived {} ms after the window expired",
         last_call - expiry_ms
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -329,13 +326,12 @@ async fn a_batch_whose_every_line_fails_upstream_with_400_completes_with_only_an
         assert_eq!(line["error"], Value::Null, "{line}");
     }
     assert_eq!(app.upstream_stats().calls, 20, "a 400 is not retried");
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_with_mixed_results_counts_exactly_what_its_files_hold() {
     let app = spawn_app().await;
-    let expected: Vec<String> = (0..30).map(|i| format!("req-{i}")).collect();
+    let expected: Vec<String> = req_ids(30);
     let missing: BTreeSet<String> = expected.iter().step_by(3).cloned().collect();
     let lines: Vec<Value> = expected
         .iter()
@@ -372,7 +368,6 @@ async fn a_batch_with_mixed_results_counts_exactly_what_its_files_hold() {
         );
         assert_eq!(line["error"], Value::Null, "{line}");
     }
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -389,7 +384,7 @@ async fn several_aggregators_finish_a_batch_once_with_one_set_of_result_files() 
             .expect("back end connects");
         tokio::spawn(sluice_worker::run_aggregator(ctx, app.stop.child_token()));
     }
-    let expected: Vec<String> = (0..500).map(|i| format!("req-{i}")).collect();
+    let expected: Vec<String> = req_ids(500);
     let lines: Vec<Value> = expected
         .iter()
         .enumerate()
@@ -444,5 +439,4 @@ async fn several_aggregators_finish_a_batch_once_with_one_set_of_result_files() 
     assert_exactly_once(&output, &errors, &expected);
     assert_counts_match_files(&batch, &output, &errors, 500);
     assert_eq!(errors.len(), 10);
-    app.cleanup().await;
 }

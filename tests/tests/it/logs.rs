@@ -173,5 +173,4 @@ async fn a_full_run_at_debug_level_logs_no_key_prompt_or_completion() {
         hits.is_empty(),
         "logs leak a key, prompt or completion: {hits:#?}"
     );
-    app.cleanup().await;
 }

@@ -1,4 +1,4 @@
-//! Several models in one batch (issue 14, part 4): refused by default as OpenAI does, accepted with
+//! Several models in one batch: refused by default as OpenAI does, accepted with
 //! `limits.one_model_per_batch = false` (or a tenant's own setting), each line then routed to and
 //! paced by its own model's provider.
 
@@ -13,15 +13,16 @@ use sluice_tests::python::run_openai_script;
 use sluice_tests::*;
 use tokio_util::sync::CancellationToken;
 
+use crate::hosted_api_flows::{assert_error, create, create_jsonl, provider, second_mock};
 use crate::pacing::max_in_window;
-use crate::seeds::{assert_error, create, create_jsonl, provider, second_mock};
 
 /// A chat line for `model` whose calls the mock records under the line's `custom_id`.
 fn line(id: &str, model: &str, mock: Value) -> Value {
     let mut mock = mock;
     mock["key"] = json!(id);
-    json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
-           "body": {"model": model, "messages": [{"role": "user", "content": id}], "mock": mock}})
+    let mut line = model_chat_line(id, model, id);
+    line["body"]["mock"] = mock;
+    line
 }
 
 /// Lines `{prefix}-0…` for `model`.
@@ -36,11 +37,9 @@ fn served(mock: &MockUpstream) -> BTreeSet<String> {
     mock.stats().per_key.into_keys().collect()
 }
 
-fn ids(lines: &[Value]) -> BTreeSet<String> {
-    lines
-        .iter()
-        .map(|l| l["custom_id"].as_str().unwrap().to_owned())
-        .collect()
+/// The lines' custom ids, as a set to compare with [`served`].
+fn id_set(lines: &[Value]) -> BTreeSet<String> {
+    custom_ids(lines).into_iter().collect()
 }
 
 /// The same lines as an inline create's `requests`.
@@ -94,12 +93,16 @@ async fn a_mixed_batch_runs_each_line_on_its_own_models_provider() {
     assert_eq!(batch["status"], "completed", "{batch:#}");
     assert_eq!(batch["request_counts"]["completed"], 12, "{batch:#}");
     assert_eq!(batch["model"], Value::Null, "no single model: {batch:#}");
-    assert_eq!(served(&alpha), ids(&a));
-    assert_eq!(served(&beta), ids(&b));
-    assert_eq!(served(&app.mock), ids(&m));
+    assert_eq!(served(&alpha), id_set(&a));
+    assert_eq!(served(&beta), id_set(&b));
+    assert_eq!(served(&app.mock), id_set(&m));
     let (output, errors) = app.results(KEY_A, &batch).await;
     assert!(errors.is_empty(), "{errors:#?}");
-    assert_exactly_once(&output, &errors, &ids(&all).into_iter().collect::<Vec<_>>());
+    assert_exactly_once(
+        &output,
+        &errors,
+        &id_set(&all).into_iter().collect::<Vec<_>>(),
+    );
     for row in &output {
         let expected = match &row["custom_id"].as_str().unwrap()[..1] {
             "a" => "alpha-model",
@@ -124,7 +127,7 @@ async fn a_mixed_batch_runs_each_line_on_its_own_models_provider() {
     // Each line went to its provider once per batch: three batches, three calls per line.
     for (mock, mine) in [(&alpha, &a), (&beta, &b), (&app.mock, &m)] {
         let stats = mock.stats();
-        for id in ids(mine) {
+        for id in id_set(mine) {
             assert_eq!(stats.per_key[&id].len(), 3, "{id}");
         }
     }
@@ -156,7 +159,6 @@ async fn a_mixed_batch_runs_each_line_on_its_own_models_provider() {
     assert_eq!(batch["status"], "failed", "{batch:#}");
     assert_eq!(batch["errors"]["data"][0]["code"], "model_mismatch");
     stop.cancel();
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -203,9 +205,8 @@ async fn a_mixed_batch_is_refused_by_default_unless_the_tenant_allows_it() {
     let id = app.submit(KEY_A, &all).await;
     let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(30)).await;
     assert_eq!(batch["status"], "completed", "{batch:#}");
-    assert_eq!(served(&alpha), ids(&all[1..2]));
+    assert_eq!(served(&alpha), id_set(&all[1..2]));
     stop.cancel();
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -232,8 +233,8 @@ async fn each_line_is_paced_by_its_own_providers_limits() {
     let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(60)).await;
     assert_eq!(batch["status"], "completed", "{batch:#}");
     assert_eq!(batch["request_counts"]["completed"], 12);
-    assert_eq!(served(&capped), ids(&held));
-    assert_eq!(served(&app.mock), ids(&free));
+    assert_eq!(served(&capped), id_set(&held));
+    assert_eq!(served(&app.mock), id_set(&free));
     // One capped call at a time: each is answered after 300 ms and only then frees the slot, so
     // no two start within 300 ms of each other, however slow the machine.
     let times = capped.stats().times;
@@ -241,7 +242,6 @@ async fn each_line_is_paced_by_its_own_providers_limits() {
     let peak = max_in_window(&times, 300);
     assert_eq!(peak, 1, "capped calls overlapped: {times:?}");
     stop.cancel();
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -268,7 +268,6 @@ async fn the_readmes_python_sdk_example_runs_a_mixed_batch() {
     );
     assert_eq!((app.upstream_stats().calls, alpha.stats().calls), (1, 1));
     stop.cancel();
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -297,5 +296,4 @@ async fn a_task_model_and_a_plain_model_mix_each_on_its_own_provider() {
     assert_eq!(models, [("sum-1", "summarize"), ("m-0", MODEL)]);
     assert_eq!((alpha.stats().calls, app.upstream_stats().calls), (1, 1));
     stop.cancel();
-    app.cleanup().await;
 }

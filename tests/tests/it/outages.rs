@@ -1,4 +1,4 @@
-//! Redis and the broker failing under a running batch (reliability scenarios F4, F6 and F7), on
+//! Redis and the broker failing under a running batch, on
 //! private servers of the test: Redis crashed and restarted from its append-only file, Redis
 //! stalled, the RabbitMQ node crashed and restarted. Rows written before the Redis crash come back
 //! from its append-only file unchanged. Lines in flight must wait rather than burn
@@ -19,7 +19,7 @@ use sluice_tests::*;
 const LINES: usize = 1_500;
 
 fn slow_lines() -> (Vec<Value>, Vec<String>) {
-    let ids: Vec<String> = (0..LINES).map(|i| format!("req-{i}")).collect();
+    let ids: Vec<String> = req_ids(LINES);
     let lines = ids
         .iter()
         .map(|id| chat_line_with_mock(id, json!({"delay_ms": 5})))
@@ -126,7 +126,6 @@ async fn redis_killed_and_restarted_from_its_aof_mid_batch_loses_and_duplicates_
             "row of {custom_id} changed"
         );
     }
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -143,7 +142,6 @@ async fn a_redis_stall_mid_batch_delays_lines_without_failing_them() {
     redis.signal("CONT");
 
     assert_completed_exactly_once(&app, &id, &expected).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -167,6 +165,6 @@ async fn the_broker_crashed_and_restarted_mid_batch_loses_and_duplicates_nothing
     .expect("broker restart");
 
     assert_completed_exactly_once(&app, &id, &expected).await;
-    app.cleanup().await;
+    drop(app);
     drop(rabbit);
 }

@@ -1,4 +1,4 @@
-//! Fleet-wide pacing, observed from the upstream's side (issue 4): rate limits shared by several
+//! Fleet-wide pacing, observed from the upstream's side: rate limits shared by several
 //! worker processes, the fleet pause after a 429 or an exhausted `x-ratelimit-*` header, retries
 //! that wait outside the consumer slots, the circuit breaker, and fairness between batches.
 //!
@@ -12,8 +12,6 @@ use serde_json::{Value, json};
 use sluice_core::Settings;
 use sluice_core::config::PacingSettings;
 use sluice_tests::*;
-
-use crate::chaos::Workers;
 
 /// Applies `pacing` to the mock provider.
 fn pace(s: &mut Settings, pacing: PacingSettings) {
@@ -84,9 +82,8 @@ async fn three_worker_processes_together_stay_under_the_fleet_request_rate() {
     };
     // 600 RPM = one call per 100 ms for the whole fleet; a burst of 500 ms lets ~6 go at once.
     let mut app = spawn_app_with(options, |s| pace_rpm(s, 600, 500)).await;
-    let mut workers = Workers::default();
     for _ in 0..3 {
-        workers.spawn(&mut app);
+        app.spawn_worker_process();
     }
     let lines = healthy(60, json!({}));
     let id = app.submit(KEY_A, &lines).await;
@@ -105,7 +102,6 @@ async fn three_worker_processes_together_stay_under_the_fleet_request_rate() {
     // Any second holds at most 10 calls plus the burst (and a little for clock granularity).
     let peak = max_in_window(&times, 1_000);
     assert!(peak <= 10 + 6 + 2, "{peak} calls in one second");
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -147,7 +143,6 @@ async fn a_429_with_retry_after_pauses_the_whole_fleet_for_that_long() {
         "the lines waited for the pause to end: {} calls after it",
         after.len()
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -189,7 +184,6 @@ async fn an_exhausted_ratelimit_header_pauses_the_fleet_until_its_reset_and_odd_
         *stats.times.iter().max().unwrap(),
     );
     assert!(last - first < 15_000, "{} ms for 21 calls", last - first);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -220,7 +214,6 @@ async fn a_line_waiting_to_retry_does_not_hold_a_consumer_slot() {
             "ok-{i} ran only after the retry: the waiting line held the slot"
         );
     }
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -273,7 +266,6 @@ async fn the_breaker_opens_during_an_outage_probes_and_closes_and_no_line_loses_
         .await
         .unwrap();
     assert_eq!(state.as_deref(), Some("closed"));
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -306,7 +298,6 @@ async fn the_token_limit_paces_calls_by_their_usage() {
     );
     // 8,000 tokens at 1,000/s with a 500-token burst: at least ~6.5 s between first and last.
     assert!(last - first >= 6_000, "8,000 tokens in {} ms", last - first);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -354,7 +345,6 @@ async fn a_small_batch_of_another_tenant_is_not_starved_by_a_big_one() {
     let (output, errors) = app.results(KEY_A, &a_batch).await;
     let ids: Vec<String> = (0..240).map(|i| format!("a-{i}")).collect();
     assert_exactly_once(&output, &errors, &ids);
-    app.cleanup().await;
 }
 
 /// A small batch goes through the express queue: it does not wait behind the lines of a big batch
@@ -387,7 +377,6 @@ async fn a_small_batch_takes_the_express_queue_past_a_big_batch_already_queued()
     assert!(a_done < 400, "B finished after {a_done} of A's 600 lines");
 
     completes(&app, &a, &big, Duration::from_secs(60)).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -397,8 +386,7 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
         ..AppOptions::default()
     };
     let mut app = spawn_app_with(options, |s| s.worker.batch_window = 40).await;
-    let mut workers = Workers::default();
-    let pid = workers.spawn(&mut app);
+    let pid = app.spawn_worker_process();
     // 100 ms calls: a 40-line window then finishes 400 lines/s, slow enough that the kill lands
     // long before the whole batch could have gone through the window.
     let lines = healthy(300, json!({"delay_ms": 100}));
@@ -409,7 +397,7 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
         b["request_counts"]["completed"].as_u64().unwrap_or(0) >= 60
     })
     .await;
-    workers.signal(&mut app, pid, "KILL");
+    app.signal_process(pid, "KILL");
     let dispatched: i64 = app
         .store
         .get_batch(&id)
@@ -422,10 +410,9 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
         dispatched < 300,
         "the window kept most lines out of the queue"
     );
-    workers.spawn(&mut app);
+    app.spawn_worker_process();
     let batch = completes(&app, &id, &lines, Duration::from_secs(60)).await;
     assert_eq!(batch["request_counts"]["completed"], 300);
-    app.cleanup().await;
 }
 
 /// The fleet limiter alone, on a namespace of its own in the real Redis.
@@ -603,7 +590,6 @@ async fn the_fleet_concurrency_cap_bounds_calls_in_flight() {
     assert!(peak <= 2, "{peak} calls started within 380 ms");
     let (first, last) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
     assert!(last - first >= 1_900, "12 calls of 400 ms two at a time");
-    app.cleanup().await;
 }
 
 /// One ask for many calls reserves their starts in order, as that many single asks would: a burst

@@ -37,7 +37,7 @@ async fn a_thousand_lines_complete_with_every_custom_id_exactly_once() {
             + batch["usage"]["output_tokens"].as_i64().unwrap()
     );
     let (output, errors) = app.results(KEY_A, &batch).await;
-    let expected: Vec<String> = (0..1_000).map(|i| format!("req-{i}")).collect();
+    let expected: Vec<String> = req_ids(1_000);
     assert_exactly_once(&output, &errors, &expected);
     // Results come in input order, with OpenAI's line shape.
     let ids: Vec<&str> = output
@@ -67,7 +67,6 @@ async fn a_thousand_lines_complete_with_every_custom_id_exactly_once() {
         .unwrap();
     assert_eq!(output_file["purpose"], "batch_output");
     assert_eq!(output_file["status"], "processed");
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -82,7 +81,6 @@ async fn a_small_batch_finishes_quickly_without_waiting_for_a_sweep() {
         .await;
     assert_eq!(batch["status"], "completed");
     assert_eq!(batch["request_counts"]["completed"], 10);
-    app.cleanup().await;
 }
 
 /// Messages in the express work queue once `expected` are there, or after 10 s.
@@ -133,7 +131,6 @@ async fn a_rate_limited_batch_travels_in_the_smaller_paced_messages() {
     .await;
     // 10 lines by 2: 5 messages (by 8 it would be 2).
     assert_eq!(queued_messages_once_published(&app, 5).await, 5);
-    app.cleanup().await;
 }
 
 /// The dispatcher packs consecutive lines into messages of `lines_per_message`, closes a message
@@ -175,5 +172,4 @@ async fn lines_travel_several_to_a_message_and_big_lines_close_a_message_early()
         assert_exactly_once(&output, &errors, &expected);
     }
     assert_eq!(app.upstream_stats().calls, 13);
-    app.cleanup().await;
 }

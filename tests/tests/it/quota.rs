@@ -94,7 +94,6 @@ async fn uploads_past_the_quota_are_refused_and_deletes_give_room_back() {
     let resp = app.upload_raw(KEY_A, "d.jsonl", file_of(50)).await;
     assert_quota_refusal(resp, "3 files").await;
     assert_eq!(usage(&app, KEY_A).await, (900, 1_000, 3, 3));
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -136,7 +135,6 @@ async fn concurrent_uploads_never_pass_the_quota() {
         accepted,
         "refused uploads leave no bytes"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -158,7 +156,6 @@ async fn result_files_count_toward_the_quota_and_are_never_refused() {
     assert!(used >= output_bytes, "{used}");
     let resp = app.upload_raw(KEY_A, "more.jsonl", file_of(200)).await;
     assert_quota_refusal(resp, "2 files").await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -182,7 +179,6 @@ async fn a_jsonl_body_batch_past_the_quota_is_refused_and_holds_no_open_batch() 
         usage(&app, KEY_A).await,
         (0, 100, 0, app.settings.lifecycle.storage_quota_files)
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -231,5 +227,4 @@ async fn deleting_a_file_stored_before_accounting_gives_back_nothing() {
     app.upload(KEY_A, file_of(200)).await;
     let (used, _, files, _) = usage(&app, KEY_A).await;
     assert_eq!((used, files), (500, 2));
-    app.cleanup().await;
 }

@@ -31,6 +31,7 @@ async fn roles_refuse_an_evicting_redis_unless_allowed() {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
+            .map(KillOnDrop::new)
             .expect("sluice runs");
         let start = Instant::now();
         let status = loop {
@@ -67,7 +68,7 @@ async fn roles_refuse_an_evicting_redis_unless_allowed() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    app.cleanup().await;
+    drop(app);
     drop(redis);
 }
 
@@ -146,7 +147,7 @@ async fn readyz_says_redis_is_out_of_memory_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    app.cleanup().await;
+    drop(app);
     drop(redis);
 }
 
@@ -170,6 +171,6 @@ async fn a_redis_that_refuses_config_get_is_accepted() {
     let id = app.submit(KEY_A, &chat_lines(2)).await;
     let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(30)).await;
     assert_eq!(batch["status"], "completed");
-    app.cleanup().await;
+    drop(app);
     drop(redis);
 }

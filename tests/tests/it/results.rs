@@ -45,12 +45,6 @@ async fn page(app: &TestApp, key: &str, batch: &str, query: &str) -> Page {
     }
 }
 
-fn ids(rows: &[Value]) -> Vec<String> {
-    rows.iter()
-        .map(|r| r["custom_id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn range(r: impl Iterator<Item = usize>) -> Vec<String> {
     r.map(|i| format!("req-{i}")).collect()
 }
@@ -101,21 +95,21 @@ async fn results_page_and_filter_while_the_batch_runs_and_after() {
 
     // The first page, in input order, with the cursor of the next.
     let first = page(&app, KEY_A, &batch_id, "limit=100").await;
-    assert_eq!(ids(&first.rows), range(0..100));
+    assert_eq!(custom_ids(&first.rows), range(0..100));
     assert_eq!(first.next_after.as_deref(), Some("99"));
     assert!(first.has_more);
     let second = page(&app, KEY_A, &batch_id, "limit=100&after=99").await;
-    assert_eq!(ids(&second.rows), range(100..200));
+    assert_eq!(custom_ids(&second.rows), range(100..200));
     // Paging through: every finished row once, in order; the straggler is not there yet.
     let rows = all_pages(&app, &batch_id, 70, "").await;
-    assert_eq!(ids(&rows), range(0..299));
+    assert_eq!(custom_ids(&rows), range(0..299));
     assert_eq!(rows[1]["response"]["status_code"], 200);
     // The line-number cursor and the custom_id cursor agree.
     let by_id = page(&app, KEY_A, &batch_id, "limit=2&after=req-149").await;
-    assert_eq!(ids(&by_id.rows), range(150..152));
+    assert_eq!(custom_ids(&by_id.rows), range(150..152));
     // Status filters.
     let failed = all_pages(&app, &batch_id, 7, "&status=failed").await;
-    assert_eq!(ids(&failed), range((0..299).step_by(10)));
+    assert_eq!(custom_ids(&failed), range((0..299).step_by(10)));
     assert!(failed.iter().all(|r| r["response"]["status_code"] == 400));
     let succeeded = all_pages(&app, &batch_id, 1_000, "&status=succeeded").await;
     assert_eq!(succeeded.len(), 299 - 30);
@@ -126,7 +120,7 @@ async fn results_page_and_filter_while_the_batch_runs_and_after() {
     );
     // One line by custom_id; an unfinished or unknown one gives nothing.
     let one = page(&app, KEY_A, &batch_id, "custom_id=req-123").await;
-    assert_eq!(ids(&one.rows), vec!["req-123".to_owned()]);
+    assert_eq!(custom_ids(&one.rows), vec!["req-123".to_owned()]);
     assert!(
         page(&app, KEY_A, &batch_id, "custom_id=req-299")
             .await
@@ -174,7 +168,7 @@ async fn results_page_and_filter_while_the_batch_runs_and_after() {
         .await;
     assert_eq!(batch["status"], "completed");
     let rows = all_pages(&app, &batch_id, 1_000, "").await;
-    assert_eq!(ids(&rows), range(0..300));
+    assert_eq!(custom_ids(&rows), range(0..300));
     let (output, errors) = app.results(KEY_A, &batch).await;
     assert_exactly_once(&output, &errors, &range(0..300));
     let mut from_files: Vec<Value> = output.into_iter().chain(errors).collect();
@@ -184,7 +178,6 @@ async fn results_page_and_filter_while_the_batch_runs_and_after() {
             .unwrap()
     });
     assert_eq!(rows, from_files);
-    app.cleanup().await;
 }
 
 /// `api.results_page_bytes` ends a page early, whatever `limit` asks: a page of large rows stays
@@ -215,6 +208,5 @@ async fn a_page_ends_at_its_byte_budget_and_the_cursor_walks_every_row() {
         "the page went on past its budget: {bytes} bytes"
     );
     let every = all_pages(&app, &batch_id, 100, "").await;
-    assert_eq!(ids(&every), range(0..30));
-    app.cleanup().await;
+    assert_eq!(custom_ids(&every), range(0..30));
 }

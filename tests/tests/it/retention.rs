@@ -129,7 +129,6 @@ async fn an_uploaded_file_is_deleted_bytes_and_record_at_its_expiry() {
         expiring, 0,
         "the expiry index is empty once the file is gone"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -163,7 +162,6 @@ async fn an_upload_s_own_expires_after_sets_its_expiry() {
         file["expires_at"].as_i64().unwrap() - file["created_at"].as_i64().unwrap(),
         30 * 86_400
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -217,7 +215,6 @@ async fn result_files_are_deleted_at_their_output_expiry_and_the_batch_stays() {
     // The batch record has its own retention (30 days by default).
     let after = app.get_batch(KEY_A, &id).await;
     assert_eq!(after["status"], "completed");
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -271,7 +268,6 @@ async fn an_expired_input_file_is_kept_until_the_batch_reading_it_ends() {
     } else {
         assert_eq!(status, 404, "{body}");
     }
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -360,5 +356,4 @@ async fn a_batch_record_is_removed_after_its_retention() {
         call(&app, Method::GET, &format!("/files/{output}")).await.0,
         200
     );
-    app.cleanup().await;
 }

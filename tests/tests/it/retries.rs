@@ -1,13 +1,11 @@
 //! The one retry policy, observed from the upstream's side: what is retried, how often, how far
-//! apart, and the row a line ends with (reliability §5, scenarios F9–F11 and F13).
+//! apart, and the row a line ends with, down to a line that kills its worker every time.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice_core::Settings;
 use sluice_tests::*;
-
-use crate::chaos::Workers;
 
 /// Runs one batch of `lines` on an app tweaked by `tweak`; returns the app and the finished batch.
 async fn run_batch(lines: &[Value], tweak: impl FnOnce(&mut Settings)) -> (TestApp, Value) {
@@ -88,7 +86,6 @@ async fn a_429_with_retry_after_is_retried_no_sooner_than_asked_and_then_succeed
     assert_eq!(result["response"]["status_code"], 200);
     assert_eq!(batch["request_counts"]["completed"], 4);
     assert_neighbours_fine(&app, &batch).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -104,7 +101,6 @@ async fn a_flaky_503_is_retried_until_it_succeeds() {
     assert_eq!(result["response"]["body"]["object"], "chat.completion");
     assert_eq!(batch["request_counts"]["failed"], 0);
     assert_neighbours_fine(&app, &batch).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -125,7 +121,6 @@ async fn a_503_that_outlasts_max_attempts_ends_as_an_error_row_with_the_last_sta
     assert_eq!(result["error"], Value::Null);
     assert_eq!(batch["request_counts"]["failed"], 1);
     assert_neighbours_fine(&app, &batch).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -144,7 +139,6 @@ async fn a_400_is_never_retried() {
     );
     assert_eq!(result["error"], Value::Null);
     assert_neighbours_fine(&app, &batch).await;
-    app.cleanup().await;
 }
 
 // `x-should-retry`: the mock upstream has no directive that sends this header, so the header's
@@ -167,7 +161,6 @@ async fn a_redirect_is_not_followed_and_ends_as_an_error_row() {
     assert!(message.contains("redirect"), "{result}");
     assert_eq!(result["error"], Value::Null);
     assert_neighbours_fine(&app, &batch).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -186,7 +179,6 @@ async fn a_non_json_200_body_ends_as_an_invalid_upstream_response_error_row() {
     );
     assert!(result["error"]["message"].is_string());
     assert_neighbours_fine(&app, &batch).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -210,10 +202,9 @@ async fn a_hanging_upstream_times_out_and_ends_as_a_request_timeout_row_after_ma
     assert_eq!(result["response"], Value::Null, "{result}");
     assert_eq!(result["error"]["code"], "request_timeout", "{result}");
     assert_neighbours_fine(&app, &batch).await;
-    app.cleanup().await;
 }
 
-/// F13: a line whose processing kills its worker every time (here: the worker is SIGKILLed while
+/// A line whose processing kills its worker every time (here: the worker is SIGKILLed while
 /// it holds the line) is redelivered until the queue's delivery limit dead-letters it; it then
 /// becomes a `processing_failed` error row and the batch still completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -237,9 +228,8 @@ async fn a_line_that_keeps_killing_its_worker_is_dead_lettered_as_processing_fai
     let id = app.submit(KEY_A, &lines).await;
 
     // Each worker takes the poison line, calls upstream (which hangs) and is killed holding it.
-    let mut workers = Workers::default();
     let mut kills = 0usize;
-    let mut pid = workers.spawn(&mut app);
+    let mut pid = app.spawn_worker_process();
     let started = Instant::now();
     let batch = loop {
         let batch = app.get_batch(KEY_A, &id).await;
@@ -254,9 +244,9 @@ async fn a_line_that_keeps_killing_its_worker_is_dead_lettered_as_processing_fai
         let others_done = batch["request_counts"]["completed"] == 20;
         if held && others_done {
             assert!(kills <= 10, "the delivery limit never stopped redelivery");
-            workers.signal(&mut app, pid, "KILL");
+            app.signal_process(pid, "KILL");
             kills += 1;
-            pid = workers.spawn(&mut app);
+            pid = app.spawn_worker_process();
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
@@ -285,5 +275,4 @@ async fn a_line_that_keeps_killing_its_worker_is_dead_lettered_as_processing_fai
     for i in 0..20 {
         assert_eq!(arrivals(&app, &format!("ok-{i}")).len(), 1);
     }
-    app.cleanup().await;
 }

@@ -197,7 +197,6 @@ async fn failed_rows_are_retried_as_a_linked_batch_that_completes() {
         "has no failed, expired or cancelled requests",
     )
     .await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -256,7 +255,6 @@ async fn expired_rows_are_retried_and_the_child_counts_as_an_open_batch() {
     // Room again: the failed row alone.
     let failed = retried(&app, &parent_id, Some(json!({"statuses": ["failed"]}))).await;
     assert_input_is(&app, &failed, &[&lines[0]]).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -297,7 +295,6 @@ async fn cancelled_rows_are_retried_and_a_running_batch_is_refused() {
     assert_input_is(&app, &child, &cancelled).await;
     let (status, body) = retry(&app, KEY_B, &parent_id, None).await;
     assert_eq!(status, 404, "{body:#}");
-    app.cleanup().await;
 }
 
 /// The README's SDK example: the official Python SDK has no retry method, and its generic `post`
@@ -349,5 +346,4 @@ print(json.dumps({"type": type(child).__name__, "id": child.id, "status": child.
     assert_eq!(seen["retries"], json!([seen["id"]]), "{seen}");
     let child = app.get_batch(KEY_A, seen["id"].as_str().unwrap()).await;
     assert_input_is(&app, &child, &[&lines[1]]).await;
-    app.cleanup().await;
 }

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use sluice_tests::*;
 use tokio_util::sync::CancellationToken;
 
-use crate::seeds::{assert_error, create, create_jsonl, provider, second_mock};
+use crate::hosted_api_flows::{assert_error, create, create_jsonl, provider, second_mock};
 
 /// Uploads `lines` and creates a batch on `endpoint`; returns its id.
 async fn file_batch(app: &TestApp, lines: &[Value], endpoint: &str) -> String {
@@ -20,11 +20,6 @@ async fn file_batch(app: &TestApp, lines: &[Value], endpoint: &str) -> String {
     .await;
     assert_eq!(status, 200, "{batch}");
     batch["id"].as_str().unwrap().to_owned()
-}
-
-fn line(id: &str, model: &str) -> Value {
-    json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
-           "body": {"model": model, "messages": [{"role": "user", "content": "hi"}]}})
 }
 
 fn inline(model: &str, endpoint: &str) -> Value {
@@ -65,8 +60,8 @@ async fn a_prefix_picks_the_named_provider_and_a_flavor_the_provider_declaring_i
     let id = file_batch(
         &app,
         &[
-            line("p1", "openai/gpt-4o-mini"),
-            line("p2", "openai/gpt-4o-mini"),
+            model_chat_line("p1", "openai/gpt-4o-mini", "hi"),
+            model_chat_line("p2", "openai/gpt-4o-mini", "hi"),
         ],
         "/v1/chat/completions",
     )
@@ -125,7 +120,6 @@ async fn a_prefix_picks_the_named_provider_and_a_flavor_the_provider_declaring_i
     .await;
     assert_error(&got, 400, "model_not_found");
     stop.cancel();
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -139,15 +133,24 @@ async fn an_unknown_model_is_a_validation_error_everywhere() {
         "{error}"
     );
 
-    let got = create_jsonl(&app, Some(KEY_A), &[line("a", "gpt-nope").to_string()]).await;
+    let got = create_jsonl(
+        &app,
+        Some(KEY_A),
+        &[model_chat_line("a", "gpt-nope", "hi").to_string()],
+    )
+    .await;
     assert_error(&got, 400, "model_not_found");
 
-    let id = file_batch(&app, &[line("a", "gpt-nope")], "/v1/chat/completions").await;
+    let id = file_batch(
+        &app,
+        &[model_chat_line("a", "gpt-nope", "hi")],
+        "/v1/chat/completions",
+    )
+    .await;
     let (code, message) = failed_with(&app, &id).await;
     assert_eq!(code, "model_not_found");
     assert!(message.contains("gpt-nope"), "{message}");
     assert_eq!(app.upstream_stats().calls, 0);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -176,15 +179,24 @@ async fn a_provider_without_batch_support_answers_501_not_implemented() {
     )
     .await;
     assert_error(&got, 501, "not_implemented");
-    let got = create_jsonl(&app, Some(KEY_A), &[line("a", "rt-model").to_string()]).await;
+    let got = create_jsonl(
+        &app,
+        Some(KEY_A),
+        &[model_chat_line("a", "rt-model", "hi").to_string()],
+    )
+    .await;
     assert_error(&got, 501, "not_implemented");
 
     // Known only asynchronously for an uploaded file: the batch fails with that code.
-    let id = file_batch(&app, &[line("a", "rt-model")], "/v1/chat/completions").await;
+    let id = file_batch(
+        &app,
+        &[model_chat_line("a", "rt-model", "hi")],
+        "/v1/chat/completions",
+    )
+    .await;
     let (code, _) = failed_with(&app, &id).await;
     assert_eq!(code, "not_implemented");
     assert_eq!(app.upstream_stats().calls, 0);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -230,7 +242,6 @@ async fn an_endpoint_the_provider_does_not_support_is_refused() {
         assert_eq!(done["status"], "completed", "{done:#}");
         assert_eq!(done["request_counts"]["completed"], 1);
     }
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -241,7 +252,11 @@ async fn no_provider_at_all_is_503() {
     .await;
     let got = create(&app, KEY_A, &inline(MODEL, "/v1/chat/completions")).await;
     assert_error(&got, 503, "no_provider_configured");
-    let got = create_jsonl(&app, Some(KEY_A), &[line("a", MODEL).to_string()]).await;
+    let got = create_jsonl(
+        &app,
+        Some(KEY_A),
+        &[model_chat_line("a", MODEL, "hi").to_string()],
+    )
+    .await;
     assert_error(&got, 503, "no_provider_configured");
-    app.cleanup().await;
 }

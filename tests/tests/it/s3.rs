@@ -67,7 +67,7 @@ async fn delete_file(app: &TestApp, file_id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_uploaded_batch_runs_on_s3_and_deleting_its_files_removes_their_objects() {
     let app = s3_app(Some("tenant-files")).await;
-    let expected: Vec<String> = (0..300).map(|i| format!("req-{i}")).collect();
+    let expected: Vec<String> = req_ids(300);
     let failing: BTreeSet<String> = expected.iter().step_by(7).cloned().collect();
     let lines: Vec<Value> = expected
         .iter()
@@ -151,7 +151,6 @@ async fn an_uploaded_batch_runs_on_s3_and_deleting_its_files_removes_their_objec
     for path in &paths {
         assert!(!after.contains(path), "{path} survived its file's deletion");
     }
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -186,7 +185,6 @@ async fn an_inline_batch_runs_on_s3() {
     assert_exactly_once(&output, &errors, &expected);
     assert!(errors.is_empty());
     assert_eq!(output[3]["response"]["status_code"], 200);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -285,7 +283,6 @@ async fn input_and_output_files_past_one_part_are_uploaded_in_parts_and_read_bac
         "output stored in {output_parts:?} parts"
     );
     assert_eq!(server.open_multipart_uploads(&bucket(&app)), 0);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -333,5 +330,4 @@ async fn a_slow_download_outlasting_the_storage_request_timeout_still_gets_every
         body.len(),
         upload.len()
     );
-    app.cleanup().await;
 }

@@ -1,4 +1,4 @@
-//! What one client can hold of the API (issue 11, bullets 5, 6 and 8): slow or idle sockets,
+//! What one client can hold of the API: slow or idle sockets,
 //! stalled uploads, too many uploads at once, slow dependencies, blank keys, and deleting the
 //! input file of a running batch.
 
@@ -147,7 +147,6 @@ async fn blank_and_undecodable_api_keys_are_refused_with_401() {
     // A real key still works.
     let resp = app.req(Method::GET, "/files", KEY_A).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -171,7 +170,6 @@ async fn a_client_that_sends_headers_slowly_is_cut_after_the_header_timeout() {
     // The server itself is fine.
     let resp = app.req(Method::GET, "/files", KEY_A).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -207,7 +205,6 @@ async fn idle_sockets_beyond_the_connection_cap_hold_no_descriptors_and_do_not_s
     .expect("request");
     assert_eq!(resp.status(), 200);
     drop(idle);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -252,7 +249,6 @@ async fn a_stalled_upload_is_dropped_with_408_and_leaves_no_partial_object() {
     assert_eq!(app.store.open_batches("tenant-a").await.unwrap(), 0);
     // And the server still takes a normal upload.
     app.upload(KEY_A, jsonl(&chat_lines(3))).await;
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -295,7 +291,6 @@ async fn the_per_tenant_upload_cap_answers_429_and_other_tenants_still_upload() 
         assert!(started.elapsed() < SOON, "the slots were never given back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -339,7 +334,6 @@ async fn a_stalled_dependency_answers_503_within_the_request_timeout_but_downloa
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -393,7 +387,6 @@ async fn deleting_the_input_of_a_running_batch_is_refused_and_the_batch_complete
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -442,7 +435,6 @@ async fn a_batch_whose_input_is_lost_while_it_runs_ends_failed_instead_of_spinni
             .all(|e| e["error"]["code"] == "input_file_lost"),
         "{errors:?}"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -481,5 +473,4 @@ async fn a_create_racing_a_delete_of_its_input_either_runs_whole_or_fails_cleanl
         "deleted first {} times, created first {} times",
         outcomes.0, outcomes.1
     );
-    app.cleanup().await;
 }

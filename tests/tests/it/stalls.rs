@@ -1,4 +1,4 @@
-//! Dependencies that hang instead of failing (issue 17): a "broker" or "Redis" that accepts TCP
+//! Dependencies that hang instead of failing: a "broker" or "Redis" that accepts TCP
 //! connections and never answers, a RabbitMQ node SIGSTOPped mid-batch, and a dependency that is
 //! simply not there when `sluice all --demo` starts.
 //!
@@ -45,9 +45,9 @@ impl Drop for SilentListener {
     }
 }
 
-/// A `sluice <role>` child whose stderr goes to a file.
+/// A `sluice <role>` child (killed when dropped) whose stderr goes to a file.
 struct Role {
-    child: Child,
+    child: KillOnDrop,
     log: PathBuf,
     ops: u16,
     started: Instant,
@@ -72,6 +72,7 @@ impl Role {
             .stderr(file)
             .stdin(Stdio::null())
             .spawn()
+            .map(KillOnDrop::new)
             .expect("sluice binary starts (run `cargo build --bins` first)");
         Self {
             child,
@@ -124,13 +125,6 @@ impl Role {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
     }
 }
 
@@ -276,7 +270,7 @@ async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitSt
     }
 }
 
-/// Issue 11: `sluice all --demo` with RabbitMQ down prints one clear line naming the URL (without
+/// `sluice all --demo` with RabbitMQ down prints one clear line naming the URL (without
 /// credentials) and how to start it, and no panic or backtrace, even with RUST_BACKTRACE set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_demo_without_rabbitmq_prints_one_clear_line_and_no_panic() {
@@ -345,7 +339,7 @@ async fn a_broker_stalled_mid_batch_delays_lines_refuses_creates_with_503_and_lo
         s.dependencies.probe_timeout_ms = 500;
     })
     .await;
-    let ids: Vec<String> = (0..LINES).map(|i| format!("req-{i}")).collect();
+    let ids: Vec<String> = req_ids(LINES);
     let lines: Vec<Value> = ids
         .iter()
         .map(|id| chat_line_with_mock(id, json!({"delay_ms": 5})))
@@ -434,7 +428,7 @@ async fn a_broker_stalled_mid_batch_delays_lines_refuses_creates_with_503_and_lo
         .wait_terminal(KEY_A, &id2, Duration::from_secs(60))
         .await;
     assert_eq!(second["status"], "completed", "{second:#}");
-    app.cleanup().await;
+    drop(app);
     drop(rabbit);
 }
 

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use sluice_tests::*;
 
-use crate::api_errors::{error_body, expect_ok, ids};
+use crate::api_errors::{error_body, expect_ok};
 
 /// `body` with every occurrence of `id` replaced by a placeholder, so that answers about two
 /// different ids can be compared.
@@ -108,7 +108,7 @@ async fn another_tenants_files_and_batches_are_indistinguishable_from_missing_on
         format!("/files?after={out_a}&order=asc"),
     ] {
         let listed = expect_ok(app.req(Method::GET, &path, KEY_B)).await;
-        let got = ids(&listed);
+        let got = list_ids(&listed);
         assert!(
             !got.contains(&file_a) && !got.contains(&out_a),
             "{path}: {listed}"
@@ -119,7 +119,7 @@ async fn another_tenants_files_and_batches_are_indistinguishable_from_missing_on
     }
     for path in ["/batches".to_owned(), format!("/batches?after={batch_a}")] {
         let listed = expect_ok(app.req(Method::GET, &path, KEY_B)).await;
-        assert!(ids(&listed).is_empty(), "{path}: {listed}");
+        assert!(list_ids(&listed).is_empty(), "{path}: {listed}");
     }
 
     // B's batch over A's input file is accepted, then fails the way a missing file does.
@@ -183,9 +183,9 @@ async fn another_tenants_files_and_batches_are_indistinguishable_from_missing_on
     assert_eq!(app.file_content(KEY_A, &out_a).await, out_a_content);
     assert_eq!(app.get_batch(KEY_A, &batch_a).await, done);
     let a_batches = expect_ok(get("/batches".to_owned())).await;
-    assert_eq!(ids(&a_batches), vec![batch_a.clone()]);
+    assert_eq!(list_ids(&a_batches), vec![batch_a.clone()]);
     let a_files = expect_ok(get("/files".to_owned())).await;
-    assert_eq!(ids(&a_files), vec![out_a.clone(), file_a.clone()]);
+    assert_eq!(list_ids(&a_files), vec![out_a.clone(), file_a.clone()]);
     // A's batch exists for A: cancelling it is a 409, not a 404.
     let resp = app
         .req(Method::POST, &format!("/batches/{batch_a}/cancel"), KEY_A)
@@ -197,5 +197,4 @@ async fn another_tenants_files_and_batches_are_indistinguishable_from_missing_on
         err["error"]["message"],
         "Cannot cancel a batch with status 'completed'."
     );
-    app.cleanup().await;
 }

@@ -250,7 +250,6 @@ async fn every_bad_line_of_a_file_is_reported_with_its_line_code_and_param() {
         0,
         "a failed batch must not call the upstream"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -316,7 +315,6 @@ async fn empty_oversized_and_missing_inputs_fail_their_batch() {
     assert_eq!(batch["request_counts"]["completed"], 5);
     assert_eq!(app.upstream_stats().calls, 5);
     let (output, errors) = app.results(KEY_A, &batch).await;
-    let expected: Vec<String> = (0..5).map(|i| format!("req-{i}")).collect();
+    let expected: Vec<String> = req_ids(5);
     assert_exactly_once(&output, &errors, &expected);
-    app.cleanup().await;
 }

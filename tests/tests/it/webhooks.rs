@@ -1,10 +1,10 @@
-//! Signed webhooks (issue 14, part 2): batch events reach the tenant's endpoint, verified by the
+//! Signed webhooks: batch events reach the tenant's endpoint, verified by the
 //! `standardwebhooks` package from PyPI (not by Sluice's own code), at least once and with one
 //! `webhook-id` across retries; an event survives an aggregator that dies right after writing the
 //! terminal status; endpoints on internal addresses are refused.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
@@ -19,7 +19,7 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// A `tests/webhooks/receiver.py` process (killed when dropped) and the log of what it received.
 struct Receiver {
-    child: Child,
+    _child: KillOnDrop,
     log: PathBuf,
 }
 
@@ -42,6 +42,7 @@ impl Receiver {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
+            .map(KillOnDrop::new)
             .expect("receiver starts");
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -52,7 +53,7 @@ impl Receiver {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Self {
-            child,
+            _child: child,
             log: log.to_owned(),
         }
     }
@@ -75,31 +76,6 @@ impl Receiver {
                 "no webhook delivered: {requests:#?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-/// Child processes of a test, killed if it panics (on success `cleanup` kills and reaps them).
-#[derive(Default)]
-struct Children(Vec<u32>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for pid in &self.0 {
-                Command::new("kill")
-                    .arg("-KILL")
-                    .arg(pid.to_string())
-                    .status()
-                    .ok();
-            }
         }
     }
 }
@@ -226,7 +202,6 @@ async fn an_event_reaches_a_receiver_that_was_down_once_under_one_id() {
         "tenant B has no endpoint: its batch must not be announced to tenant A's"
     );
     drop(receiver);
-    app.cleanup().await;
 }
 
 /// Waits (up to a minute) for a request about `batch_id`; every request about it so far.
@@ -274,7 +249,6 @@ async fn an_event_never_accepted_is_dead_lettered_after_its_retry_budget() {
         assert_eq!(r["webhook_id"], jobs[0].event_id, "{r:#}");
     }
     drop(receiver);
-    app.cleanup().await;
 }
 
 /// The aggregator process exits right after writing the terminal status (fault injection), before
@@ -290,10 +264,8 @@ async fn an_event_survives_an_aggregator_dying_right_after_the_terminal_status()
     };
     let mut app = spawn_app_with(options, |s| with_webhooks(s, vec![url], true)).await;
     let receiver = Receiver::start(port, 0, &log_path(&app, "crash.jsonl")).await;
-    let mut children = Children::default();
     app.settings.aggregator.exit_after_terminal_status = true;
     let doomed = app.spawn_process("aggregator");
-    children.0.push(doomed);
     let batch_id = app.submit(KEY_A, &chat_lines(3)).await;
     let status = tokio::task::block_in_place(|| app.wait_process(doomed));
     assert_eq!(
@@ -309,11 +281,10 @@ async fn an_event_survives_an_aggregator_dying_right_after_the_terminal_status()
         .expect("batch");
     assert_eq!(meta.get("status"), Some("completed"));
     app.settings.aggregator.exit_after_terminal_status = false;
-    children.0.push(app.spawn_process("aggregator"));
+    app.spawn_process("aggregator");
     let requests = receiver.wait_delivered().await;
     assert_one_event(&requests, &batch_id, "batch.completed");
     drop(receiver);
-    app.cleanup().await;
 }
 
 /// With `webhooks.allow_private` off, an endpoint on a loopback address, named by address or by
@@ -346,7 +317,6 @@ async fn an_endpoint_on_an_internal_address_is_refused() {
     }
     assert!(receiver.requests().is_empty(), "{:#?}", receiver.requests());
     drop(receiver);
-    app.cleanup().await;
 }
 
 /// Takes `n` jobs from the webhooks dead-letter queue, waiting up to a minute for them.

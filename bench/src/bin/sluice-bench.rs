@@ -8,21 +8,21 @@
 //!
 //! and prints a Markdown table. Run with:
 //!
-//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench -- --lines 50000`
+//! `cargo build --release --bins && cargo run --release -p sluice-bench --bin sluice-bench -- --lines 50000`
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use sluice_bench::{
+    CpuMeter, KillOnDrop, listener_pid, memory_kib, redis_commandstats, sluice_bin, wait_ready,
+};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_core::config::{StorageSettings, hash_api_key};
 use sluice_store::Store;
-use sluice_tests::bench::{
-    CpuMeter, Procs, listener_pid, memory_kib, redis_commandstats, sluice_bin, wait_ready,
-};
 use sluice_tests::{KEY_A, MODEL, test_settings};
 use tokio_util::sync::CancellationToken;
 
@@ -178,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
     let config = dir.join("sluice.toml");
     std::fs::write(&config, toml::to_string(&settings)?)?;
 
-    let spawn = |role: &str| -> anyhow::Result<Child> {
+    let spawn = |role: &str| -> anyhow::Result<KillOnDrop> {
         let (role, lines) = match role {
             "dispatcher" => ("worker", "false"),
             other => (other, "true"),
@@ -198,16 +198,16 @@ async fn main() -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
+            .map(KillOnDrop::new)
             .with_context(|| format!("starting {}", sluice_bin().display()))
     };
-    let mut procs = Procs(Vec::new());
-    procs.0.push(spawn("api")?);
-    let api_pid = procs.0[0].id();
-    procs.0.push(spawn("aggregator")?);
-    let agg_pid = procs.0[1].id();
+    let mut procs = vec![spawn("api")?];
+    let api_pid = procs[0].id();
+    procs.push(spawn("aggregator")?);
+    let agg_pid = procs[1].id();
     // Ingest is measured first with a dispatch-only worker, so nothing consumes while it enqueues.
-    // Held in `Procs` so a run that fails before the drain still kills it.
-    let dispatcher = Procs(vec![spawn("dispatcher")?]);
+    // Held in its guard so a run that fails before the drain still kills it.
+    let dispatcher = spawn("dispatcher")?;
     let http = reqwest::Client::new();
     let base = "http://127.0.0.1:18080/v1".to_owned();
     wait_ready(&http, &base).await?;
@@ -244,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..args.workers {
         let c = spawn("worker")?;
         worker_pids.push(c.id());
-        procs.0.push(c);
+        procs.push(c);
     }
     let t = Instant::now();
     wait_status(

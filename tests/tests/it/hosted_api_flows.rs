@@ -1,6 +1,6 @@
 //! Each hosted batch API Sluice stands in for, called the way its own users call it:
-//! MeshAPI's inline batches (seed 000/001), Melious' upload flow with the `:batch` flavor
-//! (seed 002) and the JSONL-body batches with task models (seed 003).
+//! MeshAPI's inline batches (its quickstart and reference calls), Melious' upload flow with the
+//! `:batch` flavor, and the JSONL-body batches with task models.
 
 use std::time::{Duration, Instant};
 
@@ -70,7 +70,7 @@ pub(crate) async fn create(app: &TestApp, key: &str, body: &Value) -> (u16, Head
     send(app.req(Method::POST, "/batches", key).json(body)).await
 }
 
-/// `POST /v1/batches` with a JSONL body, authenticated with `x-api-key` as seed 003 does.
+/// `POST /v1/batches` with a JSONL body, authenticated with `x-api-key` as those clients do.
 pub(crate) async fn create_jsonl(
     app: &TestApp,
     key: Option<&str>,
@@ -144,7 +144,7 @@ fn content_json(line: &Value) -> Value {
     serde_json::from_str(content).expect("content is JSON")
 }
 
-// ---- seed 000/001: MeshAPI inline batches ----
+// ---- MeshAPI inline batches ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn meshapi_inline_batches_create_list_get_and_cancel_with_metadata() {
@@ -156,7 +156,7 @@ async fn meshapi_inline_batches_create_list_get_and_cancel_with_metadata() {
     })
     .await;
 
-    // The quickstart call (seed 000): a prefixed model, the default window.
+    // MeshAPI's quickstart call: a prefixed model, the default window.
     let (status, _, batch) = create(
         &app,
         KEY_A,
@@ -172,7 +172,7 @@ async fn meshapi_inline_batches_create_list_get_and_cancel_with_metadata() {
     assert_eq!(status, 200, "{batch}");
     let quick = batch["id"].as_str().unwrap().to_owned();
 
-    // The reference call (seed 001): several requests, metadata, no window given.
+    // MeshAPI's reference call: several requests, metadata, no window given.
     let requests: Vec<Value> = (1..=3)
         .map(|i| {
             json!({"custom_id": format!("batch-item-00{i}"), "body": {
@@ -219,7 +219,7 @@ async fn meshapi_inline_batches_create_list_get_and_cancel_with_metadata() {
     assert_eq!(stored[0]["url"], "/v1/chat/completions");
     assert_eq!(stored[0]["body"]["max_tokens"], 500);
 
-    // Poll, then download through the Files API (seed 000 steps 3 and 4).
+    // Poll, then download through the Files API (the quickstart's last two steps).
     let done = app.wait_terminal(KEY_A, &id, Duration::from_secs(30)).await;
     assert_eq!(done["status"], "completed", "{done:#}");
     assert_eq!(done["model"], "gpt-4o-mini");
@@ -285,7 +285,6 @@ async fn meshapi_inline_batches_create_list_get_and_cancel_with_metadata() {
     // Another tenant sees none of it.
     let (status, _, _) = send(app.req(Method::GET, &format!("/batches/{id}"), KEY_B)).await;
     assert_eq!(status, 404);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -347,7 +346,6 @@ async fn meshapi_inline_requests_are_checked_at_once() {
     assert_eq!(list["data"], json!([]));
     let (_, _, files) = send(app.req(Method::GET, "/files", KEY_A)).await;
     assert_eq!(files["data"], json!([]));
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -420,12 +418,11 @@ async fn meshapi_owner_limit_is_exact_under_concurrent_creates() {
         429,
         "batch_limit_exceeded",
     );
-    app.cleanup().await;
 }
 
-// ---- seed 002: Melious upload → create → poll → download ----
+// ---- Melious upload → create → poll → download ----
 
-/// Polls as the seed's script does: until the status is one of its terminal words.
+/// Polls as Melious' client script does: until the status is one of its terminal words.
 async fn melious_poll(app: &TestApp, id: &str) -> Value {
     let start = Instant::now();
     loop {
@@ -454,7 +451,7 @@ async fn melious_poll(app: &TestApp, id: &str) -> Value {
     }
 }
 
-/// Uploads with `purpose=batch` and creates the batch, over plain HTTP like the seed's script.
+/// Uploads with `purpose=batch` and creates the batch, over plain HTTP like Melious' client script.
 async fn melious_submit(app: &TestApp, lines: &[Value], endpoint: &str) -> String {
     let body: Vec<String> = lines.iter().map(Value::to_string).collect();
     let form = reqwest::multipart::Form::new()
@@ -546,7 +543,6 @@ async fn melious_upload_poll_download_with_embeddings_and_partial_failures() {
     // Other tenants keep OpenAI's words.
     let (_, _, other) = send(app.req(Method::GET, "/batches", KEY_B)).await;
     assert_eq!(other["data"], json!([]));
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -569,7 +565,7 @@ async fn melious_output_file_carries_failed_rows_with_error_set_when_the_tenant_
     let status = melious_poll(&app, &id).await;
     assert_eq!(status["status"], "succeeded", "{status:#}");
 
-    // The seed's download loop, verbatim in spirit: error rows first, else the completion.
+    // The client script's download loop, verbatim in spirit: error rows first, else the completion.
     let body = app
         .file_content(KEY_A, status["output_file_id"].as_str().unwrap())
         .await;
@@ -597,7 +593,6 @@ async fn melious_output_file_carries_failed_rows_with_error_set_when_the_tenant_
     let failed: Value = serde_json::from_str(errors.trim()).unwrap();
     assert_eq!(failed["custom_id"], "q2");
     assert_eq!(failed["response"]["status_code"], 400);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -651,10 +646,9 @@ async fn melious_batch_flavor_routes_to_the_batch_provider_under_the_base_name()
         "the realtime provider got none"
     );
     stop.cancel();
-    app.cleanup().await;
 }
 
-// ---- seed 003: JSONL body, task models, /output ----
+// ---- JSONL body, task models, /output ----
 
 fn task_lines() -> Vec<String> {
     [
@@ -760,7 +754,6 @@ async fn jsonl_body_batches_run_every_task_model_and_serve_output() {
     )
     .await;
     assert_eq!(status, 404);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -863,7 +856,7 @@ async fn jsonl_body_errors_have_the_documented_statuses() {
             .contains("not finished"),
         "{body}"
     );
-    app.cleanup().await;
+    drop(app);
 
     // 503: task models with no backing model configured.
     let app = spawn_app_with(options, |_| {}).await;
@@ -874,7 +867,6 @@ async fn jsonl_body_errors_have_the_documented_statuses() {
         error["message"].as_str().unwrap().contains("extract"),
         "{error}"
     );
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -901,7 +893,6 @@ async fn a_backing_model_the_upstream_refuses_is_a_502_item() {
             "{message}"
         );
     }
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -935,7 +926,6 @@ async fn the_owner_limit_forgets_what_a_crash_left_counted() {
         "batch_limit_exceeded",
     );
     assert_eq!(app.store.open_batches("tenant-a").await.unwrap(), 2);
-    app.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -968,5 +958,4 @@ async fn a_jsonl_body_over_the_upload_limit_is_413_and_leaves_nothing() {
     // Under the limit it goes through.
     let got = create_jsonl(&app, Some(KEY_A), &lines[..10]).await;
     assert_eq!(got.0, 200, "{}", got.2);
-    app.cleanup().await;
 }

@@ -1,4 +1,4 @@
-//! `sluice-bench-pacing`: the upstream pacing figures of BENCHMARKS.md (issue 4), measured from the
+//! `sluice-bench-pacing`: the upstream pacing figures of BENCHMARKS.md, measured from the
 //! upstream's side against real RabbitMQ and Redis.
 //!
 //! Each scenario starts `sluice api`, `sluice aggregator` and N `sluice worker` release processes on
@@ -17,21 +17,21 @@
 //! 8. `background`: a `background` batch running when another tenant's batch arrives; its calls
 //!    during that batch's run.
 //!
-//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench-pacing`
+//! `cargo build --release --bins && cargo run --release -p sluice-bench --bin sluice-bench-pacing`
 //! (`-- --only rpm` runs one scenario; `--workers 4` is the default; `--big N` sizes tenant A's
 //! batch, `--fairness-rpm N` rate-limits the provider in the fairness scenario).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use sluice_bench::{KillOnDrop, redis_commandstats, sluice_bin, wait_ready};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_core::Settings;
 use sluice_core::config::{PacingSettings, StorageSettings};
 use sluice_store::Store;
-use sluice_tests::bench::{redis_commandstats, sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, KEY_B, MODEL, test_settings};
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,7 @@ const PORT: u16 = 18_090;
 struct Env {
     settings: Settings,
     dir: PathBuf,
-    procs: Vec<Child>,
+    procs: Vec<KillOnDrop>,
     http: reqwest::Client,
     base: String,
     store: Store,
@@ -76,7 +76,7 @@ async fn start(
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("sluice.toml");
     std::fs::write(&config, toml::to_string(&settings)?)?;
-    let spawn = |role: &str| -> anyhow::Result<Child> {
+    let spawn = |role: &str| -> anyhow::Result<KillOnDrop> {
         Command::new(sluice_bin())
             .arg(role)
             .arg("--config")
@@ -84,6 +84,7 @@ async fn start(
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
+            .map(KillOnDrop::new)
             .with_context(|| format!("starting {}", sluice_bin().display()))
     };
     let mut procs = vec![spawn("api")?, spawn("aggregator")?];
@@ -175,8 +176,7 @@ impl Env {
 
     async fn finish(mut self) {
         for c in &mut self.procs {
-            c.kill().ok();
-            c.wait().ok();
+            c.kill_and_reap();
         }
         self.stop.cancel();
         if let Ok(conn) = sluice_broker::connect(&self.settings.amqp_url, "bench-cleanup").await

@@ -7,21 +7,21 @@
 //! taken before the batch), polls `GET /v1/batches/{id}/results?limit=1` until it returns a row,
 //! and reads the aggregator's peak RSS (VmHWM) from /proc. Run with:
 //!
-//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-bench-memory -- --kind embeddings --lines 50000`
+//! `cargo build --release --bins && cargo run --release -p sluice-bench --bin sluice-bench-memory -- --kind embeddings --lines 50000`
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use sluice_bench::{KillOnDrop, memory_kib, sluice_bin, wait_ready};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
 use sluice_core::config::{StorageSettings, hash_api_key};
 use sluice_store::Store;
-use sluice_tests::bench::{Procs, memory_kib, sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, MODEL, test_settings};
 use tokio_util::sync::CancellationToken;
 
@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("sluice.toml");
     std::fs::write(&config, toml::to_string(&settings)?)?;
-    let spawn = |role: &str| -> anyhow::Result<Child> {
+    let spawn = |role: &str| -> anyhow::Result<KillOnDrop> {
         Command::new(sluice_bin())
             .arg(role)
             .arg("--config")
@@ -112,13 +112,12 @@ async fn main() -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
+            .map(KillOnDrop::new)
             .with_context(|| format!("starting {}", sluice_bin().display()))
     };
-    let mut procs = Procs(Vec::new());
-    procs.0.push(spawn("api")?);
-    procs.0.push(spawn("aggregator")?);
-    let agg_pid = procs.0[1].id();
-    procs.0.push(spawn("worker")?);
+    let mut procs = vec![spawn("api")?, spawn("aggregator")?];
+    let agg_pid = procs[1].id();
+    procs.push(spawn("worker")?);
     let http = reqwest::Client::new();
     let base = "http://127.0.0.1:18090/v1".to_owned();
     wait_ready(&http, &base).await?;

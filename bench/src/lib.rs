@@ -1,10 +1,12 @@
-//! Pieces the benchmark programs (`sluice-bench`, `sluice-bench-pacing`) share.
+//! Pieces the benchmark programs share: finding the `sluice` binary, waiting for the API, and
+//! reading a process's memory and CPU time from `/proc`.
 
 use std::path::PathBuf;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::KEY_A;
+use sluice_tests::KEY_A;
+/// Child processes of a benchmark run are held in this guard, killed when the run ends or fails.
+pub use sluice_tests::KillOnDrop;
 
 /// The `sluice` binary next to the benchmark's own (both built by `cargo build --release --bins`).
 pub fn sluice_bin() -> PathBuf {
@@ -30,18 +32,6 @@ pub async fn wait_ready(http: &reqwest::Client, base: &str) -> anyhow::Result<()
             "API did not start"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Child processes of a benchmark run, killed when the run ends (or fails).
-pub struct Procs(pub Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            c.kill().ok();
-            c.wait().ok();
-        }
     }
 }
 

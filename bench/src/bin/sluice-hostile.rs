@@ -1,22 +1,22 @@
-//! `sluice-hostile`: what each hostile input of issue 11 costs a running Sluice, for the closing
-//! note and BENCHMARKS.md. It starts `sluice api`, `sluice worker` and `sluice aggregator` from
+//! `sluice-hostile`: what each hostile input a tenant can send costs a running Sluice, for
+//! BENCHMARKS.md. It starts `sluice api`, `sluice worker` and `sluice aggregator` from
 //! `--sluice PATH` (default: the binary beside this one) as separate processes, with a minimal
 //! configuration that any build reads, and an in-process mock upstream; then, one scenario at a
 //! time, it sends the input and prints the answer's status, the batch object's size and each
 //! process's peak RSS (`VmHWM`) and open file descriptors. A process that died is reported.
 //!
-//! `cargo build --release --bins && cargo run --release -p sluice-tests --bin sluice-hostile`
+//! `cargo build --release --bins && cargo run --release -p sluice-bench --bin sluice-hostile`
 //! (pass `--sluice OLD/target/release/sluice` to measure another build the same way).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use serde_json::{Value, json};
+use sluice_bench::{KillOnDrop, sluice_bin, wait_ready};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
-use sluice_tests::bench::{sluice_bin, wait_ready};
 use sluice_tests::{KEY_A, KEY_B, MODEL, spare_port};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -31,8 +31,9 @@ struct Args {
     only: Option<String>,
 }
 
+/// The role processes, killed when dropped.
 struct Roles {
-    children: Vec<(&'static str, Child)>,
+    children: Vec<(&'static str, KillOnDrop)>,
 }
 
 impl Roles {
@@ -55,15 +56,6 @@ impl Roles {
             parts.push(format!("{role}: {} MiB, {fds} fds", hwm / 1024));
         }
         parts.join("; ")
-    }
-}
-
-impl Drop for Roles {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            child.kill().ok();
-            child.wait().ok();
-        }
     }
 }
 
@@ -240,6 +232,7 @@ api_key_sha256 = ["{b}"]
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(KillOnDrop::new)
             .with_context(|| format!("starting {}", bin.display()))?;
         children.push((role, child));
     }
