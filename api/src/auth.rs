@@ -15,7 +15,7 @@ use crate::state::AppState;
 /// The authenticated caller. Extracting it rejects the request with 401 when the key is missing
 /// or unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Tenant(pub String);
+pub(crate) struct Tenant(pub(crate) String);
 
 impl Tenant {
     /// The tenant id.
