@@ -9,39 +9,11 @@ use redis::{AsyncCommands, Script};
 use super::{Result, Store, StoreError};
 use sluice_core::domain::{BatchMeta, BatchStatus, StopReason, now_secs};
 
-static TRANSITION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local st = redis.call('HMGET', KEYS[1], 'status', 'stopping')
-if not st[1] then return {'gone', ''} end
-local to = ARGV[1]
-if (to == 'in_progress' or to == 'finalizing' or to == 'cancelling') and st[2] then return {'refused', st[1]} end
-local from_ok = false
-for allowed in string.gmatch(ARGV[2], '[^,]+') do
-  if st[1] == allowed then from_ok = true end
-end
-if not from_ok then return {'refused', st[1]} end
-redis.call('HSET', KEYS[1], 'status', to)
-redis.call('HSETNX', KEYS[1], ARGV[3], ARGV[4])
-for i = 5, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return {'ok', st[1]}
-",
-    )
-});
+static TRANSITION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/transition_status.lua")));
 
-static MARK_STOPPING: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local st = redis.call('HMGET', KEYS[1], 'status', 'stopping')
-if st[2] then return 0 end
-if st[1] ~= 'validating' and st[1] ~= 'in_progress' then return 0 end
-redis.call('HSET', KEYS[1], 'stopping', ARGV[1])
-return 1
-",
-    )
-});
+static MARK_STOPPING: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/mark_stopping.lua")));
 
 /// Outcome of a status transition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,38 +23,12 @@ type Result<T> = std::result::Result<T, StoreError>;
 
 /// Lists a file and counts it, unless it is listed already or (with limits) it would take the
 /// tenant past them. `ARGV`: id, listing position, bytes, byte limit, file limit (`-1`: none).
-static REGISTER_FILE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local u = redis.call('HMGET', KEYS[2], 'bytes', 'files')
-local used, files = tonumber(u[1] or '0'), tonumber(u[2] or '0')
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {'listed', used, files} end
-local bytes, max_bytes, max_files = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if max_files >= 0 and files + 1 > max_files then return {'files', used, files} end
-if max_bytes >= 0 and used + bytes > max_bytes then return {'bytes', used, files} end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'bytes', bytes)
-redis.call('HINCRBY', KEYS[2], 'files', 1)
-return {'ok', used + bytes, files + 1}
-",
-    )
-});
+static REGISTER_FILE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/register_file.lua")));
 
 /// Unlists a file and gives back the bytes it was counted for, once. `ARGV`: id.
-static RELEASE_FILE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-redis.call('ZREM', KEYS[1], ARGV[1])
-local bytes = redis.call('HGET', KEYS[3], ARGV[1])
-if not bytes then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'bytes', -tonumber(bytes))
-redis.call('HINCRBY', KEYS[2], 'files', -1)
-return 1
-",
-    )
-});
+static RELEASE_FILE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/release_file.lua")));
 
 /// What a tenant stores now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
