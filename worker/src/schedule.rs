@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use sluice_core::domain::{BatchMeta, BatchStatus, now_millis, now_secs};
-use sluice_store::schedule::{self, Dither, Entry, Priority, Shape, ShareCorrection};
+use sluice_core::schedule::{self, Dither, Entry, Priority, Shape, ShareCorrection};
+use sluice_store::schedule_registry;
 
 use crate::WorkerContext;
 
@@ -93,7 +94,9 @@ impl Tracker {
             rate: self.rate,
             seen_ms: now_millis(),
         };
-        let entries = match schedule::publish_entry(&ctx.store, provider, batch_id, &entry).await {
+        let entries = match schedule_registry::publish_entry(&ctx.store, provider, batch_id, &entry)
+            .await
+        {
             Ok(entries) => entries,
             Err(e) => {
                 // A round without the registry keeps the window small rather than flooding the
@@ -172,7 +175,7 @@ impl Tracker {
     /// stopped), so its share goes to the others at once rather than when its entry goes stale.
     pub async fn leave(&mut self, ctx: &WorkerContext, batch_id: &str) {
         if let Some(provider) = self.registered.take()
-            && let Err(e) = schedule::remove_entry(&ctx.store, &provider, batch_id).await
+            && let Err(e) = schedule_registry::remove_entry(&ctx.store, &provider, batch_id).await
         {
             tracing::debug!(%batch_id, error = %e, "Could not leave the schedule; the entry goes stale.");
         }

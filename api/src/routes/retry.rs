@@ -394,7 +394,7 @@ async fn store_child(
         // The child runs in its parent's tier (the metadata key, if that set it, comes along).
         priority: parent
             .get("priority")
-            .and_then(sluice_store::schedule::Priority::parse),
+            .and_then(sluice_core::schedule::Priority::parse),
     };
     store_reserved_with(
         state,

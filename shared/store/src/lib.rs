@@ -19,7 +19,7 @@ pub mod open_batches;
 pub mod pacing;
 pub mod redis_conn;
 pub mod redis_policy;
-pub mod schedule;
+pub mod schedule_registry;
 
 mod batches;
 mod compaction;

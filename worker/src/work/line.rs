@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use sluice_core::domain::{LineItem, LinesMessage, Row, Usage, now_millis};
 use sluice_core::keys::retry_tier;
+use sluice_core::pacing::LEASE_MS;
 use sluice_store::CallGate;
-use sluice_store::pacing::{LEASE_MS, Pacer};
+use sluice_store::pacing::Pacer;
 use tokio::sync::SemaphorePermit;
 
 use crate::WorkerContext;

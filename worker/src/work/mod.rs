@@ -36,8 +36,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sluice_core::config::BudgetSettings;
 use sluice_core::domain::{BatchEvent, LinesMessage, Row, Usage};
+use sluice_core::pacing::PaceLimits;
 use sluice_store::RowWrite;
-use sluice_store::pacing::PaceLimits;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 

@@ -9,8 +9,8 @@ use axum::Json;
 use axum::extract::State;
 use serde_json::Value;
 use sluice_core::domain::{BatchMeta, BatchStatus, new_batch_id, now_secs};
+use sluice_core::schedule::Priority;
 use sluice_store::Transition;
-use sluice_store::schedule::Priority;
 
 use super::dialect::present;
 use super::{PageRequest, announce, check_id, list_object, read_page, visible};

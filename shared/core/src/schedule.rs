@@ -20,11 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-
-use crate::Store;
-use crate::StoreError;
 
 /// A batch's priority tier (`priority` create field, or the `priority` metadata key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -250,40 +246,6 @@ fn within_tenant(batches: &mut [&(String, Entry)], share: f64, shape: Shape) -> 
         .collect()
 }
 
-/// The registry of `provider`: every entry not stale, by batch id. Stale entries are removed.
-pub async fn read_registry(
-    store: &Store,
-    provider: &str,
-    now_ms: i64,
-) -> Result<Vec<(String, Entry)>, StoreError> {
-    let key = store.keys().schedule(provider);
-    let raw: HashMap<String, String> = store.conn().hgetall(&key).await?;
-    live_entries(store, &key, raw, now_ms).await
-}
-
-/// The entries of a registry read as `raw` that are not stale, by batch id; stale ones are
-/// removed.
-async fn live_entries(
-    store: &Store,
-    key: &str,
-    raw: HashMap<String, String>,
-    now_ms: i64,
-) -> Result<Vec<(String, Entry)>, StoreError> {
-    let mut live = Vec::new();
-    let mut stale = Vec::new();
-    for (id, json) in raw {
-        match serde_json::from_str::<Entry>(&json) {
-            Ok(e) if now_ms - e.seen_ms <= STALE_MS => live.push((id, e)),
-            _ => stale.push(id),
-        }
-    }
-    if !stale.is_empty() {
-        let _: i64 = store.conn().hdel(key, &stale).await?;
-    }
-    live.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(live)
-}
-
 /// Each foreground tenant's fraction of the foreground batches' measured throughput; `None` while
 /// any of those batches has no rate measured yet (a batch just started would look starved).
 pub fn measured_fractions(entries: &[(String, Entry)]) -> Option<BTreeMap<String, f64>> {
@@ -360,32 +322,6 @@ impl Dither {
         self.carry = (want - lines).clamp(-1.0, 1.0);
         lines as u64
     }
-}
-
-/// Writes (or refreshes) a batch's entry, and returns the whole registry.
-pub async fn publish_entry(
-    store: &Store,
-    provider: &str,
-    batch: &str,
-    entry: &Entry,
-) -> Result<Vec<(String, Entry)>, StoreError> {
-    let key = store.keys().schedule(provider);
-    let json = serde_json::to_string(entry).expect("entry serializes");
-    let (_, raw): (i64, HashMap<String, String>) = redis::pipe()
-        .hset(&key, batch, json)
-        .hgetall(&key)
-        .query_async(&mut store.conn())
-        .await?;
-    live_entries(store, &key, raw, entry.seen_ms).await
-}
-
-/// Removes a batch's entry (its dispatch ended).
-pub async fn remove_entry(store: &Store, provider: &str, batch: &str) -> Result<(), StoreError> {
-    let _: i64 = store
-        .conn()
-        .hdel(store.keys().schedule(provider), batch)
-        .await?;
-    Ok(())
 }
 
 /// The provider's current rate (lines per second): its batches' throughput together (never above
