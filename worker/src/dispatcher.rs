@@ -513,18 +513,18 @@ fn encode_message(batch_id: &str, lines: &[RequestLine]) -> anyhow::Result<Vec<u
             let probe = LineProbe::parse(&line.bytes)
                 .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?;
             Ok(LineItem {
-                l: line.index,
-                c: probe.custom_id().unwrap_or_default().into(),
+                line: line.index,
+                custom_id: probe.custom_id().unwrap_or_default().into(),
                 body: probe
                     .body
                     .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?,
-                a: 0,
-                t: 0,
+                attempts: 0,
+                first_attempt_ms: 0,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(serde_json::to_vec(&LinesMessage {
-        b: batch_id.into(),
+        batch_id: batch_id.into(),
         lines: items,
     })?)
 }

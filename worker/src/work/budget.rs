@@ -78,7 +78,7 @@ pub(super) async fn admit(
     let now = now_millis();
     let spent = match ctx
         .store
-        .budget_admit(budget, billed(info, batch, item.l), now)
+        .budget_admit(budget, billed(info, batch, item.line), now)
         .await?
     {
         Admit::Go(counted) => {
@@ -97,7 +97,7 @@ pub(super) async fn admit(
         .inc();
     match budget.on_exhausted {
         OnExhausted::Fail => Ok(Admission::Refused(Row::error(
-            &item.c,
+            &item.custom_id,
             "budget_exceeded",
             &spent.message(),
         ))),
@@ -111,7 +111,7 @@ pub(super) async fn admit(
                 wait_ms = wait.as_millis() as u64,
                 "Budget spent; the line waits for the reset."
             );
-            requeue(ctx, batch, item, item.a, item.t, wait).await?;
+            requeue(ctx, batch, item, item.attempts, item.first_attempt_ms, wait).await?;
             Ok(Admission::Held)
         }
     }

@@ -135,7 +135,7 @@ pub(super) async fn wait_for_slot(
                 wait_ms = wait.as_millis() as u64,
                 "Line goes to a delay queue."
             );
-            requeue(ctx, batch, item, item.a, item.t, wait).await?;
+            requeue(ctx, batch, item, item.attempts, item.first_attempt_ms, wait).await?;
             return Ok(Slot::Done);
         }
         // Spread the holders of one pause or breaker so they do not all come back at once.

@@ -45,12 +45,12 @@ pub(super) async fn regate(
 ) -> anyhow::Result<bool> {
     let gate = ctx
         .gate_checks
-        .check(batch, item.l, tokio::time::Instant::from_std(call_at))
+        .check(batch, item.line, tokio::time::Instant::from_std(call_at))
         .await?;
     if count_gate(ctx, gate) {
         return Ok(true);
     }
-    ctx.store.end_call(batch, item.l).await?;
+    ctx.store.end_call(batch, item.line).await?;
     Ok(false)
 }
 
@@ -85,12 +85,12 @@ pub(super) async fn requeue(
     let copy = LinesMessage::single(
         batch,
         LineItem {
-            a: attempts,
-            t: first_attempt_ms,
+            attempts,
+            first_attempt_ms,
             ..item.clone()
         },
     );
-    ctx.store.end_call(batch, item.l).await?;
+    ctx.store.end_call(batch, item.line).await?;
     ctx.publisher
         .publish(&ctx.keys.retry_queue(tier), &serde_json::to_vec(&copy)?)
         .await?;
@@ -98,7 +98,7 @@ pub(super) async fn requeue(
 }
 
 /// Runs one gated line to its row (handed back with its call slot), or to a delay queue.
-#[tracing::instrument(skip_all, fields(line = item.l))]
+#[tracing::instrument(skip_all, fields(line = item.line))]
 pub(super) async fn run_line<'r>(
     run: Run<'r>,
     info: &BatchInfo,
@@ -110,7 +110,7 @@ pub(super) async fn run_line<'r>(
     let asked = Instant::now();
     let slot = tokio::select! {
         _ = run.abandon.cancelled() => {
-            ctx.store.end_call(batch, item.l).await.ok();
+            ctx.store.end_call(batch, item.line).await.ok();
             return Ok(LineEnd::Abandoned);
         }
         permit = run.slots.acquire() => permit?,
@@ -133,7 +133,7 @@ pub(super) async fn run_line<'r>(
     match super::budget::admit(ctx, info, batch, item).await? {
         Admission::Go => {}
         Admission::Held => return Ok(LineEnd::Handled),
-        Admission::Refused(row) => return Ok(LineEnd::Row(item.l, row, Usage::default(), slot)),
+        Admission::Refused(row) => return Ok(LineEnd::Row(item.line, row, Usage::default(), slot)),
     }
     let w = &ctx.settings.worker;
     let paced = route.pacing.as_ref().map(|(provider, limits)| {
@@ -169,19 +169,23 @@ pub(super) async fn run_line<'r>(
             } => (probe, charged) = (p, c),
             Slot::Done => return Ok(LineEnd::Handled),
             Slot::Abandoned => {
-                ctx.store.end_call(batch, item.l).await.ok();
+                ctx.store.end_call(batch, item.line).await.ok();
                 return Ok(LineEnd::Abandoned);
             }
         }
     }
-    let first_attempt = if item.t > 0 { item.t } else { now_millis() };
+    let first_attempt = if item.first_attempt_ms > 0 {
+        item.first_attempt_ms
+    } else {
+        now_millis()
+    };
     ctx.metrics.inflight.inc();
     let started = Instant::now();
     let call = crate::call::attempt(
         &ctx.upstream,
         &info.endpoint,
         &route.model,
-        &item.c,
+        &item.custom_id,
         item.body,
     );
     let (result, header_pause) = match &paced {
@@ -217,7 +221,11 @@ pub(super) async fn run_line<'r>(
         } => {
             // A failure while the provider's breaker is open is the outage's: it spends neither
             // an attempt nor the time budget (only the batch's deadline still bounds the line).
-            let attempts = if outage { item.a } else { item.a + 1 };
+            let attempts = if outage {
+                item.attempts
+            } else {
+                item.attempts + 1
+            };
             let policy = RetryPolicy::from_settings(w);
             let elapsed = if outage {
                 Duration::ZERO
@@ -259,9 +267,9 @@ pub(super) async fn run_line<'r>(
     // the line again on redelivery, and the line still counts once. Unlimited tenants' usage is
     // added with the rows (`budget::add_written`), a round trip per write instead of per line.
     if info.limited_budget().is_some() {
-        super::budget::charge(ctx, info, batch, item.l, &usage).await?;
+        super::budget::charge(ctx, info, batch, item.line, &usage).await?;
     }
-    Ok(LineEnd::Row(item.l, row, usage, slot))
+    Ok(LineEnd::Row(item.line, row, usage, slot))
 }
 
 fn observe(ctx: &WorkerContext, result: &Attempt, elapsed: Duration) {
