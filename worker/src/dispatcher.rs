@@ -25,8 +25,8 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use sluice_broker::{QueueError, check_confirm};
 use sluice_core::domain::{
-    BatchError, BatchEvent, BatchMeta, BatchStatus, LineItem, LinesMessage, StopReason, now_millis,
-    now_secs,
+    Batch, BatchError, BatchEvent, BatchStatus, LineItem, LinesMessage, StopReason, batch_field,
+    now_millis, now_secs,
 };
 use sluice_store::Transition;
 use tokio_util::sync::CancellationToken;
@@ -141,7 +141,10 @@ async fn top_up_rounds(
         }
         if let Err(e) = ctx
             .store
-            .set_batch_fields(batch_id, &[("dispatch_alive_ms", now_millis().to_string())])
+            .set_batch_fields(
+                batch_id,
+                &[(batch_field::DISPATCH_ALIVE_MS, now_millis().to_string())],
+            )
             .await
         {
             tracing::warn!(%batch_id, error = %e, "Could not stamp a dispatch; retrying.");
@@ -203,15 +206,15 @@ async fn dispatch_leased(
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
     };
-    match meta.status() {
-        Some(BatchStatus::Validating) if meta.stopping().is_none() => {
+    match meta.status {
+        Some(BatchStatus::Validating) if meta.stopping.is_none() => {
             if !validate(ctx, batch_id, &meta).await? {
                 return Ok(Dispatched::Done("failed"));
             }
         }
         Some(BatchStatus::InProgress)
-            if meta.stopping().is_none()
-                && meta.int("dispatched").unwrap_or(0) < meta.int("total").unwrap_or(0) => {}
+            if meta.stopping.is_none()
+                && meta.dispatched.unwrap_or(0) < meta.total.unwrap_or(0) => {}
         _ => return Ok(Dispatched::Done("skipped")),
     }
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
@@ -222,14 +225,14 @@ async fn dispatch_leased(
 }
 
 /// Pass one: checks every line. Fails the batch with every error, or moves it to `in_progress`.
-async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyhow::Result<bool> {
-    let endpoint = meta.get("endpoint").unwrap_or_default().to_owned();
-    let input_id = meta.get("input_file_id").unwrap_or_default().to_owned();
+async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &Batch) -> anyhow::Result<bool> {
+    let endpoint = meta.endpoint.as_deref().unwrap_or_default().to_owned();
+    let input_id = meta.input_file_id.as_deref().unwrap_or_default().to_owned();
     let mut file = ctx
         .store
         .get_file(&input_id)
         .await?
-        .filter(|f| f.tenant() == meta.tenant());
+        .filter(|f| f.tenant() == meta.tenant.as_str());
     // An expired file is one the expiry sweep may delete any time: only a batch that took it
     // before it expired (the sweep waits for those) may read it.
     if file.as_ref().is_some_and(|f| f.expired(now_secs()))
@@ -272,7 +275,7 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
     }
     let serves = |model: &str| sluice_core::validate::check_model(&ctx.settings, model, &endpoint);
     let mut validator = Validator::new(&endpoint, &ctx.settings.limits, &serves)
-        .one_model_per_batch(ctx.settings.one_model_per_batch(meta.tenant()));
+        .one_model_per_batch(ctx.settings.one_model_per_batch(meta.tenant.as_str()));
     // Stops at `max_lines + 1` lines: a longer file fails whatever the rest holds, and reading
     // on would only cost time (the errors kept are bounded either way).
     while !validator.done()
@@ -286,13 +289,13 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
         return Ok(false);
     }
     let mut extra = vec![
-        ("total", verdict.lines.to_string()),
-        ("dispatched", "0".to_owned()),
+        (batch_field::TOTAL, verdict.lines.to_string()),
+        (batch_field::DISPATCHED, "0".to_owned()),
     ];
     // A batch whose lines name different models has none: its `model` stays null, and workers
     // route each line by its own.
     if let Some(model) = verdict.model {
-        extra.push(("model", model));
+        extra.push((batch_field::MODEL, model));
     }
     match ctx
         .store
@@ -308,15 +311,19 @@ async fn validate(ctx: &WorkerContext, batch_id: &str, meta: &BatchMeta) -> anyh
 async fn fail(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
     errors: Vec<BatchError>,
 ) -> anyhow::Result<()> {
     let errors = serde_json::json!({"object": "list", "data": errors}).to_string();
     // Before the status: once it is written, its event must already be in the broker.
-    crate::webhooks::announce(ctx, batch_id, meta.tenant(), BatchStatus::Failed).await?;
+    crate::webhooks::announce(ctx, batch_id, meta.tenant.as_str(), BatchStatus::Failed).await?;
     if let Transition::Applied(_) = ctx
         .store
-        .transition(batch_id, BatchStatus::Failed, &[("errors", errors)])
+        .transition(
+            batch_id,
+            BatchStatus::Failed,
+            &[(batch_field::ERRORS, errors)],
+        )
         .await?
     {
         ctx.metrics
@@ -338,17 +345,17 @@ async fn fail(
 async fn enqueue(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
     shutdown: &CancellationToken,
     lease: &Lease,
     window: Window,
     cursor: &mut Option<RequestLines>,
 ) -> anyhow::Result<Dispatched> {
-    let input_id = meta.get("input_file_id").unwrap_or_default();
+    let input_id = meta.input_file_id.as_deref().unwrap_or_default();
     let Some(input) = ctx.store.get_file(input_id).await? else {
         return input_lost(ctx, batch_id, input_id).await;
     };
-    let start = meta.int("dispatched").unwrap_or(0).max(0) as u64;
+    let start = meta.dispatched.unwrap_or(0).max(0) as u64;
     // Fairness: at most `batch_window` lines of this batch wait in the work queue (dispatched but
     // not finished). The rest are published later, when the aggregator's sweep sees the window
     // half empty and sends the dispatch again (it resumes from `dispatched`).
@@ -461,7 +468,7 @@ async fn enqueue(
         return Ok(Dispatched::Interrupted);
     }
     ctx.store
-        .set_batch_fields(batch_id, &[("dispatched", total.to_string())])
+        .set_batch_fields(batch_id, &[(batch_field::DISPATCHED, total.to_string())])
         .await?;
     if next_line.is_none() && lines.next_index() == total {
         *cursor = Some(lines);
@@ -498,7 +505,7 @@ async fn input_lost(
         };
         let errors = serde_json::json!({"object": "list", "data": [error]}).to_string();
         ctx.store
-            .set_batch_fields(batch_id, &[("errors", errors)])
+            .set_batch_fields(batch_id, &[(batch_field::ERRORS, errors)])
             .await?;
         crate::work::notify_aggregator(ctx, batch_id).await;
     }
@@ -545,7 +552,7 @@ async fn checkpoint(
         .unwrap_or(total);
     if low > saved {
         ctx.store
-            .set_batch_fields(batch_id, &[("dispatched", low.to_string())])
+            .set_batch_fields(batch_id, &[(batch_field::DISPATCHED, low.to_string())])
             .await?;
     }
     Ok(low.max(saved))

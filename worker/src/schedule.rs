@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use sluice_core::domain::{BatchMeta, BatchStatus, now_millis, now_secs};
+use sluice_core::domain::{Batch, BatchStatus, now_millis, now_secs};
 use sluice_core::schedule::{self, Dither, Entry, Priority, Shape, ShareCorrection};
 use sluice_store::schedule_registry;
 
@@ -45,12 +45,7 @@ impl Tracker {
     /// `worker.batch_window` lines or `worker.batch_window_secs` of the batch's own throughput,
     /// whichever is more (a fast batch is never starved by its own window, while a slow one
     /// keeps few lines ahead of other batches).
-    pub async fn window(
-        &mut self,
-        ctx: &WorkerContext,
-        batch_id: &str,
-        meta: &BatchMeta,
-    ) -> Window {
+    pub async fn window(&mut self, ctx: &WorkerContext, batch_id: &str, meta: &Batch) -> Window {
         let w = &ctx.settings.worker;
         self.observe(meta.done());
         let own = ((self.rate * w.batch_window_secs as f64) as u64).max(w.batch_window);
@@ -76,21 +71,17 @@ impl Tracker {
         &mut self,
         ctx: &WorkerContext,
         batch_id: &str,
-        meta: &BatchMeta,
+        meta: &Batch,
         provider: &str,
         rpm: Option<u64>,
     ) -> u64 {
         let w = &ctx.settings.worker;
         let entry = Entry {
-            tenant: meta.tenant().to_owned(),
-            priority: meta
-                .get("priority")
-                .and_then(Priority::parse)
-                .unwrap_or(Priority::Normal),
-            expires_at: meta.int("expires_at").unwrap_or(i64::MAX / 2),
+            tenant: meta.tenant.clone(),
+            priority: meta.priority.unwrap_or(Priority::Normal),
+            expires_at: meta.expires_at.unwrap_or(i64::MAX / 2),
             remaining: meta.total().unwrap_or(0).saturating_sub(meta.done()),
-            inflight: (meta.int("dispatched").unwrap_or(0).max(0) as u64)
-                .saturating_sub(meta.done()),
+            inflight: (meta.dispatched.unwrap_or(0).max(0) as u64).saturating_sub(meta.done()),
             rate: self.rate,
             seen_ms: now_millis(),
         };
@@ -162,8 +153,7 @@ impl Tracker {
                     return;
                 }
             };
-            let running =
-                meta.status() == Some(BatchStatus::InProgress) && meta.stopping().is_none();
+            let running = meta.status == Some(BatchStatus::InProgress) && meta.stopping.is_none();
             if !running || meta.done() >= meta.total().unwrap_or(0) {
                 return;
             }
@@ -201,9 +191,9 @@ impl Tracker {
 /// The limited provider (and its rpm) a batch's model goes to; `None` when that provider has no
 /// rate or concurrency limit (nothing to share). Batches of the express queue are not scheduled
 /// even on a limited provider.
-fn limited_provider(ctx: &WorkerContext, meta: &BatchMeta) -> Option<(String, Option<u64>)> {
-    let model = meta.get("model").unwrap_or_default();
-    let endpoint = meta.get("endpoint").unwrap_or_default();
+fn limited_provider(ctx: &WorkerContext, meta: &Batch) -> Option<(String, Option<u64>)> {
+    let model = meta.model.as_deref().unwrap_or_default();
+    let endpoint = meta.endpoint.as_deref().unwrap_or_default();
     let (_, provider) = ctx.upstream.provider_of(model, endpoint)?;
     provider
         .pacing

@@ -11,7 +11,7 @@ use axum::middleware;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use sluice_core::domain::{BatchEvent, BatchMeta, FileMeta};
+use sluice_core::domain::{Batch, BatchEvent, FileMeta};
 use sluice_store::Store;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
@@ -181,9 +181,9 @@ impl Owned for FileMeta {
     }
 }
 
-impl Owned for BatchMeta {
+impl Owned for Batch {
     fn owner(&self) -> &str {
-        self.tenant()
+        self.tenant.as_str()
     }
 }
 

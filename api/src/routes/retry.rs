@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use futures::{Stream, StreamExt};
 use object_store::path::Path;
 use serde_json::{Map, Value};
-use sluice_core::domain::{BatchMeta, BatchStatus, Row, failure_of};
+use sluice_core::domain::{Batch, BatchStatus, Row, batch_field, failure_of};
 use sluice_core::validate::clip;
 use sluice_runtime::lines::RequestLines;
 use sluice_runtime::segments::Merge;
@@ -251,7 +251,7 @@ pub async fn retry(
     .await
     .map_err(|_| json_too_large(limit))?;
     let params = RetryParams::parse(&body, state.settings.window_bounds())?;
-    match parent.status() {
+    match parent.status {
         Some(status) if status.is_terminal() => {}
         status => {
             return Err(ApiError::Coded {
@@ -293,11 +293,11 @@ pub async fn retry(
 async fn create_child(
     state: AppState,
     tenant: Tenant,
-    parent: BatchMeta,
+    parent: Batch,
     params: RetryParams,
     lines: futures::stream::BoxStream<'static, Result<Bytes, ApiError>>,
 ) -> Result<Value, ApiError> {
-    let parent_id = parent.get("id").unwrap_or_default().to_owned();
+    let parent_id = parent.id.clone().unwrap_or_default();
     let child_id = reserve_batch(&state, &tenant).await?;
     let max = state.settings.limits.max_retries_per_batch;
     let slot = state
@@ -343,13 +343,13 @@ async fn create_child(
 async fn store_child(
     state: &AppState,
     tenant: &Tenant,
-    parent: &BatchMeta,
+    parent: &Batch,
     params: RetryParams,
     lines: futures::stream::BoxStream<'static, Result<Bytes, ApiError>>,
     child_id: &str,
 ) -> Result<Value, ApiError> {
-    let parent_id = parent.get("id").unwrap_or_default();
-    let endpoint = parent.get("endpoint").unwrap_or_default().to_owned();
+    let parent_id = parent.id.as_deref().unwrap_or_default();
+    let endpoint = parent.endpoint.as_deref().unwrap_or_default().to_owned();
     // The lines are a part of a file already stored and checked, so they are never larger than
     // it: no byte limit of their own.
     let stored = match store_lines(
@@ -373,7 +373,8 @@ async fn store_child(
         Some(given) => given,
         // The parent's, unless the configured bounds moved since.
         None => parent
-            .get("completion_window")
+            .completion_window
+            .as_deref()
             .and_then(|w| {
                 parse_completion_window(w, state.settings.window_bounds())
                     .ok()
@@ -381,27 +382,23 @@ async fn store_child(
             })
             .unwrap_or_else(|| default_window(state)),
     };
-    let metadata = params
-        .metadata
-        .unwrap_or_else(|| parent.get("metadata").map(str::to_owned));
+    let metadata = params.metadata.unwrap_or_else(|| parent.metadata.clone());
     let child = CreateBatch {
         input_file_id: stored.file_id,
         endpoint: stored.endpoint,
         completion_window,
         window,
         metadata,
-        output_expires_after_secs: parent.int("output_expires_after_secs"),
+        output_expires_after_secs: parent.output_expires_after_secs,
         // The child runs in its parent's tier (the metadata key, if that set it, comes along).
-        priority: parent
-            .get("priority")
-            .and_then(sluice_core::schedule::Priority::parse),
+        priority: parent.priority,
     };
     store_reserved_with(
         state,
         tenant,
         child_id,
         child,
-        vec![("retry_of", parent_id.to_owned())],
+        vec![(batch_field::RETRY_OF, parent_id.to_owned())],
     )
     .await
 }
@@ -411,10 +408,10 @@ async fn store_child(
 async fn chosen_lines(
     state: &AppState,
     tenant: &Tenant,
-    parent: &BatchMeta,
+    parent: &Batch,
     choice: Choice,
 ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
-    let batch_id = parent.get("id").unwrap_or_default().to_owned();
+    let batch_id = parent.id.clone().unwrap_or_default();
     let (segments, pending) = state
         .store
         .rows_snapshot(&batch_id)
@@ -432,7 +429,7 @@ async fn chosen_lines(
         )
         .into());
     }
-    let input_id = parent.get("input_file_id").unwrap_or_default();
+    let input_id = parent.input_file_id.as_deref().unwrap_or_default();
     let unavailable = || ApiError::Coded {
         status: StatusCode::CONFLICT,
         message: format!(

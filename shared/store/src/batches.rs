@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use redis::{AsyncCommands, Script};
 
 use super::{Result, Store, StoreError};
-use sluice_core::domain::{BatchMeta, BatchStatus, StopReason, now_secs};
+use sluice_core::domain::{Batch, BatchStatus, StopReason, batch_field, now_secs};
 
 static TRANSITION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/transition_status.lua")));
@@ -35,10 +35,13 @@ impl Store {
     ) -> Result<()> {
         let seq = self.next_sequence().await?;
         let mut all: Vec<(&str, String)> = fields.to_vec();
-        all.push(("id", id.to_owned()));
-        all.push(("tenant", tenant.to_owned()));
-        all.push(("seq", seq.to_string()));
-        all.push(("status", BatchStatus::Validating.as_str().to_owned()));
+        all.push((batch_field::ID, id.to_owned()));
+        all.push((batch_field::TENANT, tenant.to_owned()));
+        all.push((batch_field::SEQ, seq.to_string()));
+        all.push((
+            batch_field::STATUS,
+            BatchStatus::Validating.as_str().to_owned(),
+        ));
         let mut pipe = redis::pipe();
         pipe.hset_multiple(self.keys.batch_meta(id), &all)
             .ignore()
@@ -51,9 +54,12 @@ impl Store {
     }
 
     /// A batch record, if it exists.
-    pub async fn get_batch(&self, id: &str) -> Result<Option<BatchMeta>> {
+    pub async fn get_batch(&self, id: &str) -> Result<Option<Batch>> {
         let map: HashMap<String, String> = self.conn().hgetall(self.keys.batch_meta(id)).await?;
-        Ok((!map.is_empty()).then_some(BatchMeta(map)))
+        if map.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Batch::from_hash(map)?))
     }
 
     /// Sets plain fields of a batch record.
@@ -117,8 +123,8 @@ impl Store {
     pub async fn retire_batch(&self, id: &str, rows_ttl_secs: u64) -> Result<()> {
         let (tenant, input): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(self.keys.batch_meta(id))
-            .arg("tenant")
-            .arg("input_file_id")
+            .arg(batch_field::TENANT)
+            .arg(batch_field::INPUT_FILE_ID)
             .query_async(&mut self.conn())
             .await?;
         let mut pipe = redis::pipe();

@@ -24,6 +24,8 @@ pub mod schedule_registry;
 mod batches;
 mod compaction;
 mod leases;
+#[cfg(test)]
+mod lua_batch_fields;
 mod retries;
 mod rows;
 mod webhook_deliveries;
@@ -49,6 +51,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a store script: {0}")]
     Protocol(String),
+    #[error(transparent)]
+    BatchRecord(#[from] sluice_core::domain::BatchRecordError),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;

@@ -200,7 +200,13 @@ impl Store {
     /// listing entry and its index entries. Idempotent.
     pub async fn remove_batch(&self, id: &str) -> Result<()> {
         let keys = self.keys();
-        let tenant: Option<String> = self.conn().hget(keys.batch_meta(id), "tenant").await?;
+        let tenant: Option<String> = self
+            .conn()
+            .hget(
+                keys.batch_meta(id),
+                sluice_core::domain::batch_field::TENANT,
+            )
+            .await?;
         let mut pipe = redis::pipe();
         if let Some(tenant) = &tenant {
             pipe.zrem(keys.tenant_batches(tenant), id)

@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 use redis::{AsyncCommands, Script};
 
 use crate::{Store, StoreError};
-use sluice_core::domain::BatchStatus;
+use sluice_core::domain::{BatchStatus, batch_field};
 
 static RESERVE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../lua/reserve_open_batch.lua")));
@@ -73,7 +73,7 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         for (id, _) in &entries {
-            pipe.hget(self.keys().batch_meta(id), "status");
+            pipe.hget(self.keys().batch_meta(id), batch_field::STATUS);
         }
         let statuses: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
         let stale: Vec<&str> = entries

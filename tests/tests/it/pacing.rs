@@ -416,7 +416,7 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
         .await
         .unwrap()
         .unwrap()
-        .int("dispatched")
+        .dispatched
         .unwrap();
     assert!(
         dispatched < 300,

@@ -285,6 +285,6 @@ async fn an_unknown_priority_is_refused_as_a_field_and_as_metadata() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stored.get("priority"), Some("background"));
+    assert_eq!(stored.priority.map(|p| p.as_str()), Some("background"));
     app.cleanup().await;
 }

@@ -8,7 +8,9 @@ use anyhow::Context;
 use axum::Json;
 use axum::extract::State;
 use serde_json::Value;
-use sluice_core::domain::{BatchMeta, BatchStatus, new_batch_id, now_secs};
+use sluice_core::domain::{
+    Batch, BatchRecordError, BatchStatus, batch_field, new_batch_id, now_secs,
+};
 use sluice_core::schedule::Priority;
 use sluice_store::Transition;
 
@@ -156,24 +158,27 @@ pub(crate) async fn store_reserved_with(
     let priority = params.priority();
     let mut fields = extra;
     fields.extend([
-        ("endpoint", params.endpoint),
-        ("input_file_id", params.input_file_id),
-        ("completion_window", params.completion_window),
-        ("created_at", created_at.to_string()),
-        ("expires_at", expires_at.to_string()),
+        (batch_field::ENDPOINT, params.endpoint),
+        (batch_field::INPUT_FILE_ID, params.input_file_id),
+        (batch_field::COMPLETION_WINDOW, params.completion_window),
+        (batch_field::CREATED_AT, created_at.to_string()),
+        (batch_field::EXPIRES_AT, expires_at.to_string()),
     ]);
     if priority != Priority::Normal {
-        fields.push(("priority", priority.as_str().to_owned()));
+        fields.push((batch_field::PRIORITY, priority.as_str().to_owned()));
     }
     if let Some(metadata) = params.metadata {
-        fields.push(("metadata", metadata));
+        fields.push((batch_field::METADATA, metadata));
     }
     // The default is fixed at creation, so the result files' lifetime is what it was when the
     // batch was submitted.
     let output_secs = params
         .output_expires_after_secs
         .unwrap_or(state.settings.lifecycle.batch_output_expires_after_secs as i64);
-    fields.push(("output_expires_after_secs", output_secs.to_string()));
+    fields.push((
+        batch_field::OUTPUT_EXPIRES_AFTER_SECS,
+        output_secs.to_string(),
+    ));
     if let Err(e) = state
         .store
         .create_batch(&batch_id, tenant.id(), expires_at, &fields)
@@ -228,8 +233,9 @@ pub async fn list(
     let data = page
         .records
         .into_iter()
-        .map(|r| present(&state, &tenant, &BatchMeta(r)))
-        .collect();
+        .map(|r| Ok(present(&state, &tenant, &Batch::from_hash(r)?)))
+        .collect::<Result<_, BatchRecordError>>()
+        .context("Failed to read a listed batch")?;
     Ok(Json(list_object(data, page.has_more)))
 }
 
@@ -255,7 +261,7 @@ pub async fn cancel(
     ApiPath(batch_id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let meta = load_batch(&state, &tenant, &batch_id).await?;
-    match meta.status() {
+    match meta.status {
         Some(BatchStatus::Cancelling | BatchStatus::Cancelled) => {
             return Ok(Json(present(&state, &tenant, &meta)));
         }
@@ -273,7 +279,7 @@ pub async fn cancel(
         .transition(
             &batch_id,
             BatchStatus::Cancelling,
-            &[("stopping", "cancelled".to_owned())],
+            &[(batch_field::STOPPING, "cancelled".to_owned())],
         )
         .await
         .context("Failed to mark a batch cancelling")?;
@@ -306,7 +312,7 @@ pub(crate) async fn load_batch(
     state: &AppState,
     tenant: &Tenant,
     batch_id: &str,
-) -> Result<BatchMeta, ApiError> {
+) -> Result<Batch, ApiError> {
     check_id(state, "batch_id", batch_id)?;
     let found = state
         .store
@@ -317,7 +323,7 @@ pub(crate) async fn load_batch(
 }
 
 /// A batch just written by this request (batches are never deleted, so it must exist).
-async fn reload(state: &AppState, batch_id: &str) -> Result<BatchMeta, ApiError> {
+async fn reload(state: &AppState, batch_id: &str) -> Result<Batch, ApiError> {
     Ok(state
         .store
         .get_batch(batch_id)

@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+mod batch_record;
 mod messages;
 mod rows;
+pub use batch_record::{Batch, BatchRecordError, BatchStamps, BatchUsage, batch_field};
 pub use messages::{BatchEvent, LineItem, LinesMessage};
 pub use rows::{Row, Usage, failure_of};
 
@@ -138,15 +140,16 @@ impl BatchStatus {
 
     /// The `*_at` field stamped when the batch enters this status.
     pub fn stamp_field(self) -> &'static str {
+        use batch_field as f;
         match self {
-            Self::Validating => "created_at",
-            Self::Failed => "failed_at",
-            Self::InProgress => "in_progress_at",
-            Self::Finalizing => "finalizing_at",
-            Self::Completed => "completed_at",
-            Self::Expired => "expired_at",
-            Self::Cancelling => "cancelling_at",
-            Self::Cancelled => "cancelled_at",
+            Self::Validating => f::CREATED_AT,
+            Self::Failed => f::FAILED_AT,
+            Self::InProgress => f::IN_PROGRESS_AT,
+            Self::Finalizing => f::FINALIZING_AT,
+            Self::Completed => f::COMPLETED_AT,
+            Self::Expired => f::EXPIRED_AT,
+            Self::Cancelling => f::CANCELLING_AT,
+            Self::Cancelled => f::CANCELLED_AT,
         }
     }
 }
@@ -215,95 +218,6 @@ pub struct BatchError {
     pub param: Option<String>,
     /// 1-based line of the input file, when the error belongs to one line.
     pub line: Option<u64>,
-}
-
-/// The stored fields of a batch (`b:{id}:meta`), as read back from Redis.
-#[derive(Debug, Clone, Default)]
-pub struct BatchMeta(pub HashMap<String, String>);
-
-impl BatchMeta {
-    /// A field as a string.
-    pub fn get(&self, field: &str) -> Option<&str> {
-        self.0.get(field).map(String::as_str)
-    }
-    /// A field as an integer.
-    pub fn int(&self, field: &str) -> Option<i64> {
-        self.get(field).and_then(|v| v.parse().ok())
-    }
-    /// The tenant owning the batch.
-    pub fn tenant(&self) -> &str {
-        self.get("tenant").unwrap_or_default()
-    }
-    /// Current status.
-    pub fn status(&self) -> Option<BatchStatus> {
-        self.get("status").and_then(BatchStatus::parse)
-    }
-    /// Set while the batch is being cancelled or expired.
-    pub fn stopping(&self) -> Option<StopReason> {
-        self.get("stopping").and_then(StopReason::parse)
-    }
-    /// Lines in the batch, once validated.
-    pub fn total(&self) -> Option<u64> {
-        self.int("total").map(|t| t as u64)
-    }
-    /// Finished lines (successes plus failures).
-    pub fn done(&self) -> u64 {
-        (self.int("completed").unwrap_or(0) + self.int("failed").unwrap_or(0)) as u64
-    }
-
-    /// The OpenAI batch object, with every field present (explicit nulls).
-    pub fn to_object(&self) -> Value {
-        let int_or_null = |f: &str| self.int(f).map_or(Value::Null, Value::from);
-        let str_or_null = |f: &str| self.get(f).map_or(Value::Null, Value::from);
-        let json_or_null = |f: &str| {
-            self.get(f)
-                .and_then(|v| serde_json::from_str::<Value>(v).ok())
-                .unwrap_or(Value::Null)
-        };
-        let n = |f: &str| self.int(f).unwrap_or(0);
-        let mut object = json!({
-            "id": self.get("id"),
-            "object": "batch",
-            "endpoint": self.get("endpoint"),
-            "model": str_or_null("model"),
-            "errors": json_or_null("errors"),
-            "input_file_id": self.get("input_file_id"),
-            "completion_window": self.get("completion_window"),
-            "status": self.get("status"),
-            "output_file_id": str_or_null("output_file_id"),
-            "error_file_id": str_or_null("error_file_id"),
-            "created_at": int_or_null("created_at"),
-            "in_progress_at": int_or_null("in_progress_at"),
-            "expires_at": int_or_null("expires_at"),
-            "finalizing_at": int_or_null("finalizing_at"),
-            "completed_at": int_or_null("completed_at"),
-            "failed_at": int_or_null("failed_at"),
-            "expired_at": int_or_null("expired_at"),
-            "cancelling_at": int_or_null("cancelling_at"),
-            "cancelled_at": int_or_null("cancelled_at"),
-            "request_counts": {
-                "total": n("total"),
-                "completed": n("completed"),
-                "failed": n("failed"),
-            },
-            "usage": {
-                "input_tokens": n("u_in"),
-                "input_tokens_details": {"cached_tokens": n("u_cached")},
-                "output_tokens": n("u_out"),
-                "output_tokens_details": {"reasoning_tokens": n("u_reasoning")},
-                "total_tokens": n("u_total"),
-            },
-            "metadata": json_or_null("metadata"),
-        });
-        // Extra fields, only on batches a retry links: the SDKs keep unknown fields.
-        if let Some(parent) = self.get("retry_of") {
-            object["retry_of"] = Value::from(parent);
-        }
-        if let Some(children) = self.get("retries").filter(|r| !r.is_empty()) {
-            object["retries"] = children.split(',').collect();
-        }
-        object
-    }
 }
 
 /// The stored fields of a file (`f:{id}`).
