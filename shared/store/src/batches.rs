@@ -79,7 +79,7 @@ impl Store {
         to: BatchStatus,
         extra: &[(&str, String)],
     ) -> Result<Transition> {
-        let from: Vec<&str> = to.allowed_from().iter().map(|s| s.as_str()).collect();
+        let from: Vec<&str> = to.allowed_from().map(BatchStatus::as_str).collect();
         let mut inv = TRANSITION.key(self.keys.batch_meta(id));
         inv.arg(to.as_str())
             .arg(from.join(","))

@@ -265,13 +265,10 @@ pub async fn cancel(
         Some(BatchStatus::Cancelling | BatchStatus::Cancelled) => {
             return Ok(Json(present(&state, &tenant, &meta)));
         }
-        Some(
-            status @ (BatchStatus::Completed
-            | BatchStatus::Failed
-            | BatchStatus::Expired
-            | BatchStatus::Finalizing),
-        ) => return Err(cannot_cancel(status)),
-        Some(BatchStatus::Validating | BatchStatus::InProgress) | None => {}
+        Some(status) if !status.can_become(BatchStatus::Cancelling) => {
+            return Err(cannot_cancel(status));
+        }
+        Some(_) | None => {}
     }
     // The status may have moved since the read; the transition script is the arbiter.
     let outcome = state

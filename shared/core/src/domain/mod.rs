@@ -122,20 +122,25 @@ impl BatchStatus {
         )
     }
 
-    /// The one transition table: which statuses may move to `self`.
-    pub fn allowed_from(self) -> &'static [BatchStatus] {
+    /// The one transition table: whether a batch in `self` may move to `next`. The store's
+    /// transition script applies exactly this table ([`BatchStatus::allowed_from`]).
+    pub fn can_become(self, next: BatchStatus) -> bool {
         use BatchStatus::*;
-        match self {
-            Validating => &[],
-            InProgress => &[Validating],
-            // From `in_progress` only through a stop ([`StopReason::InputLost`]).
-            Failed => &[Validating, InProgress],
-            Cancelling => &[Validating, InProgress],
-            Finalizing => &[InProgress],
-            Completed => &[Finalizing],
-            Cancelled => &[Cancelling],
-            Expired => &[Validating, InProgress],
-        }
+        matches!(
+            (self, next),
+            (Validating, InProgress | Failed | Cancelling | Expired)
+                // `in_progress` fails only through a stop ([`StopReason::InputLost`]).
+                | (InProgress, Failed | Cancelling | Finalizing | Expired)
+                | (Finalizing, Completed)
+                | (Cancelling, Cancelled)
+        )
+    }
+
+    /// The statuses that may move to `self`, in [`BatchStatus::ALL`] order.
+    pub fn allowed_from(self) -> impl Iterator<Item = BatchStatus> {
+        Self::ALL
+            .into_iter()
+            .filter(move |from| from.can_become(self))
     }
 
     /// The `*_at` field stamped when the batch enters this status.
@@ -270,8 +275,38 @@ mod tests {
             assert_eq!(BatchStatus::parse(st.as_str()), Some(st));
             for to in BatchStatus::ALL {
                 if st.is_terminal() {
-                    assert!(!to.allowed_from().contains(&st), "{st:?} -> {to:?}");
+                    assert!(
+                        !to.allowed_from().any(|from| from == st),
+                        "{st:?} -> {to:?}"
+                    );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_transition_table() {
+        use BatchStatus::*;
+        let allowed = [
+            (Validating, InProgress),
+            (Validating, Failed),
+            (Validating, Cancelling),
+            (Validating, Expired),
+            (InProgress, Failed),
+            (InProgress, Cancelling),
+            (InProgress, Finalizing),
+            (InProgress, Expired),
+            (Finalizing, Completed),
+            (Cancelling, Cancelled),
+        ];
+        for from in BatchStatus::ALL {
+            for to in BatchStatus::ALL {
+                assert_eq!(
+                    from.can_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+                assert_eq!(to.allowed_from().any(|f| f == from), from.can_become(to));
             }
         }
     }
