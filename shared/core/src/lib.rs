@@ -12,6 +12,10 @@
 //! - [`segments`]: the format of rows compacted out of Redis.
 //! - [`connect`]: why a dependency could not be reached, and URLs made safe for logs.
 
+#![warn(missing_docs, unreachable_pub)]
+
+// documented with the generated configuration reference
+#[allow(missing_docs)]
 pub mod config;
 pub mod connect;
 pub mod domain;

@@ -151,12 +151,20 @@ pub enum Grant {
     /// call tests the upstream. `charged`: tokens taken from the token bucket (the estimate scaled
     /// by the learnt actual/estimate ratio), to pass back to `Pacer::release`.
     Go {
+        /// How long to wait before starting the call.
         wait: Duration,
+        /// Whether this call is the half-open breaker's probe.
         probe: bool,
+        /// Tokens charged to the token bucket.
         charged: u64,
     },
     /// Nothing reserved: try again after `wait`.
-    Hold { wait: Duration, why: Hold },
+    Hold {
+        /// How long to wait before asking again.
+        wait: Duration,
+        /// What holds the call.
+        why: Hold,
+    },
 }
 
 /// How a call went, as the pacer sees it.
@@ -187,8 +195,11 @@ impl CallOutcome {
 /// State of a provider's breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
+    /// Calls go through.
     Closed,
+    /// A few probe calls test the upstream after a cool-down.
     HalfOpen,
+    /// Calls wait: the upstream failed too often.
     Open,
 }
 
@@ -241,6 +252,7 @@ pub struct Successes {
     pub token_delta: i64,
     /// Sums of the estimate and the actual tokens of the calls that teach the ratio.
     pub estimate: u64,
+    /// Sum of the actual tokens of the calls that teach the ratio.
     pub actual: u64,
     /// Calls that teach the ratio (an estimate and a reported usage).
     pub samples: u64,

@@ -26,14 +26,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
+    /// Served first, and first within its tenant.
     High,
+    /// The default tier.
     Normal,
+    /// Only gets what the other tiers leave unused.
     Background,
 }
 
 impl Priority {
+    /// Every tier's wire name.
     pub const ALL: [&'static str; 3] = ["high", "normal", "background"];
 
+    /// Parses a wire name.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "high" => Some(Self::High),
@@ -43,6 +48,7 @@ impl Priority {
         }
     }
 
+    /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::High => "high",
@@ -58,7 +64,9 @@ pub const STALE_MS: i64 = 3_000;
 /// One running batch as its dispatcher last saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
+    /// The tenant owning the batch.
     pub tenant: String,
+    /// The batch's tier.
     pub priority: Priority,
     /// Unix seconds.
     pub expires_at: i64,
@@ -285,6 +293,7 @@ impl ShareCorrection {
     const GAIN: f64 = 0.03;
     const BOUNDS: (f64, f64) = (0.5, 2.0);
 
+    /// The correction factor applied to the tenants' shares now.
     pub fn factor(&self) -> f64 {
         self.factor
     }
@@ -311,6 +320,7 @@ pub struct Dither {
 }
 
 impl Dither {
+    /// Whole lines for `exact` lines, carrying the fraction over to the next call.
     pub fn lines(&mut self, exact: f64) -> u64 {
         if exact <= 0.0 {
             self.carry = 0.0;
@@ -338,10 +348,13 @@ pub fn provider_rate(entries: &[(String, Entry)], limit: Option<f64>) -> f64 {
 /// A batch to be created, as admission control sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Newcomer<'a> {
+    /// The tenant creating it.
     pub tenant: &'a str,
+    /// Its lines.
     pub lines: u64,
     /// Unix seconds.
     pub expires_at: i64,
+    /// Its tier.
     pub priority: Priority,
 }
 

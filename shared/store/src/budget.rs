@@ -28,7 +28,9 @@ const KEEP_AFTER_END_SECS: i64 = 3_600;
 /// The two budget windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WindowKind {
+    /// A calendar day (UTC).
     Day,
+    /// A calendar month (UTC).
     Month,
 }
 
@@ -53,8 +55,11 @@ impl WindowKind {
 /// One window: `[start, end)` in unix seconds; `end` is when its budget resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
+    /// Day or month.
     pub kind: WindowKind,
+    /// Unix s the window starts.
     pub start: i64,
+    /// Unix s the window ends (exclusive).
     pub end: i64,
 }
 
@@ -131,23 +136,29 @@ fn calendar_month(now: i64) -> Window {
 /// What a tenant used in one window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Used {
+    /// Requests counted.
     pub requests: u64,
+    /// Tokens counted.
     pub tokens: u64,
 }
 
 /// A window and what was used in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowUsage {
+    /// The window.
     pub window: Window,
+    /// What it used.
     pub used: Used,
 }
 
 /// A budget found spent: which limit, and when it resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spent {
+    /// The window whose limit is reached.
     pub window: Window,
     /// `tokens` or `requests`.
     pub what: &'static str,
+    /// The limit reached.
     pub limit: u64,
 }
 
@@ -212,8 +223,11 @@ pub fn spent(budget: &BudgetSettings, usage: &[WindowUsage; 2]) -> Option<Spent>
 /// One line of a batch, as the budget counts it.
 #[derive(Debug, Clone, Copy)]
 pub struct BilledLine<'a> {
+    /// The tenant billed.
     pub tenant: &'a str,
+    /// The batch of the line.
     pub batch: &'a str,
+    /// The line (0-based).
     pub line: u64,
     /// The batch's `expires_at` (unix seconds): the line cannot run after it, so its marks can go.
     pub batch_expires_at: Option<i64>,
@@ -222,7 +236,9 @@ pub struct BilledLine<'a> {
 /// What one charge counted (zeros when the line had already counted).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counted {
+    /// Requests counted by this call.
     pub requests: u64,
+    /// Tokens counted by this call.
     pub tokens: u64,
 }
 

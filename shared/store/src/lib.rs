@@ -11,6 +11,8 @@
 //! - an upstream call starts only after `begin_call` saw the batch `in_progress` with no stop
 //!   requested, and it is recorded in `inflight` so cancel and expiry can wait for it.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod budget;
 pub mod file_users;
 pub mod idempotency;
@@ -48,10 +50,13 @@ pub use rows::{CallGate, RowWrite};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
+    /// A Redis command failed.
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a store script: {0}")]
+    /// A script answered something the code does not expect.
     Protocol(String),
     #[error(transparent)]
+    /// A batch record holds a field its type cannot have.
     BatchRecord(#[from] sluice_core::domain::BatchRecordError),
 }
 

@@ -3,8 +3,8 @@
 //!
 //! Accounting rides on the tenant's file listing (`t:{tenant}:files`): a file counts toward its
 //! tenant's usage exactly while it is listed (and `t:{tenant}:counted` remembers what it counts for). Listing and counting happen in one script on the
-//! tenant's slot ([`REGISTER_FILE`]), and so do unlisting and giving the bytes back
-//! ([`RELEASE_FILE`]). So registering the same file twice (a finalize run again after a crash)
+//! tenant's slot (`lua/register_file.lua`), and so do unlisting and giving the bytes back
+//! (`lua/release_file.lua`). So registering the same file twice (a finalize run again after a crash)
 //! counts it once, two replicas deleting the same file give its bytes back once, and concurrent
 //! uploads cannot pass the quota between them: the check and the increment are one atomic step.
 //!
@@ -33,14 +33,18 @@ static RELEASE_FILE: LazyLock<Script> =
 /// What a tenant stores now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StorageUsage {
+    /// Bytes stored.
     pub bytes: u64,
+    /// Files stored.
     pub files: u64,
 }
 
 /// The limit a refused file would have passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaPart {
+    /// The byte quota.
     Bytes,
+    /// The file quota.
     Files,
 }
 

@@ -1,6 +1,6 @@
 //! Fleet-wide pacing of upstream calls, shared by every worker replica through Redis.
 //!
-//! One provider's state lives under the hash tag `{<provider>}` (see [`Keys::pacing`]), and two Lua
+//! One provider's state lives under the hash tag `{<provider>}` (see [`Keys::pacing`](sluice_core::keys::Keys::pacing)), and two Lua
 //! scripts touch it atomically:
 //!
 //! - [`Pacer::acquire`] runs before every call to a paced provider (one with a rate or

@@ -98,6 +98,7 @@ fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
 /// A message naming one batch (control and finalize queues).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BatchEvent {
+    /// The batch the event is about.
     pub batch_id: String,
 }
 

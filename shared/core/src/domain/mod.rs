@@ -72,13 +72,21 @@ pub fn now_millis() -> i64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchStatus {
+    /// Checking the input file.
     Validating,
+    /// Ended without running (invalid input, or its input file was lost).
     Failed,
+    /// Lines are being run.
     InProgress,
+    /// Every line has a row; the result files are being written.
     Finalizing,
+    /// Ended with its result files.
     Completed,
+    /// Its completion window ended before every line ran.
     Expired,
+    /// A cancel was asked; lines in flight are finishing.
     Cancelling,
+    /// Ended by a cancel.
     Cancelled,
 }
 
@@ -162,7 +170,9 @@ impl BatchStatus {
 /// Why a batch stops before every line ran; the error code given to the lines that never ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
+    /// Cancelled by its owner.
     Cancelled,
+    /// Its completion window ended.
     Expired,
     /// The input file's record or bytes disappeared while the batch ran (the dispatcher can no
     /// longer read its lines): the batch ends `failed`.
@@ -218,8 +228,11 @@ impl StopReason {
 /// One entry of a failed batch's `errors.data`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchError {
+    /// Machine-readable code (`invalid_request`, `model_not_found`…).
     pub code: String,
+    /// What is wrong, for people.
     pub message: String,
+    /// The parameter at fault (`body.model`), when there is one.
     pub param: Option<String>,
     /// 1-based line of the input file, when the error belongs to one line.
     pub line: Option<u64>,

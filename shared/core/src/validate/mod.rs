@@ -42,7 +42,9 @@ struct BodyProbe<'a> {
 /// Why a line's model cannot run: the code and message of the line's error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelProblem {
+    /// Error code of the line.
     pub code: &'static str,
+    /// Error message of the line.
     pub message: String,
 }
 
