@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use sluice_store::pacing::MAX_FLEET_PAUSE;
+use sluice_core::pacing::MAX_FLEET_PAUSE;
 use sluice_worker::upstream::{NextStep, RetryPolicy, ratelimit_pause, retry_after};
 
 const NAMES: [&str; 6] = [

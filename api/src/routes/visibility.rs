@@ -1,6 +1,6 @@
 //! Tenant visibility: another tenant's record reads exactly like a missing one.
 
-use sluice_core::domain::{BatchMeta, FileMeta};
+use sluice_core::domain::{Batch, FileMeta};
 
 use crate::auth::Tenant;
 
@@ -15,9 +15,9 @@ impl Owned for FileMeta {
     }
 }
 
-impl Owned for BatchMeta {
+impl Owned for Batch {
     fn owner(&self) -> &str {
-        self.tenant()
+        self.tenant.as_str()
     }
 }
 

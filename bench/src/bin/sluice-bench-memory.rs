@@ -206,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
         if rows_done_at.is_none() && meta.done() >= total {
             rows_done_at = Some(Instant::now());
         }
-        if let Some(s) = meta.get("status")
+        if let Some(s) = meta.status.map(|s| s.as_str())
             && matches!(s, "completed" | "failed" | "expired" | "cancelled")
         {
             break s.to_owned();

@@ -160,7 +160,7 @@ impl Env {
         let started = Instant::now();
         loop {
             if let Some(meta) = self.store.get_batch(id).await?
-                && let Some(s) = meta.get("status")
+                && let Some(s) = meta.status.map(|s| s.as_str())
                 && matches!(s, "completed" | "failed" | "expired" | "cancelled")
             {
                 return Ok(s.to_owned());

@@ -132,7 +132,7 @@ async fn wait_status(
 ) -> anyhow::Result<String> {
     loop {
         if let Some(meta) = store.get_batch(id).await?
-            && let Some(s) = meta.get("status")
+            && let Some(s) = meta.status.map(|s| s.as_str())
             && done.contains(&s)
         {
             return Ok(s.to_owned());
@@ -231,10 +231,10 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .context("batch vanished")?;
         anyhow::ensure!(
-            meta.get("status") != Some("failed"),
+            meta.status.map(|s| s.as_str()) != Some("failed"),
             "ingest batch failed validation"
         );
-        if meta.total().is_some() && meta.int("dispatched") == meta.int("total") {
+        if meta.total().is_some() && meta.dispatched == meta.total {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -298,7 +298,7 @@ async fn main() -> anyhow::Result<()> {
     let rss_mb = |pid: u32| memory_kib(pid).1 as f64 / 1024.0;
     let status = loop {
         let meta = store.get_batch(&batch).await?.context("batch vanished")?;
-        if enqueued_at.is_none() && meta.int("dispatched") == meta.int("total") {
+        if enqueued_at.is_none() && meta.dispatched == meta.total {
             enqueued_at = Some(t.elapsed().as_secs_f64());
         }
         let total = meta.total().unwrap_or(u64::MAX).max(1);
@@ -310,7 +310,7 @@ async fn main() -> anyhow::Result<()> {
         if rows_done_at.is_none() && meta.done() >= total {
             rows_done_at = Some(Instant::now());
         }
-        if let Some(s) = meta.get("status")
+        if let Some(s) = meta.status.map(|s| s.as_str())
             && matches!(s, "completed" | "failed" | "expired" | "cancelled")
         {
             break s.to_owned();

@@ -3,6 +3,8 @@
 //! Every process declares the whole topology at start (declarations are idempotent), so no role
 //! depends on another having started first.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod consumer;
 
 use std::sync::Arc;
@@ -26,8 +28,10 @@ use sluice_core::keys::{Keys, RETRY_TIERS_MS, WEBHOOK_TIERS_MS};
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("amqp: {0}")]
+    /// The AMQP client failed.
     Amqp(#[from] lapin::Error),
     #[error("the broker refused a message (nack or unroutable)")]
+    /// The broker did not take the message.
     NotConfirmed,
     /// The broker could not be reached, or stopped answering while connecting.
     #[error("the broker {0}")]

@@ -7,7 +7,9 @@ use std::time::Duration;
 /// A service Sluice cannot run without.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dependency {
+    /// RabbitMQ (the queues).
     RabbitMq,
+    /// Redis (the store).
     Redis,
 }
 
@@ -48,11 +50,18 @@ pub enum ConnectError {
     Refused,
     /// No answer within `after` while doing `stage` (e.g. "the AMQP handshake").
     Stalled {
+        /// What was being done.
         stage: &'static str,
+        /// How long it waited.
         after: Duration,
     },
     /// It answered, with an error (bad credentials, unknown vhost, closed during the handshake…).
-    Failed { stage: &'static str, error: String },
+    Failed {
+        /// What was being done.
+        stage: &'static str,
+        /// What the service answered.
+        error: String,
+    },
     /// The URL itself is wrong: retrying cannot help.
     InvalidUrl(String),
 }

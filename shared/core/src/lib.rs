@@ -12,12 +12,18 @@
 //! - [`segments`]: the format of rows compacted out of Redis.
 //! - [`connect`]: why a dependency could not be reached, and URLs made safe for logs.
 
+#![warn(missing_docs, unreachable_pub)]
+
+// documented with the generated configuration reference
+#[allow(missing_docs)]
 pub mod config;
 pub mod connect;
 pub mod domain;
 pub mod keys;
 pub mod lines;
+pub mod pacing;
 pub mod routing;
+pub mod schedule;
 pub mod segments;
 pub mod task_body;
 pub mod validate;

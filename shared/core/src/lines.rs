@@ -21,12 +21,16 @@ pub struct RequestLine {
 #[derive(Debug, Deserialize)]
 pub struct LineProbe<'a> {
     #[serde(borrow)]
+    /// `custom_id`, not yet checked.
     pub custom_id: Option<&'a RawValue>,
     #[serde(borrow)]
+    /// `method`, not yet checked.
     pub method: Option<&'a RawValue>,
     #[serde(borrow)]
+    /// `url`, not yet checked.
     pub url: Option<&'a RawValue>,
     #[serde(borrow)]
+    /// `body`, not yet checked.
     pub body: Option<&'a RawValue>,
 }
 

@@ -36,34 +36,66 @@ pub enum Target {
     /// A provider's model.
     Model(Route),
     /// A task model, run by the backing model's route.
-    Task { task: &'static str, backing: Route },
+    Task {
+        /// The task (`extract`, `summarize`, `classify`).
+        task: &'static str,
+        /// The route of the model that runs it.
+        backing: Route,
+    },
 }
 
 /// Why a model cannot run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
     #[error("No model provider is configured for batch work.")]
+    /// No provider is configured at all.
     NoProviders,
     #[error("The model '{model}' does not exist or is not served by any configured provider.")]
-    ModelNotFound { model: String },
+    /// No provider serves the model.
+    ModelNotFound {
+        /// The model asked for.
+        model: String,
+    },
     #[error(
         "The model '{model}' is served by provider '{provider}', which does not support {endpoint}."
     )]
+    /// The provider serving the model does not serve the endpoint.
     EndpointUnsupported {
+        /// The model asked for.
         model: String,
+        /// The provider serving it.
         provider: String,
+        /// The endpoint asked for.
         endpoint: String,
     },
     #[error(
         "The model '{model}' is served by provider '{provider}', which does not support batch requests."
     )]
-    BatchUnsupported { model: String, provider: String },
+    /// The provider serving the model does not take batch work.
+    BatchUnsupported {
+        /// The model asked for.
+        model: String,
+        /// The provider serving it.
+        provider: String,
+    },
     #[error(
         "The task model '{model}' is not available: no provider is configured for it ({reason})."
     )]
-    TaskUnavailable { model: String, reason: String },
+    /// No provider is configured for the task model's backing model.
+    TaskUnavailable {
+        /// The task model.
+        model: String,
+        /// Why it is unavailable.
+        reason: String,
+    },
     #[error("The task model '{model}' only runs on {TASK_ENDPOINT}, not {endpoint}.")]
-    TaskEndpoint { model: String, endpoint: String },
+    /// A task model asked on another endpoint than the one tasks run on.
+    TaskEndpoint {
+        /// The task model.
+        model: String,
+        /// The endpoint asked for.
+        endpoint: String,
+    },
 }
 
 impl RouteError {

@@ -7,9 +7,11 @@ pub struct SegmentRecord {
     pub name: String,
     /// First and last line it holds.
     pub first: u64,
+    /// Last line it holds.
     pub last: u64,
     /// Rows and row bytes it holds.
     pub rows: u64,
+    /// Row bytes it holds.
     pub bytes: u64,
 }
 

@@ -21,7 +21,9 @@ pub struct WebhookJob {
     pub event_id: String,
     /// `batch.completed`, `batch.failed`, `batch.expired` or `batch.cancelled`.
     pub event_type: String,
+    /// The batch the event is about.
     pub batch_id: String,
+    /// The tenant owning the batch.
     pub tenant: String,
     /// The endpoint, looked up in the configuration again at each attempt: only a URL still
     /// configured for the tenant is ever called.

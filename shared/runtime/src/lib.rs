@@ -9,6 +9,8 @@
 //! - [`lines`]: reading an input file line by line without holding it in memory.
 //! - [`segments`]: rows compacted out of Redis into sorted segment objects, and their merge.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod lines;
 pub mod metrics;
 pub mod ops;

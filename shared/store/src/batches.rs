@@ -7,41 +7,13 @@ use std::sync::LazyLock;
 use redis::{AsyncCommands, Script};
 
 use super::{Result, Store, StoreError};
-use sluice_core::domain::{BatchMeta, BatchStatus, StopReason, now_secs};
+use sluice_core::domain::{Batch, BatchStatus, StopReason, batch_field, now_secs};
 
-static TRANSITION: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local st = redis.call('HMGET', KEYS[1], 'status', 'stopping')
-if not st[1] then return {'gone', ''} end
-local to = ARGV[1]
-if (to == 'in_progress' or to == 'finalizing' or to == 'cancelling') and st[2] then return {'refused', st[1]} end
-local from_ok = false
-for allowed in string.gmatch(ARGV[2], '[^,]+') do
-  if st[1] == allowed then from_ok = true end
-end
-if not from_ok then return {'refused', st[1]} end
-redis.call('HSET', KEYS[1], 'status', to)
-redis.call('HSETNX', KEYS[1], ARGV[3], ARGV[4])
-for i = 5, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return {'ok', st[1]}
-",
-    )
-});
+static TRANSITION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/transition_status.lua")));
 
-static MARK_STOPPING: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local st = redis.call('HMGET', KEYS[1], 'status', 'stopping')
-if st[2] then return 0 end
-if st[1] ~= 'validating' and st[1] ~= 'in_progress' then return 0 end
-redis.call('HSET', KEYS[1], 'stopping', ARGV[1])
-return 1
-",
-    )
-});
+static MARK_STOPPING: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/mark_stopping.lua")));
 
 /// Outcome of a status transition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,10 +35,13 @@ impl Store {
     ) -> Result<()> {
         let seq = self.next_sequence().await?;
         let mut all: Vec<(&str, String)> = fields.to_vec();
-        all.push(("id", id.to_owned()));
-        all.push(("tenant", tenant.to_owned()));
-        all.push(("seq", seq.to_string()));
-        all.push(("status", BatchStatus::Validating.as_str().to_owned()));
+        all.push((batch_field::ID, id.to_owned()));
+        all.push((batch_field::TENANT, tenant.to_owned()));
+        all.push((batch_field::SEQ, seq.to_string()));
+        all.push((
+            batch_field::STATUS,
+            BatchStatus::Validating.as_str().to_owned(),
+        ));
         let mut pipe = redis::pipe();
         pipe.hset_multiple(self.keys.batch_meta(id), &all)
             .ignore()
@@ -79,9 +54,12 @@ impl Store {
     }
 
     /// A batch record, if it exists.
-    pub async fn get_batch(&self, id: &str) -> Result<Option<BatchMeta>> {
+    pub async fn get_batch(&self, id: &str) -> Result<Option<Batch>> {
         let map: HashMap<String, String> = self.conn().hgetall(self.keys.batch_meta(id)).await?;
-        Ok((!map.is_empty()).then_some(BatchMeta(map)))
+        if map.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Batch::from_hash(map)?))
     }
 
     /// Sets plain fields of a batch record.
@@ -101,7 +79,7 @@ impl Store {
         to: BatchStatus,
         extra: &[(&str, String)],
     ) -> Result<Transition> {
-        let from: Vec<&str> = to.allowed_from().iter().map(|s| s.as_str()).collect();
+        let from: Vec<&str> = to.allowed_from().map(BatchStatus::as_str).collect();
         let mut inv = TRANSITION.key(self.keys.batch_meta(id));
         inv.arg(to.as_str())
             .arg(from.join(","))
@@ -145,8 +123,8 @@ impl Store {
     pub async fn retire_batch(&self, id: &str, rows_ttl_secs: u64) -> Result<()> {
         let (tenant, input): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(self.keys.batch_meta(id))
-            .arg("tenant")
-            .arg("input_file_id")
+            .arg(batch_field::TENANT)
+            .arg(batch_field::INPUT_FILE_ID)
             .query_async(&mut self.conn())
             .await?;
         let mut pipe = redis::pipe();

@@ -28,7 +28,9 @@ const KEEP_AFTER_END_SECS: i64 = 3_600;
 /// The two budget windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WindowKind {
+    /// A calendar day (UTC).
     Day,
+    /// A calendar month (UTC).
     Month,
 }
 
@@ -53,8 +55,11 @@ impl WindowKind {
 /// One window: `[start, end)` in unix seconds; `end` is when its budget resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
+    /// Day or month.
     pub kind: WindowKind,
+    /// Unix s the window starts.
     pub start: i64,
+    /// Unix s the window ends (exclusive).
     pub end: i64,
 }
 
@@ -131,23 +136,29 @@ fn calendar_month(now: i64) -> Window {
 /// What a tenant used in one window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Used {
+    /// Requests counted.
     pub requests: u64,
+    /// Tokens counted.
     pub tokens: u64,
 }
 
 /// A window and what was used in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowUsage {
+    /// The window.
     pub window: Window,
+    /// What it used.
     pub used: Used,
 }
 
 /// A budget found spent: which limit, and when it resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spent {
+    /// The window whose limit is reached.
     pub window: Window,
     /// `tokens` or `requests`.
     pub what: &'static str,
+    /// The limit reached.
     pub limit: u64,
 }
 
@@ -212,8 +223,11 @@ pub fn spent(budget: &BudgetSettings, usage: &[WindowUsage; 2]) -> Option<Spent>
 /// One line of a batch, as the budget counts it.
 #[derive(Debug, Clone, Copy)]
 pub struct BilledLine<'a> {
+    /// The tenant billed.
     pub tenant: &'a str,
+    /// The batch of the line.
     pub batch: &'a str,
+    /// The line (0-based).
     pub line: u64,
     /// The batch's `expires_at` (unix seconds): the line cannot run after it, so its marks can go.
     pub batch_expires_at: Option<i64>,
@@ -222,7 +236,9 @@ pub struct BilledLine<'a> {
 /// What one charge counted (zeros when the line had already counted).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counted {
+    /// Requests counted by this call.
     pub requests: u64,
+    /// Tokens counted by this call.
     pub tokens: u64,
 }
 
@@ -240,46 +256,8 @@ pub enum Admit {
 /// token/month limits (`-1` = none), then the expiries (unix ms) of the three keys.
 /// Reply: `{0, requests counted, tokens counted}`, or `{1, day requests, day tokens, month
 /// requests, month tokens}` when refused.
-static CHARGE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local rbit = tonumber(ARGV[1]) * 2
-local counted = redis.call('GETBIT', KEYS[3], rbit) == 1
-if ARGV[3] == '1' and not counted then
-  local d = redis.call('HMGET', KEYS[1], 'requests', 'tokens')
-  local m = redis.call('HMGET', KEYS[2], 'requests', 'tokens')
-  local dr, dt = tonumber(d[1] or '0'), tonumber(d[2] or '0')
-  local mr, mt = tonumber(m[1] or '0'), tonumber(m[2] or '0')
-  local function over(used, limit)
-    limit = tonumber(limit)
-    return limit >= 0 and used >= limit
-  end
-  if over(dr, ARGV[4]) or over(dt, ARGV[5]) or over(mt, ARGV[6]) then
-    return {1, dr, dt, mr, mt}
-  end
-end
-local requests, tokens = 0, 0
-if not counted then
-  redis.call('SETBIT', KEYS[3], rbit, 1)
-  redis.call('HINCRBY', KEYS[1], 'requests', 1)
-  redis.call('HINCRBY', KEYS[2], 'requests', 1)
-  requests = 1
-end
-local add = tonumber(ARGV[2])
-if add > 0 and redis.call('SETBIT', KEYS[3], rbit + 1, 1) == 0 then
-  redis.call('HINCRBY', KEYS[1], 'tokens', add)
-  redis.call('HINCRBY', KEYS[2], 'tokens', add)
-  tokens = add
-end
-if requests + tokens > 0 then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[7])
-  redis.call('PEXPIREAT', KEYS[2], ARGV[8])
-  redis.call('PEXPIREAT', KEYS[3], ARGV[9])
-end
-return {0, requests, tokens}
-",
-    )
-});
+static CHARGE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/charge_budget.lua")));
 
 /// A line's marks stay this long past its batch's `expires_at` (or from now, when it has none).
 const BILLED_GRACE_MS: i64 = 3_600_000;

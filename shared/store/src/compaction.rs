@@ -21,67 +21,20 @@ fn sorted_segments(map: HashMap<String, String>) -> Vec<SegmentRecord> {
 /// Pending rows from HSCAN cursor `ARGV[1]` until they pass `ARGV[2]` bytes or `ARGV[3]` rows
 /// (or the scan ends): `{next cursor, line, row, line, row, …}`. A scan spread over several calls
 /// may return a row twice (the hash may rehash between calls): callers dedupe by line.
-static COLLECT_ROWS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local cursor, budget, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local out, used, n = {''}, 0, 0
-repeat
-  local r = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 16)
-  cursor = r[1]
-  local kv = r[2]
-  for i = 1, #kv, 2 do
-    out[#out + 1] = kv[i]
-    out[#out + 1] = kv[i + 1]
-    used = used + #kv[i + 1]
-    n = n + 1
-  end
-until cursor == '0' or used >= budget or n >= most
-out[1] = cursor
-return out
-",
-    )
-});
+static COLLECT_ROWS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/collect_rows.lua")));
 
 /// Registers segment `ARGV[1]` (record `ARGV[2]`, `ARGV[3]` row bytes) holding lines `ARGV[4..]`
 /// and deletes exactly those rows, all or nothing: refused (0) unless every one of them is still
 /// pending, so two compactions of the same rows (a replica whose lease lapsed) can never both
 /// count, and a row is deleted only once a registered segment holds it.
-static REGISTER_SEGMENT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-for i = 4, #ARGV do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then return 0 end
-end
-for i = 4, #ARGV do
-  redis.call('HDEL', KEYS[1], ARGV[i])
-  -- Already set for rows written with the bitmap; this covers rows written before it existed.
-  redis.call('SETBIT', KEYS[4], ARGV[i], 1)
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], 'pend_n', -(#ARGV - 3))
-redis.call('HINCRBY', KEYS[3], 'pend_b', -tonumber(ARGV[3]))
-return 1
-",
-    )
-});
+static REGISTER_SEGMENT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/register_segment.lua")));
 
 /// Replaces segments `ARGV[3..]` by segment `ARGV[1]` (record `ARGV[2]`) that merges them; refused
 /// (0) unless all of them are still registered.
-static REPLACE_SEGMENTS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-for i = 3, #ARGV do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then return 0 end
-end
-for i = 3, #ARGV do
-  redis.call('HDEL', KEYS[1], ARGV[i])
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-",
-    )
-});
+static REPLACE_SEGMENTS: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/replace_segments.lua")));
 
 impl Store {
     /// Pending rows (still in Redis) from HSCAN `cursor`, until they pass `max_bytes` or

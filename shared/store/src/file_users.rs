@@ -15,28 +15,11 @@ use redis::Script;
 
 use crate::{Store, StoreError};
 
-static USE_FILE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local f = redis.call('HMGET', KEYS[1], 'tenant', 'expires_at')
-if f[1] ~= ARGV[2] then return 0 end
-if f[2] and tonumber(f[2]) <= tonumber(ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return 1
-",
-    )
-});
+static USE_FILE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/use_file.lua")));
 
-static DELETE_UNUSED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local users = redis.call('ZRANGE', KEYS[2], 0, 9)
-if #users > 0 then return users end
-redis.call('DEL', KEYS[1], KEYS[2])
-return {}
-",
-    )
-});
+static DELETE_UNUSED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/delete_unused_file.lua")));
 
 /// What deleting a file record did.
 #[derive(Debug, Clone, PartialEq, Eq)]

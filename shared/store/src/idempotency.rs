@@ -16,24 +16,11 @@ use redis::{AsyncCommands, Script};
 use crate::{Store, StoreError};
 
 /// Sets the caller's token unless the key is held; answers `{1}` or `{0, <what holds it>}`.
-static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, ARGV[1]} end
-return {0, redis.call('GET', KEYS[1])}
-",
-    )
-});
+static CLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/claim_idempotency_key.lua")));
 
-static RECORD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-",
-    )
-});
+static RECORD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/record_idempotent_response.lua")));
 
 /// What holds an idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,26 +8,11 @@ use redis::Script;
 
 use super::{Result, Store};
 
-static RENEW_LEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-",
-    )
-});
+static RENEW_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/renew_lease.lua")));
 
-static RELEASE_LEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-",
-    )
-});
+static RELEASE_LEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/release_lease.lua")));
 
 impl Store {
     /// Takes `key` for `ttl` if nobody holds it; returns the token that proves ownership.

@@ -11,6 +11,8 @@
 //! - an upstream call starts only after `begin_call` saw the batch `in_progress` with no stop
 //!   requested, and it is recorded in `inflight` so cancel and expiry can wait for it.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod budget;
 pub mod file_users;
 pub mod idempotency;
@@ -19,11 +21,13 @@ pub mod open_batches;
 pub mod pacing;
 pub mod redis_conn;
 pub mod redis_policy;
-pub mod schedule;
+pub mod schedule_registry;
 
 mod batches;
 mod compaction;
 mod leases;
+#[cfg(test)]
+mod lua_batch_fields;
 mod retries;
 mod rows;
 mod webhook_deliveries;
@@ -46,9 +50,14 @@ pub use rows::{CallGate, RowWrite};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
+    /// A Redis command failed.
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a store script: {0}")]
+    /// A script answered something the code does not expect.
     Protocol(String),
+    #[error(transparent)]
+    /// A batch record holds a field its type cannot have.
+    BatchRecord(#[from] sluice_core::domain::BatchRecordError),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;

@@ -3,8 +3,8 @@
 //!
 //! Accounting rides on the tenant's file listing (`t:{tenant}:files`): a file counts toward its
 //! tenant's usage exactly while it is listed (and `t:{tenant}:counted` remembers what it counts for). Listing and counting happen in one script on the
-//! tenant's slot ([`REGISTER_FILE`]), and so do unlisting and giving the bytes back
-//! ([`RELEASE_FILE`]). So registering the same file twice (a finalize run again after a crash)
+//! tenant's slot (`lua/register_file.lua`), and so do unlisting and giving the bytes back
+//! (`lua/release_file.lua`). So registering the same file twice (a finalize run again after a crash)
 //! counts it once, two replicas deleting the same file give its bytes back once, and concurrent
 //! uploads cannot pass the quota between them: the check and the increment are one atomic step.
 //!
@@ -23,50 +23,28 @@ type Result<T> = std::result::Result<T, StoreError>;
 
 /// Lists a file and counts it, unless it is listed already or (with limits) it would take the
 /// tenant past them. `ARGV`: id, listing position, bytes, byte limit, file limit (`-1`: none).
-static REGISTER_FILE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local u = redis.call('HMGET', KEYS[2], 'bytes', 'files')
-local used, files = tonumber(u[1] or '0'), tonumber(u[2] or '0')
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {'listed', used, files} end
-local bytes, max_bytes, max_files = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if max_files >= 0 and files + 1 > max_files then return {'files', used, files} end
-if max_bytes >= 0 and used + bytes > max_bytes then return {'bytes', used, files} end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'bytes', bytes)
-redis.call('HINCRBY', KEYS[2], 'files', 1)
-return {'ok', used + bytes, files + 1}
-",
-    )
-});
+static REGISTER_FILE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/register_file.lua")));
 
 /// Unlists a file and gives back the bytes it was counted for, once. `ARGV`: id.
-static RELEASE_FILE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-redis.call('ZREM', KEYS[1], ARGV[1])
-local bytes = redis.call('HGET', KEYS[3], ARGV[1])
-if not bytes then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'bytes', -tonumber(bytes))
-redis.call('HINCRBY', KEYS[2], 'files', -1)
-return 1
-",
-    )
-});
+static RELEASE_FILE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/release_file.lua")));
 
 /// What a tenant stores now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StorageUsage {
+    /// Bytes stored.
     pub bytes: u64,
+    /// Files stored.
     pub files: u64,
 }
 
 /// The limit a refused file would have passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaPart {
+    /// The byte quota.
     Bytes,
+    /// The file quota.
     Files,
 }
 
@@ -226,7 +204,13 @@ impl Store {
     /// listing entry and its index entries. Idempotent.
     pub async fn remove_batch(&self, id: &str) -> Result<()> {
         let keys = self.keys();
-        let tenant: Option<String> = self.conn().hget(keys.batch_meta(id), "tenant").await?;
+        let tenant: Option<String> = self
+            .conn()
+            .hget(
+                keys.batch_meta(id),
+                sluice_core::domain::batch_field::TENANT,
+            )
+            .await?;
         let mut pipe = redis::pipe();
         if let Some(tenant) = &tenant {
             pipe.zrem(keys.tenant_batches(tenant), id)

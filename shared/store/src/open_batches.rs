@@ -11,18 +11,10 @@ use std::sync::LazyLock;
 use redis::{AsyncCommands, Script};
 
 use crate::{Store, StoreError};
-use sluice_core::domain::BatchStatus;
+use sluice_core::domain::{BatchStatus, batch_field};
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return 1
-",
-    )
-});
+static RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/reserve_open_batch.lua")));
 
 impl Store {
     /// Counts `batch` among `tenant`'s open batches if fewer than `limit` are open; false otherwise.
@@ -81,7 +73,7 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         for (id, _) in &entries {
-            pipe.hget(self.keys().batch_meta(id), "status");
+            pipe.hget(self.keys().batch_meta(id), batch_field::STATUS);
         }
         let statuses: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
         let stale: Vec<&str> = entries

@@ -10,37 +10,11 @@ use redis::Script;
 
 use super::{Result, Store, StoreError};
 
-static TAKE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
-local cur = redis.call('HGET', KEYS[1], 'retries')
-local n = 0
-if cur and cur ~= '' then
-  for _ in string.gmatch(cur, '[^,]+') do n = n + 1 end
-end
-if n >= tonumber(ARGV[2]) then return 'full' end
-if cur and cur ~= '' then cur = cur .. ',' .. ARGV[1] else cur = ARGV[1] end
-redis.call('HSET', KEYS[1], 'retries', cur)
-return 'ok'
-",
-    )
-});
+static TAKE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/take_retry_slot.lua")));
 
-static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local cur = redis.call('HGET', KEYS[1], 'retries')
-if not cur then return 0 end
-local kept = {}
-for id in string.gmatch(cur, '[^,]+') do
-  if id ~= ARGV[1] then table.insert(kept, id) end
-end
-redis.call('HSET', KEYS[1], 'retries', table.concat(kept, ','))
-return 1
-",
-    )
-});
+static GIVE_BACK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/give_back_retry_slot.lua")));
 
 /// Outcome of [`Store::take_retry_slot`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -113,7 +113,7 @@ async fn a_dispatcher_killed_mid_enqueue_is_resumed_and_every_line_ends_exactly_
             .await
             .expect("redis")
             .expect("batch exists");
-        if meta.int("dispatched").unwrap_or(0) > 0 {
+        if meta.dispatched.unwrap_or(0) > 0 {
             break;
         }
         assert!(
@@ -133,8 +133,8 @@ async fn a_dispatcher_killed_mid_enqueue_is_resumed_and_every_line_ends_exactly_
     app.spawn_worker_process();
     let batch = app.wait_terminal(KEY_A, &id, Duration::from_secs(40)).await;
 
-    assert_eq!(at_kill.get("status"), Some("in_progress"));
-    let dispatched = at_kill.int("dispatched").unwrap_or(0);
+    assert_eq!(at_kill.status.map(|s| s.as_str()), Some("in_progress"));
+    let dispatched = at_kill.dispatched.unwrap_or(0);
     assert!(
         dispatched < total,
         "the kill came after the enqueue finished: {at_kill:?}"

@@ -108,7 +108,8 @@ async fn successes_of_an_unpaced_provider_run_no_limiter_script() {
 async fn summed_successes_correct_tokens_teach_the_ratio_and_leave_a_half_open_breaker_alone() {
     use sluice_core::Settings;
     use sluice_core::config::PacingSettings;
-    use sluice_store::pacing::{PaceLimits, Pacer, Successes, TokenUse};
+    use sluice_core::pacing::{PaceLimits, Successes, TokenUse};
+    use sluice_store::pacing::Pacer;
     let ns = format!("t-{}", uuid::Uuid::new_v4().simple());
     let store = sluice_store::Store::open(&Settings {
         namespace: ns,

@@ -404,7 +404,7 @@ async fn a_worker_killed_while_topping_up_a_window_is_replaced_and_every_line_en
         .await
         .unwrap()
         .unwrap()
-        .int("dispatched")
+        .dispatched
         .unwrap();
     assert!(
         dispatched < 300,
@@ -429,7 +429,8 @@ async fn limiter() -> (sluice_store::Store, sluice_store::pacing::Pacer) {
 /// The limiter scripts on their own, against the real Redis: leases, AIMD and the breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_limiter_leases_concurrency_halves_it_on_a_429_and_grows_it_back() {
-    use sluice_store::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
+    use sluice_core::pacing::{CallOutcome, Grant, Hold, PaceLimits, TokenUse};
+    use sluice_store::pacing::Pacer;
     let (store, pacer) = limiter().await;
     let mut w = Settings::default().worker;
     w.breaker_failures = 2;
@@ -597,7 +598,7 @@ async fn the_fleet_concurrency_cap_bounds_calls_in_flight() {
 /// probe per ask.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_ask_reserves_many_starts_as_single_asks_would() {
-    use sluice_store::pacing::{CallOutcome, Grant, Hold, PaceLimits, TokenUse};
+    use sluice_core::pacing::{CallOutcome, Grant, Hold, PaceLimits, TokenUse};
     let (store, pacer) = limiter().await;
     let mut w = Settings::default().worker;
     w.reserve_ahead_ms = 2_000;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sluice_core::Settings;
 use sluice_core::config::PacingSettings;
-use sluice_store::schedule;
+use sluice_store::schedule_registry;
 use sluice_tests::*;
 
 /// Paces the mock provider at `rpm`; batches of more than 10 lines are scheduled (not express),
@@ -227,7 +227,7 @@ async fn strict_admission_refuses_a_batch_that_cannot_finish_in_its_window() {
     // about 200 s.
     loop {
         let now = sluice_core::domain::now_millis();
-        let entries = schedule::read_registry(&app.store, "mock", now)
+        let entries = schedule_registry::read_registry(&app.store, "mock", now)
             .await
             .unwrap();
         if !entries.is_empty() {
@@ -280,5 +280,5 @@ async fn an_unknown_priority_is_refused_as_a_field_and_as_metadata() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stored.get("priority"), Some("background"));
+    assert_eq!(stored.priority.map(|p| p.as_str()), Some("background"));
 }

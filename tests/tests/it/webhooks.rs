@@ -279,7 +279,7 @@ async fn an_event_survives_an_aggregator_dying_right_after_the_terminal_status()
         .await
         .expect("redis")
         .expect("batch");
-    assert_eq!(meta.get("status"), Some("completed"));
+    assert_eq!(meta.status.map(|s| s.as_str()), Some("completed"));
     app.settings.aggregator.exit_after_terminal_status = false;
     app.spawn_process("aggregator");
     let requests = receiver.wait_delivered().await;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use lapin::options::BasicAckOptions;
 use object_store::buffered::BufWriter;
 use sluice_core::domain::{
-    BatchEvent, BatchMeta, BatchStatus, Row, StopReason, now_millis, now_secs, result_file_ids,
+    Batch, BatchEvent, BatchStatus, Row, StopReason, batch_field, now_millis, now_secs,
+    result_file_ids,
 };
 use sluice_runtime::segments::Merge;
 use sluice_runtime::storage::result_path;
@@ -93,7 +94,7 @@ pub(crate) async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
             ctx.store.retire_batch(&batch_id, 0).await?;
             continue;
         };
-        let status = meta.status();
+        let status = meta.status;
         if status.is_some_and(BatchStatus::is_terminal) {
             ctx.store
                 .retire_batch(&batch_id, ctx.settings.aggregator.rows_ttl_secs)
@@ -108,13 +109,13 @@ pub(crate) async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
         {
             tracing::info!(%batch_id, "Batch passed its completion window; expiring.");
         }
-        if status == Some(BatchStatus::Validating) && meta.stopping().is_none() {
+        if status == Some(BatchStatus::Validating) && meta.stopping.is_none() {
             redispatch_if_stuck(ctx, &batch_id, &meta).await?;
             continue;
         }
         if status == Some(BatchStatus::InProgress)
-            && meta.stopping().is_none()
-            && meta.int("dispatched").unwrap_or(0) < meta.int("total").unwrap_or(0)
+            && meta.stopping.is_none()
+            && meta.dispatched.unwrap_or(0) < meta.total.unwrap_or(0)
         {
             // A dispatcher died mid-enqueue, or while topping up the batch's window (it stamps
             // `dispatch_alive_ms` as it goes). Its control message came back while its lease was
@@ -135,13 +136,13 @@ pub(crate) async fn sweep(ctx: &WorkerContext) -> anyhow::Result<()> {
 async fn redispatch_if_stuck(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
 ) -> anyhow::Result<()> {
-    let created_ms = meta.int("created_at").unwrap_or(0) * 1000;
+    let created_ms = meta.stamps.created_at.unwrap_or(0) * 1000;
     let last_ms = meta
-        .int("redispatched_at_ms")
+        .redispatched_at_ms
         .unwrap_or(created_ms)
-        .max(meta.int("dispatch_alive_ms").unwrap_or(0));
+        .max(meta.dispatch_alive_ms.unwrap_or(0));
     let after = ctx.settings.aggregator.redispatch_after_ms as i64;
     if now_millis() - last_ms < after {
         return Ok(());
@@ -160,7 +161,7 @@ async fn redispatch_if_stuck(
     ctx.store
         .set_batch_fields(
             batch_id,
-            &[("redispatched_at_ms", now_millis().to_string())],
+            &[(batch_field::REDISPATCHED_AT_MS, now_millis().to_string())],
         )
         .await?;
     let event = serde_json::to_vec(&BatchEvent {
@@ -179,8 +180,8 @@ enum Next {
     Stop(StopReason),
 }
 
-fn next_step(meta: &BatchMeta) -> Next {
-    match (meta.status(), meta.stopping()) {
+fn next_step(meta: &Batch) -> Next {
+    match (meta.status, meta.stopping) {
         (Some(BatchStatus::Finalizing), _) => Next::Complete,
         (Some(BatchStatus::InProgress), None) if meta.total().is_some_and(|t| meta.done() >= t) => {
             Next::Complete
@@ -226,7 +227,7 @@ async fn finalize_leased(ctx: &WorkerContext, batch_id: &str, lease: &Lease) -> 
     let terminal = match next_step(&meta) {
         Next::Nothing => return Ok(()),
         Next::Complete => {
-            if meta.status() == Some(BatchStatus::InProgress)
+            if meta.status == Some(BatchStatus::InProgress)
                 && let Transition::Refused(_) = ctx
                     .store
                     .transition(batch_id, BatchStatus::Finalizing, &[])
@@ -237,7 +238,7 @@ async fn finalize_leased(ctx: &WorkerContext, batch_id: &str, lease: &Lease) -> 
             BatchStatus::Completed
         }
         Next::Stop(reason) => {
-            if meta.get("in_progress_at").is_none() {
+            if meta.stamps.in_progress_at.is_none() {
                 // Stopped before any line was enqueued: it ends with no lines and no files.
                 return end(
                     ctx,
@@ -279,7 +280,7 @@ async fn finalize_leased(ctx: &WorkerContext, batch_id: &str, lease: &Lease) -> 
 async fn end(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
     terminal: BatchStatus,
     output: Option<String>,
     errors: Option<String>,
@@ -287,16 +288,16 @@ async fn end(
 ) -> anyhow::Result<()> {
     let mut extra = Vec::new();
     if let Some(id) = output {
-        extra.push(("output_file_id", id));
+        extra.push((batch_field::OUTPUT_FILE_ID, id));
     }
     if let Some(id) = errors {
-        extra.push(("error_file_id", id));
+        extra.push((batch_field::ERROR_FILE_ID, id));
     }
     if meta.total().is_none() {
-        extra.push(("total", "0".to_owned()));
+        extra.push((batch_field::TOTAL, "0".to_owned()));
     }
     // Before the status: once it is written, its event must already be in the broker.
-    crate::webhooks::announce(ctx, batch_id, meta.tenant(), terminal).await?;
+    crate::webhooks::announce(ctx, batch_id, meta.tenant.as_str(), terminal).await?;
     if let Transition::Applied(_) = ctx.store.transition(batch_id, terminal, &extra).await? {
         if ctx.settings.aggregator.exit_after_terminal_status {
             tracing::error!(%batch_id, "Exiting right after a terminal status (fault injection).");
@@ -323,7 +324,7 @@ async fn end(
 async fn fill_missing(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
     reason: StopReason,
     lease: &Lease,
 ) -> anyhow::Result<bool> {
@@ -334,7 +335,7 @@ async fn fill_missing(
     let (code, message) = reason.line_error();
     let input = ctx
         .store
-        .get_file(meta.get("input_file_id").unwrap_or_default())
+        .get_file(meta.input_file_id.as_deref().unwrap_or_default())
         .await?;
     let mut lines = match &input {
         Some(f) => match RequestLines::open(
@@ -388,7 +389,7 @@ async fn fill_missing(
 async fn write_files(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
     lease: &Lease,
 ) -> anyhow::Result<Option<(Option<String>, Option<String>)>> {
     let total = meta.total().unwrap_or(0);
@@ -410,7 +411,7 @@ async fn write_files(
         .settings
         .tenants
         .iter()
-        .any(|t| t.id == meta.tenant() && t.errors_in_output);
+        .any(|t| t.id == meta.tenant.as_str() && t.errors_in_output);
     let mut merge = Merge::open(&ctx.objects, batch_id, &segments).await?;
     let mut expected = 0u64;
     while let Some((line, stored)) = merge.next().await? {
@@ -451,7 +452,7 @@ async fn write_files(
         return Ok(None);
     }
     let created_at = now_secs();
-    let expires_at = created_at + meta.int("output_expires_after_secs").unwrap_or(30 * 86_400);
+    let expires_at = created_at + meta.output_expires_after_secs.unwrap_or(30 * 86_400);
     let mut ids = (None, None);
     for (writer, bytes, id, path, kind, slot) in [
         (
@@ -469,7 +470,7 @@ async fn write_files(
         ctx.store
             .put_file(
                 id,
-                meta.tenant(),
+                meta.tenant.as_str(),
                 &[
                     ("bytes", bytes.to_string()),
                     ("created_at", created_at.to_string()),

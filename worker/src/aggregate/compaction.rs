@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use object_store::ObjectStoreExt;
 use object_store::buffered::BufWriter;
-use sluice_core::domain::BatchMeta;
+use sluice_core::domain::Batch;
 use sluice_core::segments::{SegmentRecord, encode_record};
 use sluice_runtime::segments::{Merge, new_segment_name, segment_path, segments_prefix};
 use tokio::io::AsyncWriteExt;
@@ -40,10 +40,9 @@ pub struct Pending {
 }
 
 /// Whether a batch's pending rows passed a compaction threshold.
-pub(crate) fn due(ctx: &WorkerContext, meta: &BatchMeta) -> bool {
+pub(crate) fn due(ctx: &WorkerContext, meta: &Batch) -> bool {
     let a = &ctx.settings.aggregator;
-    meta.int("pend_n").unwrap_or(0) >= a.compact_rows as i64
-        || meta.int("pend_b").unwrap_or(0) >= a.compact_bytes as i64
+    meta.pending_rows >= a.compact_rows as i64 || meta.pending_bytes >= a.compact_bytes as i64
 }
 
 /// Step 1: pending rows of `batch`, up to `aggregator.segment_bytes`; None if there are none.

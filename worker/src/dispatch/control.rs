@@ -168,15 +168,15 @@ async fn dispatch_leased(
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {
         return Ok(Dispatched::Done("gone"));
     };
-    match meta.status() {
-        Some(BatchStatus::Validating) if meta.stopping().is_none() => {
+    match meta.status {
+        Some(BatchStatus::Validating) if meta.stopping.is_none() => {
             if !validate(ctx, batch_id, &meta).await? {
                 return Ok(Dispatched::Done("failed"));
             }
         }
         Some(BatchStatus::InProgress)
-            if meta.stopping().is_none()
-                && meta.int("dispatched").unwrap_or(0) < meta.int("total").unwrap_or(0) => {}
+            if meta.stopping.is_none()
+                && meta.dispatched.unwrap_or(0) < meta.total.unwrap_or(0) => {}
         _ => return Ok(Dispatched::Done("skipped")),
     }
     let Some(meta) = ctx.store.get_batch(batch_id).await? else {

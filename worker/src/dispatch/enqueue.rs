@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::{Channel, Confirmation, PublisherConfirm};
 use sluice_broker::{QueueError, check_confirm};
-use sluice_core::domain::{BatchError, BatchMeta, FileMeta, LineItem, LinesMessage, StopReason};
+use sluice_core::domain::{Batch, BatchError, FileMeta, LineItem, LinesMessage, StopReason};
 use sluice_core::lines::{LineProbe, RequestLine};
 use sluice_runtime::lines::RequestLines;
 use tokio_util::sync::CancellationToken;
@@ -42,13 +42,13 @@ pub(super) enum Dispatched {
 pub(super) async fn enqueue(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
     shutdown: &CancellationToken,
     lease: &Lease,
     window: Window,
     cursor: &mut Option<RequestLines>,
 ) -> anyhow::Result<Dispatched> {
-    let input_id = meta.get("input_file_id").unwrap_or_default();
+    let input_id = meta.input_file_id.as_deref().unwrap_or_default();
     let Some(input) = ctx.store.get_file(input_id).await? else {
         return input_lost(ctx, batch_id, input_id).await;
     };
@@ -96,8 +96,8 @@ impl Round {
     /// input on from where the previous round of this dispatcher stopped (or from the top after a
     /// resume), and runs once half the window is free (a scheduled window: once any of it is, as
     /// its size is the batch's share of the provider).
-    fn of(meta: &BatchMeta, window: &Window) -> Option<Self> {
-        let start = meta.int("dispatched").unwrap_or(0).max(0) as u64;
+    fn of(meta: &Batch, window: &Window) -> Option<Self> {
+        let start = meta.dispatched.unwrap_or(0).max(0) as u64;
         let all = meta.total().unwrap_or(0);
         let end = all.min(meta.done() + window.lines);
         let half_full = start > meta.done() + window.lines / 2 && end < all;
@@ -387,18 +387,18 @@ fn encode_message(batch_id: &str, lines: &[RequestLine]) -> anyhow::Result<Vec<u
             let probe = LineProbe::parse(&line.bytes)
                 .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?;
             Ok(LineItem {
-                l: line.index,
-                c: probe.custom_id().unwrap_or_default().into(),
+                line: line.index,
+                custom_id: probe.custom_id().unwrap_or_default().into(),
                 body: probe
                     .body
                     .ok_or_else(|| anyhow::anyhow!("line changed since validation"))?,
-                a: 0,
-                t: 0,
+                attempts: 0,
+                first_attempt_ms: 0,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(serde_json::to_vec(&LinesMessage {
-        b: batch_id.into(),
+        batch_id: batch_id.into(),
         lines: items,
     })?)
 }

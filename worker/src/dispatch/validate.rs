@@ -1,7 +1,7 @@
 //! Pass one: every line of the input file checked; the batch fails with every error, or moves to
 //! `in_progress`.
 
-use sluice_core::domain::{BatchError, BatchMeta, BatchStatus, now_secs};
+use sluice_core::domain::{Batch, BatchError, BatchStatus, now_secs};
 use sluice_core::validate::Validator;
 use sluice_runtime::lines::RequestLines;
 use sluice_store::Transition;
@@ -12,15 +12,15 @@ use crate::WorkerContext;
 pub(super) async fn validate(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
 ) -> anyhow::Result<bool> {
-    let endpoint = meta.get("endpoint").unwrap_or_default().to_owned();
-    let input_id = meta.get("input_file_id").unwrap_or_default().to_owned();
+    let endpoint = meta.endpoint.as_deref().unwrap_or_default().to_owned();
+    let input_id = meta.input_file_id.as_deref().unwrap_or_default().to_owned();
     let mut file = ctx
         .store
         .get_file(&input_id)
         .await?
-        .filter(|f| f.tenant() == meta.tenant());
+        .filter(|f| f.tenant() == meta.tenant.as_str());
     // An expired file is one the expiry sweep may delete any time: only a batch that took it
     // before it expired (the sweep waits for those) may read it.
     if file.as_ref().is_some_and(|f| f.expired(now_secs()))
@@ -63,7 +63,7 @@ pub(super) async fn validate(
     }
     let serves = |model: &str| sluice_core::validate::check_model(&ctx.settings, model, &endpoint);
     let mut validator = Validator::new(&endpoint, &ctx.settings.limits, &serves)
-        .one_model_per_batch(ctx.settings.one_model_per_batch(meta.tenant()));
+        .one_model_per_batch(ctx.settings.one_model_per_batch(meta.tenant.as_str()));
     // Stops at `max_lines + 1` lines: a longer file fails whatever the rest holds, and reading
     // on would only cost time (the errors kept are bounded either way).
     while !validator.done()
@@ -99,12 +99,12 @@ pub(super) async fn validate(
 async fn fail(
     ctx: &WorkerContext,
     batch_id: &str,
-    meta: &BatchMeta,
+    meta: &Batch,
     errors: Vec<BatchError>,
 ) -> anyhow::Result<()> {
     let errors = serde_json::json!({"object": "list", "data": errors}).to_string();
     // Before the status: once it is written, its event must already be in the broker.
-    crate::webhooks::announce(ctx, batch_id, meta.tenant(), BatchStatus::Failed).await?;
+    crate::webhooks::announce(ctx, batch_id, meta.tenant.as_str(), BatchStatus::Failed).await?;
     if let Transition::Applied(_) = ctx
         .store
         .transition(batch_id, BatchStatus::Failed, &[("errors", errors)])

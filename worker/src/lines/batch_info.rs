@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sluice_core::config::BudgetSettings;
-use sluice_store::pacing::PaceLimits;
+use sluice_core::pacing::PaceLimits;
 
 use crate::WorkerContext;
 
@@ -111,15 +111,16 @@ impl BatchInfoCache {
         let Some(meta) = ctx.store.get_batch(batch).await? else {
             return Ok(None);
         };
-        let endpoint = meta.get("endpoint").unwrap_or_default().to_owned();
+        let endpoint = meta.endpoint.as_deref().unwrap_or_default().to_owned();
         let single = meta
-            .get("model")
+            .model
+            .as_deref()
             .map(|model| Arc::new(ModelRoute::resolve(ctx, model, &endpoint)));
-        let tenant = meta.tenant().to_owned();
+        let tenant = meta.tenant.as_str().to_owned();
         let configured = ctx.settings.tenants.iter().find(|t| t.id == tenant);
         let info = Arc::new(BatchInfo {
             endpoint,
-            expires_at: meta.int("expires_at"),
+            expires_at: meta.expires_at,
             single,
             mixed: Mutex::default(),
             budget: configured.and_then(|t| t.budget.clone()),

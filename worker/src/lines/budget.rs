@@ -77,7 +77,7 @@ pub(super) async fn admit(
     let now = now_millis();
     let spent = match ctx
         .store
-        .budget_admit(budget, billed(info, batch, item.l), now)
+        .budget_admit(budget, billed(info, batch, item.line), now)
         .await?
     {
         Admit::Go(counted) => {
@@ -96,7 +96,7 @@ pub(super) async fn admit(
         .inc();
     match budget.on_exhausted {
         OnExhausted::Fail => Ok(Admission::Refused(Row::error(
-            &item.c,
+            &item.custom_id,
             "budget_exceeded",
             &spent.message(),
         ))),

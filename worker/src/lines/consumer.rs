@@ -120,7 +120,7 @@ async fn handle(run: Run<'_>, delivery: Delivery) {
         Ok(None) => {} // abandoned at shutdown: the channel close requeues it
         Err(e) => {
             // Redis or broker trouble: hand the lines back rather than ack without their rows.
-            tracing::warn!(batch_id = %msg.b, lines = msg.lines.len(), error = %e, "Lines failed; requeueing.");
+            tracing::warn!(batch_id = %msg.batch_id, lines = msg.lines.len(), error = %e, "Lines failed; requeueing.");
             tokio::time::sleep(Duration::from_millis(200)).await;
             if let Err(e) = delivery
                 .reject(lapin::options::BasicRejectOptions { requeue: true })
@@ -135,31 +135,31 @@ async fn handle(run: Run<'_>, delivery: Delivery) {
 /// Runs every line of `msg` to its row (or a delay queue) and writes the rows, those that finish
 /// together in one script call. `Ok(None)` means a line was abandoned for shutdown and the message
 /// must not be acked.
-#[tracing::instrument(skip_all, fields(batch_id = %msg.b, lines = msg.lines.len()))]
+#[tracing::instrument(skip_all, fields(batch_id = %msg.batch_id, lines = msg.lines.len()))]
 async fn process_message(
     run: Run<'_>,
     msg: &LinesMessage<'_>,
     express: bool,
 ) -> anyhow::Result<Option<()>> {
     let ctx = run.ctx;
-    let Some(info) = run.cache.get(ctx, &msg.b).await? else {
+    let Some(info) = run.cache.get(ctx, &msg.batch_id).await? else {
         ctx.metrics
             .lines
             .with_label_values(&["orphan"])
             .inc_by(msg.lines.len() as u64);
         return Ok(Some(()));
     };
-    let indices: Vec<u64> = msg.lines.iter().map(|item| item.l).collect();
+    let indices: Vec<u64> = msg.lines.iter().map(|item| item.line).collect();
     let gates = ctx
         .store
-        .begin_calls(&msg.b, &indices, call_deadline(ctx))
+        .begin_calls(&msg.batch_id, &indices, call_deadline(ctx))
         .await?;
     let mut running: FuturesUnordered<_> = msg
         .lines
         .iter()
         .zip(gates)
         .filter(|(_, gate)| count_gate(ctx, *gate))
-        .map(|(item, _)| run_line(run, &info, info.route(ctx, item.body), &msg.b, item))
+        .map(|(item, _)| run_line(run, &info, info.route(ctx, item.body), &msg.batch_id, item))
         .collect();
     // Lines keep running while rows are written: rows that finish during one write go together
     // in the next, with the batch's rows of the worker's other messages.
@@ -174,7 +174,7 @@ async fn process_message(
             let slots = std::mem::take(&mut slots);
             let info = &info;
             writing = Some(Box::pin(async move {
-                let written = run.rows.write(ctx, info, &msg.b, rows, linger).await;
+                let written = run.rows.write(ctx, info, &msg.batch_id, rows, linger).await;
                 drop(slots);
                 written
             }));

@@ -40,18 +40,18 @@ pub(crate) async fn run(ctx: WorkerContext, shutdown: CancellationToken) -> anyh
             ctx.settings.worker.delivery_limit
         );
         let rows = [(
-            item.l,
-            Row::error(&item.c, "processing_failed", &message),
+            item.line,
+            Row::error(&item.custom_id, "processing_failed", &message),
             Usage::default(),
         )];
-        tracing::warn!(batch_id = %msg.b, line = item.l, "Line reached the delivery limit.");
+        tracing::warn!(batch_id = %msg.batch_id, line = item.line, "Line reached the delivery limit.");
         ctx.metrics
             .lines
             .with_label_values(&["dead_lettered"])
             .inc();
-        let written = store_rows(&ctx, &msg.b, &rows).await?;
+        let written = store_rows(&ctx, &msg.batch_id, &rows).await?;
         if written.iter().any(|w| w.wants_finalize()) {
-            notify_aggregator(&ctx, &msg.b).await;
+            notify_aggregator(&ctx, &msg.batch_id).await;
         }
         ack(&delivery).await;
     }

@@ -10,10 +10,10 @@ use crate::WorkerContext;
 /// the caller may ack `msg`. Lines that already have rows are dropped by the gate when they come
 /// back.
 pub(super) async fn split(ctx: &WorkerContext, msg: &LinesMessage<'_>) -> anyhow::Result<()> {
-    tracing::debug!(batch_id = %msg.b, lines = msg.lines.len(), "Splitting a returned line message.");
+    tracing::debug!(batch_id = %msg.batch_id, lines = msg.lines.len(), "Splitting a returned line message.");
     let queue = &ctx.keys.items_queue();
     let publishes = msg.lines.iter().map(|item| async move {
-        let single = LinesMessage::single(&msg.b, item.clone());
+        let single = LinesMessage::single(&msg.batch_id, item.clone());
         ctx.publisher
             .publish(queue, &serde_json::to_vec(&single)?)
             .await?;

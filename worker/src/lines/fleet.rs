@@ -4,9 +4,10 @@
 use std::time::{Duration, Instant};
 
 use sluice_core::domain::LineItem;
-use sluice_store::pacing::{
-    BreakerState, CallOutcome, Grant, Hold, MAX_FLEET_PAUSE, PaceLimits, Pacer, Successes, TokenUse,
+use sluice_core::pacing::{
+    BreakerState, CallOutcome, Grant, Hold, MAX_FLEET_PAUSE, PaceLimits, Successes, TokenUse,
 };
+use sluice_store::pacing::Pacer;
 use tokio_util::sync::CancellationToken;
 
 use super::gate::{REGATE_AFTER, regate};

@@ -25,12 +25,12 @@ pub(super) async fn regate(
 ) -> anyhow::Result<bool> {
     let gate = ctx
         .gate_checks
-        .check(batch, item.l, tokio::time::Instant::from_std(call_at))
+        .check(batch, item.line, tokio::time::Instant::from_std(call_at))
         .await?;
     if count_gate(ctx, gate) {
         return Ok(true);
     }
-    ctx.store.end_call(batch, item.l).await?;
+    ctx.store.end_call(batch, item.line).await?;
     Ok(false)
 }
 

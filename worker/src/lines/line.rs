@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_core::domain::{LineItem, Row, Usage, now_millis};
-use sluice_store::pacing::{LEASE_MS, Pacer};
+use sluice_core::pacing::LEASE_MS;
+use sluice_store::pacing::Pacer;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
@@ -51,7 +52,7 @@ enum Settled {
 }
 
 /// Runs one gated line to its row (handed back with its call slot), or to a delay queue.
-#[tracing::instrument(skip_all, fields(line = item.l))]
+#[tracing::instrument(skip_all, fields(line = item.line))]
 pub(super) async fn run_line<'r>(
     run: Run<'r>,
     info: &BatchInfo,
@@ -71,10 +72,10 @@ pub(super) async fn run_line<'r>(
     match budget::admit(ctx, info, batch, item).await? {
         Admission::Go => {}
         Admission::Wait(wait) => {
-            requeue(ctx, batch, item, item.a, item.t, wait).await?;
+            requeue(ctx, batch, item, item.attempts, item.first_attempt_ms, wait).await?;
             return Ok(LineEnd::Handled);
         }
-        Admission::Refused(row) => return Ok(LineEnd::Row(item.l, row, Usage::default(), slot)),
+        Admission::Refused(row) => return Ok(LineEnd::Row(item.line, row, Usage::default(), slot)),
     }
     let paced = pacing_of(ctx, info, &route, item);
     let (probe, charged) = match &paced {
@@ -82,17 +83,21 @@ pub(super) async fn run_line<'r>(
         Some(paced) => match wait_for_slot(ctx, batch, item, paced, gated_at, run.abandon).await? {
             Slot::Call { probe, charged } => (probe, charged),
             Slot::Delay(wait) => {
-                requeue(ctx, batch, item, item.a, item.t, wait).await?;
+                requeue(ctx, batch, item, item.attempts, item.first_attempt_ms, wait).await?;
                 return Ok(LineEnd::Handled);
             }
             Slot::Done => return Ok(LineEnd::Handled),
             Slot::Abandoned => {
-                ctx.store.end_call(batch, item.l).await.ok();
+                ctx.store.end_call(batch, item.line).await.ok();
                 return Ok(LineEnd::Abandoned);
             }
         },
     };
-    let first_attempt = if item.t > 0 { item.t } else { now_millis() };
+    let first_attempt = if item.first_attempt_ms > 0 {
+        item.first_attempt_ms
+    } else {
+        now_millis()
+    };
     let (result, header_pause) = call_upstream(ctx, info, &route, item, paced.as_ref()).await;
     let outage = match &paced {
         Some(paced) => report(ctx, paced, &result, header_pause, probe, charged).await,
@@ -117,9 +122,9 @@ pub(super) async fn run_line<'r>(
     // the line again on redelivery, and the line still counts once. Unlimited tenants' usage is
     // added with the rows (`budget::add_written`), a round trip per write instead of per line.
     if info.limited_budget().is_some() {
-        budget::charge(ctx, info, batch, item.l, &usage).await?;
+        budget::charge(ctx, info, batch, item.line, &usage).await?;
     }
-    Ok(LineEnd::Row(item.l, row, usage, slot))
+    Ok(LineEnd::Row(item.line, row, usage, slot))
 }
 
 /// Takes one of the worker's call slots; `None` when the worker abandons its lines first (the
@@ -131,7 +136,7 @@ async fn take_call_slot<'r>(
 ) -> anyhow::Result<Option<SemaphorePermit<'r>>> {
     tokio::select! {
         _ = run.abandon.cancelled() => {
-            run.ctx.store.end_call(batch, item.l).await.ok();
+            run.ctx.store.end_call(batch, item.line).await.ok();
             Ok(None)
         }
         permit = run.slots.acquire() => Ok(Some(permit?)),
@@ -214,7 +219,7 @@ async fn call_upstream(
         &ctx.upstream,
         &info.endpoint,
         &route.model,
-        &item.c,
+        &item.custom_id,
         item.body,
     );
     let (result, header_pause) = match paced {
@@ -261,7 +266,11 @@ fn settle(
     };
     // A failure while the provider's breaker is open is the outage's: it spends neither an
     // attempt nor the time budget (only the batch's deadline still bounds the line).
-    let attempts = if outage { item.a } else { item.a + 1 };
+    let attempts = if outage {
+        item.attempts
+    } else {
+        item.attempts + 1
+    };
     let policy = RetryPolicy::from_settings(&ctx.settings.worker);
     let elapsed = if outage {
         Duration::ZERO

@@ -21,12 +21,12 @@ pub(super) async fn requeue(
     let copy = LinesMessage::single(
         batch,
         LineItem {
-            a: attempts,
-            t: first_attempt_ms,
+            attempts,
+            first_attempt_ms,
             ..item.clone()
         },
     );
-    ctx.store.end_call(batch, item.l).await?;
+    ctx.store.end_call(batch, item.line).await?;
     ctx.publisher
         .publish(&ctx.keys.retry_queue(tier), &serde_json::to_vec(&copy)?)
         .await?;

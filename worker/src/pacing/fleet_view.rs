@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sluice_core::pacing::{BreakerState, CallOutcome, FleetView};
 use sluice_store::StoreError;
-use sluice_store::pacing::{BreakerState, CallOutcome, FleetView, Pacer};
+use sluice_store::pacing::Pacer;
 
 /// A provider's view and when it was read.
 #[derive(Debug, Clone, Copy)]

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_store::pacing::{PaceLimits, Pacer, Successes};
+use sluice_core::pacing::{PaceLimits, Successes};
+use sluice_store::pacing::Pacer;
 
 /// Per provider: the successes not yet reported, and whether a flush is scheduled.
 #[derive(Default)]

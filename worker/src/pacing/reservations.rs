@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use sluice_store::pacing::{CallOutcome, Grant, Hold, PaceLimits, Pacer, TokenUse};
+use sluice_core::pacing::{CallOutcome, Grant, Hold, PaceLimits, TokenUse};
+use sluice_store::pacing::Pacer;
 use tokio::sync::oneshot;
 
 /// Most calls one ask reserves for.

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use sluice_core::domain::{BatchMeta, BatchStatus, now_millis, now_secs};
-use sluice_store::schedule::{self, Dither, Entry, Priority, Shape, ShareCorrection};
+use sluice_core::domain::{Batch, BatchStatus, now_millis, now_secs};
+use sluice_core::schedule::{self, Dither, Entry, Priority, Shape, ShareCorrection};
+use sluice_store::schedule_registry;
 
 use crate::WorkerContext;
 
@@ -49,7 +50,7 @@ impl Tracker {
         &mut self,
         ctx: &WorkerContext,
         batch_id: &str,
-        meta: &BatchMeta,
+        meta: &Batch,
     ) -> Window {
         let w = &ctx.settings.worker;
         self.observe(meta.done());
@@ -76,25 +77,23 @@ impl Tracker {
         &mut self,
         ctx: &WorkerContext,
         batch_id: &str,
-        meta: &BatchMeta,
+        meta: &Batch,
         provider: &str,
         rpm: Option<u64>,
     ) -> u64 {
         let w = &ctx.settings.worker;
         let entry = Entry {
-            tenant: meta.tenant().to_owned(),
-            priority: meta
-                .get("priority")
-                .and_then(Priority::parse)
-                .unwrap_or(Priority::Normal),
-            expires_at: meta.int("expires_at").unwrap_or(i64::MAX / 2),
+            tenant: meta.tenant.clone(),
+            priority: meta.priority.unwrap_or(Priority::Normal),
+            expires_at: meta.expires_at.unwrap_or(i64::MAX / 2),
             remaining: meta.total().unwrap_or(0).saturating_sub(meta.done()),
-            inflight: (meta.int("dispatched").unwrap_or(0).max(0) as u64)
-                .saturating_sub(meta.done()),
+            inflight: (meta.dispatched.unwrap_or(0).max(0) as u64).saturating_sub(meta.done()),
             rate: self.rate,
             seen_ms: now_millis(),
         };
-        let entries = match schedule::publish_entry(&ctx.store, provider, batch_id, &entry).await {
+        let entries = match schedule_registry::publish_entry(&ctx.store, provider, batch_id, &entry)
+            .await
+        {
             Ok(entries) => entries,
             Err(e) => {
                 // A round without the registry keeps the window small rather than flooding the
@@ -160,8 +159,7 @@ impl Tracker {
                     return;
                 }
             };
-            let running =
-                meta.status() == Some(BatchStatus::InProgress) && meta.stopping().is_none();
+            let running = meta.status == Some(BatchStatus::InProgress) && meta.stopping.is_none();
             if !running || meta.done() >= meta.total().unwrap_or(0) {
                 return;
             }
@@ -173,7 +171,7 @@ impl Tracker {
     /// stopped), so its share goes to the others at once rather than when its entry goes stale.
     pub(crate) async fn leave(&mut self, ctx: &WorkerContext, batch_id: &str) {
         if let Some(provider) = self.registered.take()
-            && let Err(e) = schedule::remove_entry(&ctx.store, &provider, batch_id).await
+            && let Err(e) = schedule_registry::remove_entry(&ctx.store, &provider, batch_id).await
         {
             tracing::debug!(%batch_id, error = %e, "Could not leave the schedule; the entry goes stale.");
         }
@@ -199,9 +197,9 @@ impl Tracker {
 /// The limited provider (and its rpm) a batch's model goes to; `None` when that provider has no
 /// rate or concurrency limit (nothing to share). Batches of the express queue are not scheduled
 /// even on a limited provider.
-fn limited_provider(ctx: &WorkerContext, meta: &BatchMeta) -> Option<(String, Option<u64>)> {
-    let model = meta.get("model").unwrap_or_default();
-    let endpoint = meta.get("endpoint").unwrap_or_default();
+fn limited_provider(ctx: &WorkerContext, meta: &Batch) -> Option<(String, Option<u64>)> {
+    let model = meta.model.as_deref().unwrap_or_default();
+    let endpoint = meta.endpoint.as_deref().unwrap_or_default();
     let (_, provider) = ctx.upstream.provider_of(model, endpoint)?;
     provider
         .pacing

@@ -5,7 +5,7 @@ use std::time::Duration;
 use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use sluice_core::config::WorkerSettings;
-use sluice_store::pacing::MAX_FLEET_PAUSE;
+use sluice_core::pacing::MAX_FLEET_PAUSE;
 
 /// The delay an upstream asked for: `retry-after-ms`, then `Retry-After` in seconds or as an HTTP date.
 /// Odd values (negative, unparsable, in the past) count as no request.

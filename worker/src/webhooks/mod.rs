@@ -149,7 +149,7 @@ async fn handle(ctx: &WorkerContext, sender: &Sender, data: &[u8]) -> anyhow::Re
         return Ok(()); // another announcement of the event got there
     }
     let status = match ctx.store.get_batch(&job.batch_id).await? {
-        Some(meta) => meta.status(),
+        Some(meta) => meta.status,
         None => {
             count(ctx, "dropped");
             return Ok(());

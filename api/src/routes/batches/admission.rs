@@ -14,7 +14,8 @@
 use anyhow::Context;
 use sluice_core::domain::{now_millis, now_secs};
 use sluice_core::routing::{Target, resolve_target};
-use sluice_store::schedule::{self, Newcomer, Priority};
+use sluice_core::schedule::{self, Newcomer, Priority};
+use sluice_store::schedule_registry;
 
 use super::params::CreateBatch;
 use crate::auth::Tenant;
@@ -93,7 +94,7 @@ pub(crate) async fn admit_lines(
     if !provider.pacing.is_limited() || lines <= settings.worker.express_lines {
         return Ok(());
     }
-    let entries = schedule::read_registry(&state.store, &provider.name, now_millis())
+    let entries = schedule_registry::read_registry(&state.store, &provider.name, now_millis())
         .await
         .context("Failed to read a provider's schedule")?;
     let rate = schedule::provider_rate(&entries, provider.pacing.rpm.map(|r| r as f64 / 60.0));

@@ -26,7 +26,7 @@ pub(crate) async fn cancel(
     ApiPath(batch_id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let meta = load_batch(&state, &tenant, &batch_id).await?;
-    match meta.status() {
+    match meta.status {
         Some(BatchStatus::Cancelling | BatchStatus::Cancelled) => {
             return Ok(Json(present(&state, &tenant, &meta)));
         }

@@ -3,7 +3,7 @@
 //! `"status": "succeeded"` and `request_counts` also carries `succeeded`).
 
 use serde_json::Value;
-use sluice_core::domain::BatchMeta;
+use sluice_core::domain::Batch;
 
 use crate::auth::Tenant;
 use crate::state::AppState;
@@ -20,7 +20,7 @@ pub(crate) fn completed_as<'a>(state: &'a AppState, tenant: &Tenant) -> Option<&
 }
 
 /// The batch object as `tenant` sees it.
-pub(crate) fn present(state: &AppState, tenant: &Tenant, meta: &BatchMeta) -> Value {
+pub(crate) fn present(state: &AppState, tenant: &Tenant, meta: &Batch) -> Value {
     let mut object = meta.to_object();
     if let Some(word) = completed_as(state, tenant) {
         if object["status"] == "completed" {

@@ -1,9 +1,10 @@
 //! `GET /v1/batches`: the tenant's batches, newest first.
 
+use anyhow::Context;
 use axum::Json;
 use axum::extract::State;
 use serde_json::Value;
-use sluice_core::domain::BatchMeta;
+use sluice_core::domain::{Batch, BatchRecordError};
 
 use super::dialect::present;
 use crate::auth::Tenant;
@@ -50,7 +51,8 @@ pub(crate) async fn list(
     let data = page
         .records
         .into_iter()
-        .map(|r| present(&state, &tenant, &BatchMeta(r)))
-        .collect();
+        .map(|r| Ok(present(&state, &tenant, &Batch::from_hash(r)?)))
+        .collect::<Result<_, BatchRecordError>>()
+        .context("Failed to read a listed batch")?;
     Ok(Json(list_object(data, page.has_more)))
 }

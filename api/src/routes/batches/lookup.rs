@@ -1,7 +1,7 @@
 //! Finding the caller's batch by id.
 
 use anyhow::Context;
-use sluice_core::domain::BatchMeta;
+use sluice_core::domain::Batch;
 
 use crate::auth::Tenant;
 use crate::error::ApiError;
@@ -14,7 +14,7 @@ pub(crate) async fn load_batch(
     state: &AppState,
     tenant: &Tenant,
     batch_id: &str,
-) -> Result<BatchMeta, ApiError> {
+) -> Result<Batch, ApiError> {
     check_id(state, "batch_id", batch_id)?;
     let found = state
         .store

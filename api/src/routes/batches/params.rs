@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 use sluice_core::domain::SUPPORTED_ENDPOINTS;
+use sluice_core::schedule::Priority;
 use sluice_core::validate::clip;
-use sluice_store::schedule::Priority;
 
 use crate::error::{ApiError, json_type_name};
 use crate::routes::bounds::{ECHO_BYTES, EXPIRES_AFTER_SECS};

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use serde_json::Value;
-use sluice_core::domain::{BatchMeta, now_secs};
-use sluice_store::schedule::Priority;
+use sluice_core::domain::{Batch, now_secs};
+use sluice_core::schedule::Priority;
 
 use super::announce::announce;
 use super::dialect::present;
@@ -87,7 +87,7 @@ pub(crate) async fn store_reserved_with(
 }
 
 /// A batch just written by this request (batches are never deleted, so it must exist).
-pub(crate) async fn reload(state: &AppState, batch_id: &str) -> Result<BatchMeta, ApiError> {
+pub(crate) async fn reload(state: &AppState, batch_id: &str) -> Result<Batch, ApiError> {
     Ok(state
         .store
         .get_batch(batch_id)

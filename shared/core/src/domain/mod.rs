@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+mod batch_record;
 mod messages;
 mod rows;
+pub use batch_record::{Batch, BatchRecordError, BatchStamps, BatchUsage, batch_field};
 pub use messages::{BatchEvent, LineItem, LinesMessage};
 pub use rows::{Row, Usage, failure_of};
 
@@ -70,13 +72,21 @@ pub fn now_millis() -> i64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchStatus {
+    /// Checking the input file.
     Validating,
+    /// Ended without running (invalid input, or its input file was lost).
     Failed,
+    /// Lines are being run.
     InProgress,
+    /// Every line has a row; the result files are being written.
     Finalizing,
+    /// Ended with its result files.
     Completed,
+    /// Its completion window ended before every line ran.
     Expired,
+    /// A cancel was asked; lines in flight are finishing.
     Cancelling,
+    /// Ended by a cancel.
     Cancelled,
 }
 
@@ -120,33 +130,39 @@ impl BatchStatus {
         )
     }
 
-    /// The one transition table: which statuses may move to `self`.
-    pub fn allowed_from(self) -> &'static [BatchStatus] {
+    /// The one transition table: whether a batch in `self` may move to `next`. The store's
+    /// transition script applies exactly this table ([`BatchStatus::allowed_from`]).
+    pub fn can_become(self, next: BatchStatus) -> bool {
         use BatchStatus::*;
-        match self {
-            Validating => &[],
-            InProgress => &[Validating],
-            // From `in_progress` only through a stop ([`StopReason::InputLost`]).
-            Failed => &[Validating, InProgress],
-            Cancelling => &[Validating, InProgress],
-            Finalizing => &[InProgress],
-            Completed => &[Finalizing],
-            Cancelled => &[Cancelling],
-            Expired => &[Validating, InProgress],
-        }
+        matches!(
+            (self, next),
+            (Validating, InProgress | Failed | Cancelling | Expired)
+                // `in_progress` fails only through a stop ([`StopReason::InputLost`]).
+                | (InProgress, Failed | Cancelling | Finalizing | Expired)
+                | (Finalizing, Completed)
+                | (Cancelling, Cancelled)
+        )
+    }
+
+    /// The statuses that may move to `self`, in [`BatchStatus::ALL`] order.
+    pub fn allowed_from(self) -> impl Iterator<Item = BatchStatus> {
+        Self::ALL
+            .into_iter()
+            .filter(move |from| from.can_become(self))
     }
 
     /// The `*_at` field stamped when the batch enters this status.
     pub fn stamp_field(self) -> &'static str {
+        use batch_field as f;
         match self {
-            Self::Validating => "created_at",
-            Self::Failed => "failed_at",
-            Self::InProgress => "in_progress_at",
-            Self::Finalizing => "finalizing_at",
-            Self::Completed => "completed_at",
-            Self::Expired => "expired_at",
-            Self::Cancelling => "cancelling_at",
-            Self::Cancelled => "cancelled_at",
+            Self::Validating => f::CREATED_AT,
+            Self::Failed => f::FAILED_AT,
+            Self::InProgress => f::IN_PROGRESS_AT,
+            Self::Finalizing => f::FINALIZING_AT,
+            Self::Completed => f::COMPLETED_AT,
+            Self::Expired => f::EXPIRED_AT,
+            Self::Cancelling => f::CANCELLING_AT,
+            Self::Cancelled => f::CANCELLED_AT,
         }
     }
 }
@@ -154,7 +170,9 @@ impl BatchStatus {
 /// Why a batch stops before every line ran; the error code given to the lines that never ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
+    /// Cancelled by its owner.
     Cancelled,
+    /// Its completion window ended.
     Expired,
     /// The input file's record or bytes disappeared while the batch ran (the dispatcher can no
     /// longer read its lines): the batch ends `failed`.
@@ -210,100 +228,14 @@ impl StopReason {
 /// One entry of a failed batch's `errors.data`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchError {
+    /// Machine-readable code (`invalid_request`, `model_not_found`…).
     pub code: String,
+    /// What is wrong, for people.
     pub message: String,
+    /// The parameter at fault (`body.model`), when there is one.
     pub param: Option<String>,
     /// 1-based line of the input file, when the error belongs to one line.
     pub line: Option<u64>,
-}
-
-/// The stored fields of a batch (`b:{id}:meta`), as read back from Redis.
-#[derive(Debug, Clone, Default)]
-pub struct BatchMeta(pub HashMap<String, String>);
-
-impl BatchMeta {
-    /// A field as a string.
-    pub fn get(&self, field: &str) -> Option<&str> {
-        self.0.get(field).map(String::as_str)
-    }
-    /// A field as an integer.
-    pub fn int(&self, field: &str) -> Option<i64> {
-        self.get(field).and_then(|v| v.parse().ok())
-    }
-    /// The tenant owning the batch.
-    pub fn tenant(&self) -> &str {
-        self.get("tenant").unwrap_or_default()
-    }
-    /// Current status.
-    pub fn status(&self) -> Option<BatchStatus> {
-        self.get("status").and_then(BatchStatus::parse)
-    }
-    /// Set while the batch is being cancelled or expired.
-    pub fn stopping(&self) -> Option<StopReason> {
-        self.get("stopping").and_then(StopReason::parse)
-    }
-    /// Lines in the batch, once validated.
-    pub fn total(&self) -> Option<u64> {
-        self.int("total").map(|t| t as u64)
-    }
-    /// Finished lines (successes plus failures).
-    pub fn done(&self) -> u64 {
-        (self.int("completed").unwrap_or(0) + self.int("failed").unwrap_or(0)) as u64
-    }
-
-    /// The OpenAI batch object, with every field present (explicit nulls).
-    pub fn to_object(&self) -> Value {
-        let int_or_null = |f: &str| self.int(f).map_or(Value::Null, Value::from);
-        let str_or_null = |f: &str| self.get(f).map_or(Value::Null, Value::from);
-        let json_or_null = |f: &str| {
-            self.get(f)
-                .and_then(|v| serde_json::from_str::<Value>(v).ok())
-                .unwrap_or(Value::Null)
-        };
-        let n = |f: &str| self.int(f).unwrap_or(0);
-        let mut object = json!({
-            "id": self.get("id"),
-            "object": "batch",
-            "endpoint": self.get("endpoint"),
-            "model": str_or_null("model"),
-            "errors": json_or_null("errors"),
-            "input_file_id": self.get("input_file_id"),
-            "completion_window": self.get("completion_window"),
-            "status": self.get("status"),
-            "output_file_id": str_or_null("output_file_id"),
-            "error_file_id": str_or_null("error_file_id"),
-            "created_at": int_or_null("created_at"),
-            "in_progress_at": int_or_null("in_progress_at"),
-            "expires_at": int_or_null("expires_at"),
-            "finalizing_at": int_or_null("finalizing_at"),
-            "completed_at": int_or_null("completed_at"),
-            "failed_at": int_or_null("failed_at"),
-            "expired_at": int_or_null("expired_at"),
-            "cancelling_at": int_or_null("cancelling_at"),
-            "cancelled_at": int_or_null("cancelled_at"),
-            "request_counts": {
-                "total": n("total"),
-                "completed": n("completed"),
-                "failed": n("failed"),
-            },
-            "usage": {
-                "input_tokens": n("u_in"),
-                "input_tokens_details": {"cached_tokens": n("u_cached")},
-                "output_tokens": n("u_out"),
-                "output_tokens_details": {"reasoning_tokens": n("u_reasoning")},
-                "total_tokens": n("u_total"),
-            },
-            "metadata": json_or_null("metadata"),
-        });
-        // Extra fields, only on batches a retry links: the SDKs keep unknown fields.
-        if let Some(parent) = self.get("retry_of") {
-            object["retry_of"] = Value::from(parent);
-        }
-        if let Some(children) = self.get("retries").filter(|r| !r.is_empty()) {
-            object["retries"] = children.split(',').collect();
-        }
-        object
-    }
 }
 
 /// The stored fields of a file (`f:{id}`).
@@ -356,8 +288,38 @@ mod tests {
             assert_eq!(BatchStatus::parse(st.as_str()), Some(st));
             for to in BatchStatus::ALL {
                 if st.is_terminal() {
-                    assert!(!to.allowed_from().contains(&st), "{st:?} -> {to:?}");
+                    assert!(
+                        !to.allowed_from().any(|from| from == st),
+                        "{st:?} -> {to:?}"
+                    );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_transition_table() {
+        use BatchStatus::*;
+        let allowed = [
+            (Validating, InProgress),
+            (Validating, Failed),
+            (Validating, Cancelling),
+            (Validating, Expired),
+            (InProgress, Failed),
+            (InProgress, Cancelling),
+            (InProgress, Finalizing),
+            (InProgress, Expired),
+            (Finalizing, Completed),
+            (Cancelling, Cancelled),
+        ];
+        for from in BatchStatus::ALL {
+            for to in BatchStatus::ALL {
+                assert_eq!(
+                    from.can_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+                assert_eq!(to.allowed_from().any(|f| f == from), from.can_become(to));
             }
         }
     }

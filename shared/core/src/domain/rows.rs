@@ -9,10 +9,15 @@ use super::new_request_id;
 /// Token usage reported by one upstream response, in the batch object's terms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Input (prompt) tokens.
     pub input: i64,
+    /// Input tokens served from the cache.
     pub cached: i64,
+    /// Output tokens.
     pub output: i64,
+    /// Output tokens spent reasoning.
     pub reasoning: i64,
+    /// All tokens.
     pub total: i64,
 }
 

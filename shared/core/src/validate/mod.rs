@@ -42,7 +42,9 @@ struct BodyProbe<'a> {
 /// Why a line's model cannot run: the code and message of the line's error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelProblem {
+    /// Error code of the line.
     pub code: &'static str,
+    /// Error message of the line.
     pub message: String,
 }
 
@@ -201,38 +203,27 @@ impl<'a> Validator<'a> {
         self.lines > self.max_lines
     }
 
+    /// One line, checked in order; the first problem found is the line's error. Each step below
+    /// is one item of the checklist, so the order of the calls is the order of the checks.
     fn check_line(&mut self, line: &RequestLine) -> Result<(), BatchError> {
         let n = Some(line.number);
-        if line.too_long {
-            return Err(err(
-                "line_too_long",
-                "This line exceeds the maximum line size.".into(),
-                None,
-                n,
-            ));
-        }
-        let probe = LineProbe::parse(&line.bytes).ok_or_else(|| {
-            err(
-                "invalid_json_line",
-                "This line is not parseable as valid JSON.".into(),
-                None,
-                n,
-            )
-        })?;
-        let missing = |p: &str| {
-            err(
-                "missing_required_parameter",
-                format!("Missing required parameter: '{p}'."),
-                Some(p),
-                n,
-            )
-        };
-        let custom_id_raw = probe.custom_id.ok_or_else(|| missing("custom_id"))?;
-        let method = probe.method.ok_or_else(|| missing("method"))?;
-        let url = probe.url.ok_or_else(|| missing("url"))?;
-        let body = probe.body.ok_or_else(|| missing("body"))?;
+        let envelope = envelope(line)?;
+        let custom_id = self.custom_id(envelope.custom_id, n)?;
+        check_method(envelope.method, n)?;
+        self.check_url(envelope.url, n)?;
+        let body = body_probe(envelope.body, n)?;
+        self.check_not_streaming(&body, n)?;
+        // The model first: for a model that cannot run, its other fields do not matter.
+        let model = self.model_of(&body, n)?;
+        check_no_document(&body, n)?;
+        self.check_required_fields(&model, envelope.body, &body, n)?;
+        self.note_model(model, line.number)?;
+        self.note_custom_id(custom_id, line.number)
+    }
 
-        let custom_id: String = serde_json::from_str(custom_id_raw.get()).map_err(|_| {
+    /// `custom_id`: a string, not too long.
+    fn custom_id(&self, raw: &RawValue, n: Option<u64>) -> Result<String, BatchError> {
+        let custom_id: String = serde_json::from_str(raw.get()).map_err(|_| {
             err(
                 "invalid_request",
                 "custom_id must be a string.".into(),
@@ -251,14 +242,11 @@ impl<'a> Validator<'a> {
                 n,
             ));
         }
-        if serde_json::from_str::<String>(method.get()).ok().as_deref() != Some("POST") {
-            return Err(err(
-                "invalid_request",
-                "Only 'POST' is supported for method.".into(),
-                Some("method"),
-                n,
-            ));
-        }
+        Ok(custom_id)
+    }
+
+    /// `url`: the batch's endpoint.
+    fn check_url(&self, url: &RawValue, n: Option<u64>) -> Result<(), BatchError> {
         if serde_json::from_str::<String>(url.get()).ok().as_deref() != Some(self.endpoint) {
             return Err(err(
                 "invalid_url",
@@ -267,23 +255,12 @@ impl<'a> Validator<'a> {
                 n,
             ));
         }
-        if !body.get().trim_start().starts_with('{') {
-            return Err(err(
-                "invalid_request",
-                "body must be a JSON object.".into(),
-                Some("body"),
-                n,
-            ));
-        }
-        let probe: BodyProbe<'_> = serde_json::from_str(body.get()).map_err(|_| {
-            err(
-                "invalid_request",
-                "body must be a JSON object.".into(),
-                Some("body"),
-                n,
-            )
-        })?;
-        if probe.stream.as_ref().and_then(Value::as_bool) == Some(true) {
+        Ok(())
+    }
+
+    /// `body.stream`: not `true` (a batch has nobody to stream to).
+    fn check_not_streaming(&self, body: &BodyProbe<'_>, n: Option<u64>) -> Result<(), BatchError> {
+        if body.stream.as_ref().and_then(Value::as_bool) == Some(true) {
             return Err(err(
                 "streaming_unsupported",
                 format!(
@@ -294,8 +271,13 @@ impl<'a> Validator<'a> {
                 n,
             ));
         }
-        let model = match probe.model {
-            Some(Value::String(m)) if !m.is_empty() => m,
+        Ok(())
+    }
+
+    /// `body.model`: a non-empty string, not too long, that some provider serves.
+    fn model_of(&self, body: &BodyProbe<'_>, n: Option<u64>) -> Result<String, BatchError> {
+        let model = match &body.model {
+            Some(Value::String(m)) if !m.is_empty() => m.clone(),
             _ => {
                 return Err(err(
                     "invalid_request",
@@ -315,28 +297,24 @@ impl<'a> Validator<'a> {
                 n,
             ));
         }
-        // The model first: for a model that cannot run, its other fields do not matter.
         if let Err(problem) = (self.serves)(&model) {
             return Err(err(problem.code, problem.message, Some("body.model"), n));
         }
-        if probe.document.is_some() || probe.document_mime_type.is_some() {
-            let param = if probe.document.is_some() {
-                "body.document"
-            } else {
-                "body.document_mime_type"
-            };
-            return Err(err(
-                "unsupported_document",
-                "Documents (document / document_mime_type) are not supported in batch requests. \
-                 Pass pre-extracted text in the 'text' field."
-                    .into(),
-                Some(param),
-                n,
-            ));
-        }
-        if let Some(task) = task_model(&model) {
-            let fields: serde_json::Map<String, Value> =
-                serde_json::from_str(body.get()).map_err(|_| {
+        Ok(model)
+    }
+
+    /// The fields the request cannot do without: a task model's own fields, else the endpoint's
+    /// required field (`messages`, `input` or `prompt`).
+    fn check_required_fields(
+        &self,
+        model: &str,
+        raw_body: &RawValue,
+        body: &BodyProbe<'_>,
+        n: Option<u64>,
+    ) -> Result<(), BatchError> {
+        if let Some(task) = task_model(model) {
+            let fields: serde_json::Map<String, Value> = serde_json::from_str(raw_body.get())
+                .map_err(|_| {
                     err(
                         "invalid_request",
                         "body must be a JSON object.".into(),
@@ -348,9 +326,9 @@ impl<'a> Validator<'a> {
                 .map_err(|(message, param)| err("invalid_request", message, Some(&param), n))?;
         } else if let Some(field) = required_body_field(self.endpoint) {
             let present = match field {
-                "messages" => probe.messages.is_some(),
-                "input" => probe.input.is_some(),
-                _ => probe.prompt.is_some(),
+                "messages" => body.messages.is_some(),
+                "input" => body.input.is_some(),
+                _ => body.prompt.is_some(),
             };
             if !present {
                 let param = format!("body.{field}");
@@ -362,8 +340,14 @@ impl<'a> Validator<'a> {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The batch's model so far: one model per batch (task models count as one), unless mixed
+    /// models are allowed, in which case the batch is only marked mixed.
+    fn note_model(&mut self, model: String, line: u64) -> Result<(), BatchError> {
         match &self.model {
-            None => self.model = Some((model, line.number)),
+            None => self.model = Some((model, line)),
             // Task models are one router: a batch may mix them (not with other models).
             Some((first, _))
                 if *first != model
@@ -382,11 +366,16 @@ impl<'a> Validator<'a> {
                         "All requests in a batch must use the same model: this line uses '{model}', line {first_line} uses '{first}'."
                     ),
                     Some("body.model"),
-                    n,
+                    Some(line),
                 ));
             }
             Some(_) => {}
         }
+        Ok(())
+    }
+
+    /// `custom_id`: unique within the batch (by fingerprint).
+    fn note_custom_id(&mut self, custom_id: String, line: u64) -> Result<(), BatchError> {
         let id = self.fingerprint.of(&custom_id);
         if let Some(first) = self.seen.get(&id) {
             return Err(err(
@@ -395,10 +384,10 @@ impl<'a> Validator<'a> {
                     "The custom_id '{custom_id}' is already used on line {first}; each custom_id must be unique within a batch."
                 ),
                 Some("custom_id"),
-                n,
+                Some(line),
             ));
         }
-        self.seen.insert(id, line.number);
+        self.seen.insert(id, line);
         Ok(())
     }
 
@@ -450,6 +439,99 @@ impl<'a> Validator<'a> {
             model: self.model.filter(|_| !self.mixed).map(|(m, _)| m),
         }
     }
+}
+
+/// The four fields of a request line, present but not yet checked.
+struct Envelope<'a> {
+    custom_id: &'a RawValue,
+    method: &'a RawValue,
+    url: &'a RawValue,
+    body: &'a RawValue,
+}
+
+/// The line fits the size limit, is a JSON object, and has `custom_id`, `method`, `url` and
+/// `body`.
+fn envelope(line: &RequestLine) -> Result<Envelope<'_>, BatchError> {
+    let n = Some(line.number);
+    if line.too_long {
+        return Err(err(
+            "line_too_long",
+            "This line exceeds the maximum line size.".into(),
+            None,
+            n,
+        ));
+    }
+    let probe = LineProbe::parse(&line.bytes).ok_or_else(|| {
+        err(
+            "invalid_json_line",
+            "This line is not parseable as valid JSON.".into(),
+            None,
+            n,
+        )
+    })?;
+    let missing = |p: &str| {
+        err(
+            "missing_required_parameter",
+            format!("Missing required parameter: '{p}'."),
+            Some(p),
+            n,
+        )
+    };
+    Ok(Envelope {
+        custom_id: probe.custom_id.ok_or_else(|| missing("custom_id"))?,
+        method: probe.method.ok_or_else(|| missing("method"))?,
+        url: probe.url.ok_or_else(|| missing("url"))?,
+        body: probe.body.ok_or_else(|| missing("body"))?,
+    })
+}
+
+/// `method`: `POST`, the only one batches run.
+fn check_method(method: &RawValue, n: Option<u64>) -> Result<(), BatchError> {
+    if serde_json::from_str::<String>(method.get()).ok().as_deref() != Some("POST") {
+        return Err(err(
+            "invalid_request",
+            "Only 'POST' is supported for method.".into(),
+            Some("method"),
+            n,
+        ));
+    }
+    Ok(())
+}
+
+/// `body`: a JSON object, probed for the fields the checks read.
+fn body_probe(body: &RawValue, n: Option<u64>) -> Result<BodyProbe<'_>, BatchError> {
+    let not_an_object = || {
+        err(
+            "invalid_request",
+            "body must be a JSON object.".into(),
+            Some("body"),
+            n,
+        )
+    };
+    if !body.get().trim_start().starts_with('{') {
+        return Err(not_an_object());
+    }
+    serde_json::from_str(body.get()).map_err(|_| not_an_object())
+}
+
+/// `body.document` / `body.document_mime_type`: absent (batches take pre-extracted text).
+fn check_no_document(body: &BodyProbe<'_>, n: Option<u64>) -> Result<(), BatchError> {
+    if body.document.is_some() || body.document_mime_type.is_some() {
+        let param = if body.document.is_some() {
+            "body.document"
+        } else {
+            "body.document_mime_type"
+        };
+        return Err(err(
+            "unsupported_document",
+            "Documents (document / document_mime_type) are not supported in batch requests. \
+             Pass pre-extracted text in the 'text' field."
+                .into(),
+            Some(param),
+            n,
+        ));
+    }
+    Ok(())
 }
 
 /// How OpenAI names an endpoint in its messages.

@@ -39,7 +39,7 @@ pub(crate) async fn output(
     ApiPath(batch_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let meta = load_batch(&state, &tenant, &batch_id).await?;
-    let status = meta.status();
+    let status = meta.status;
     if !status.is_some_and(BatchStatus::is_terminal) {
         return Err(ApiError::Conflict {
             message: format!(
@@ -50,8 +50,8 @@ pub(crate) async fn output(
         });
     }
     let mut paths = VecDeque::new();
-    for field in ["output_file_id", "error_file_id"] {
-        let Some(file_id) = meta.get(field) else {
+    for file_id in [&meta.output_file_id, &meta.error_file_id] {
+        let Some(file_id) = file_id else {
             continue;
         };
         let file = state

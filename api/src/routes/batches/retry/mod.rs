@@ -16,7 +16,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use futures::StreamExt;
 use serde_json::Value;
-use sluice_core::domain::{BatchMeta, BatchStatus};
+use sluice_core::domain::{Batch, BatchStatus};
 use sluice_store::RetrySlot;
 
 use self::body::RetryParams;
@@ -59,7 +59,7 @@ pub(crate) async fn retry(
     .await
     .map_err(|_| json_too_large(limit))?;
     let params = RetryParams::parse(&body, state.settings.window_bounds())?;
-    match parent.status() {
+    match parent.status {
         Some(status) if status.is_terminal() => {}
         status => {
             return Err(ApiError::Coded {
@@ -101,11 +101,11 @@ pub(crate) async fn retry(
 async fn create_child(
     state: AppState,
     tenant: Tenant,
-    parent: BatchMeta,
+    parent: Batch,
     params: RetryParams,
     lines: futures::stream::BoxStream<'static, Result<Bytes, ApiError>>,
 ) -> Result<Value, ApiError> {
-    let parent_id = parent.get("id").unwrap_or_default().to_owned();
+    let parent_id = parent.id.as_deref().unwrap_or_default().to_owned();
     let child_id = reserve_batch(&state, &tenant).await?;
     let max = state.settings.limits.max_retries_per_batch;
     let slot = state
@@ -153,13 +153,13 @@ async fn create_child(
 async fn store_child(
     state: &AppState,
     tenant: &Tenant,
-    parent: &BatchMeta,
+    parent: &Batch,
     params: RetryParams,
     lines: futures::stream::BoxStream<'static, Result<Bytes, ApiError>>,
     child_id: &str,
 ) -> Result<Value, ApiError> {
-    let parent_id = parent.get("id").unwrap_or_default();
-    let endpoint = parent.get("endpoint").unwrap_or_default().to_owned();
+    let parent_id = parent.id.as_deref().unwrap_or_default();
+    let endpoint = parent.endpoint.as_deref().unwrap_or_default().to_owned();
     // The lines are a part of a file already stored and checked, so they are never larger than
     // it: no byte limit of their own.
     let stored = match store_lines(
@@ -183,7 +183,8 @@ async fn store_child(
         Some(given) => given,
         // The parent's, unless the configured bounds moved since.
         None => parent
-            .get("completion_window")
+            .completion_window
+            .as_deref()
             .and_then(|w| {
                 parse_completion_window(w, state.settings.window_bounds())
                     .ok()
@@ -191,20 +192,16 @@ async fn store_child(
             })
             .unwrap_or_else(|| default_window(state)),
     };
-    let metadata = params
-        .metadata
-        .unwrap_or_else(|| parent.get("metadata").map(str::to_owned));
+    let metadata = params.metadata.unwrap_or_else(|| parent.metadata.clone());
     let child = CreateBatch {
         input_file_id: stored.file_id,
         endpoint: stored.endpoint,
         completion_window,
         window,
         metadata,
-        output_expires_after_secs: parent.int("output_expires_after_secs"),
+        output_expires_after_secs: parent.output_expires_after_secs,
         // The child runs in its parent's tier (the metadata key, if that set it, comes along).
-        priority: parent
-            .get("priority")
-            .and_then(sluice_store::schedule::Priority::parse),
+        priority: parent.priority,
     };
     store_reserved_with(
         state,

@@ -5,7 +5,7 @@ use axum::body::Bytes;
 use axum::http::StatusCode;
 use futures::{Stream, StreamExt};
 use object_store::path::Path;
-use sluice_core::domain::{BatchMeta, Row};
+use sluice_core::domain::{Batch, Row};
 use sluice_runtime::lines::RequestLines;
 use sluice_runtime::segments::Merge;
 
@@ -20,10 +20,10 @@ use crate::state::AppState;
 pub(super) async fn chosen_lines(
     state: &AppState,
     tenant: &Tenant,
-    parent: &BatchMeta,
+    parent: &Batch,
     choice: Choice,
 ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
-    let batch_id = parent.get("id").unwrap_or_default().to_owned();
+    let batch_id = parent.id.as_deref().unwrap_or_default().to_owned();
     let (segments, pending) = state
         .store
         .rows_snapshot(&batch_id)
@@ -41,7 +41,7 @@ pub(super) async fn chosen_lines(
         )
         .into());
     }
-    let input_id = parent.get("input_file_id").unwrap_or_default();
+    let input_id = parent.input_file_id.as_deref().unwrap_or_default();
     let unavailable = || ApiError::Coded {
         status: StatusCode::CONFLICT,
         message: format!(

@@ -20,24 +20,25 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-
-use crate::Store;
-use crate::StoreError;
 
 /// A batch's priority tier (`priority` create field, or the `priority` metadata key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
+    /// Served first, and first within its tenant.
     High,
+    /// The default tier.
     Normal,
+    /// Only gets what the other tiers leave unused.
     Background,
 }
 
 impl Priority {
+    /// Every tier's wire name.
     pub const ALL: [&'static str; 3] = ["high", "normal", "background"];
 
+    /// Parses a wire name.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "high" => Some(Self::High),
@@ -47,6 +48,7 @@ impl Priority {
         }
     }
 
+    /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::High => "high",
@@ -62,7 +64,9 @@ pub const STALE_MS: i64 = 3_000;
 /// One running batch as its dispatcher last saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
+    /// The tenant owning the batch.
     pub tenant: String,
+    /// The batch's tier.
     pub priority: Priority,
     /// Unix seconds.
     pub expires_at: i64,
@@ -250,40 +254,6 @@ fn within_tenant(batches: &mut [&(String, Entry)], share: f64, shape: Shape) -> 
         .collect()
 }
 
-/// The registry of `provider`: every entry not stale, by batch id. Stale entries are removed.
-pub async fn read_registry(
-    store: &Store,
-    provider: &str,
-    now_ms: i64,
-) -> Result<Vec<(String, Entry)>, StoreError> {
-    let key = store.keys().schedule(provider);
-    let raw: HashMap<String, String> = store.conn().hgetall(&key).await?;
-    live_entries(store, &key, raw, now_ms).await
-}
-
-/// The entries of a registry read as `raw` that are not stale, by batch id; stale ones are
-/// removed.
-async fn live_entries(
-    store: &Store,
-    key: &str,
-    raw: HashMap<String, String>,
-    now_ms: i64,
-) -> Result<Vec<(String, Entry)>, StoreError> {
-    let mut live = Vec::new();
-    let mut stale = Vec::new();
-    for (id, json) in raw {
-        match serde_json::from_str::<Entry>(&json) {
-            Ok(e) if now_ms - e.seen_ms <= STALE_MS => live.push((id, e)),
-            _ => stale.push(id),
-        }
-    }
-    if !stale.is_empty() {
-        let _: i64 = store.conn().hdel(key, &stale).await?;
-    }
-    live.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(live)
-}
-
 /// Each foreground tenant's fraction of the foreground batches' measured throughput; `None` while
 /// any of those batches has no rate measured yet (a batch just started would look starved).
 pub fn measured_fractions(entries: &[(String, Entry)]) -> Option<BTreeMap<String, f64>> {
@@ -323,6 +293,7 @@ impl ShareCorrection {
     const GAIN: f64 = 0.03;
     const BOUNDS: (f64, f64) = (0.5, 2.0);
 
+    /// The correction factor applied to the tenants' shares now.
     pub fn factor(&self) -> f64 {
         self.factor
     }
@@ -349,6 +320,7 @@ pub struct Dither {
 }
 
 impl Dither {
+    /// Whole lines for `exact` lines, carrying the fraction over to the next call.
     pub fn lines(&mut self, exact: f64) -> u64 {
         if exact <= 0.0 {
             self.carry = 0.0;
@@ -360,32 +332,6 @@ impl Dither {
         self.carry = (want - lines).clamp(-1.0, 1.0);
         lines as u64
     }
-}
-
-/// Writes (or refreshes) a batch's entry, and returns the whole registry.
-pub async fn publish_entry(
-    store: &Store,
-    provider: &str,
-    batch: &str,
-    entry: &Entry,
-) -> Result<Vec<(String, Entry)>, StoreError> {
-    let key = store.keys().schedule(provider);
-    let json = serde_json::to_string(entry).expect("entry serializes");
-    let (_, raw): (i64, HashMap<String, String>) = redis::pipe()
-        .hset(&key, batch, json)
-        .hgetall(&key)
-        .query_async(&mut store.conn())
-        .await?;
-    live_entries(store, &key, raw, entry.seen_ms).await
-}
-
-/// Removes a batch's entry (its dispatch ended).
-pub async fn remove_entry(store: &Store, provider: &str, batch: &str) -> Result<(), StoreError> {
-    let _: i64 = store
-        .conn()
-        .hdel(store.keys().schedule(provider), batch)
-        .await?;
-    Ok(())
 }
 
 /// The provider's current rate (lines per second): its batches' throughput together (never above
@@ -402,10 +348,13 @@ pub fn provider_rate(entries: &[(String, Entry)], limit: Option<f64>) -> f64 {
 /// A batch to be created, as admission control sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Newcomer<'a> {
+    /// The tenant creating it.
     pub tenant: &'a str,
+    /// Its lines.
     pub lines: u64,
     /// Unix seconds.
     pub expires_at: i64,
+    /// Its tier.
     pub priority: Priority,
 }
 
