@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
 pub enum StorageSettings {
     /// A local directory (created if missing).
@@ -33,7 +34,7 @@ pub enum StorageSettings {
 }
 
 /// A credential: kept out of `Debug` output so that printing settings never leaks it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Secret(pub String);
 
@@ -46,7 +47,7 @@ impl std::fmt::Debug for Secret {
 /// How long Sluice waits on a dependency before calling it stalled (every value in ms unless
 /// named otherwise). A peer that accepts a connection and then never answers must cost a bounded
 /// wait, a `warn` line naming it and an unready `/readyz`, never a silent hang.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DependencySettings {
     /// TCP connect plus protocol handshake of one RabbitMQ or Redis connection, and opening a

@@ -1,9 +1,10 @@
 //! `[idempotency]`: how long an `Idempotency-Key` answers with its first response, and how a
 //! duplicate that arrives while the first request still runs is handled.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdempotencySettings {
     /// How long a key keeps answering with the first successful response, counted from that

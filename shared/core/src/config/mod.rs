@@ -12,6 +12,7 @@
 mod api;
 mod budget;
 mod dependencies;
+mod error;
 mod idempotency;
 mod load;
 mod roles;
@@ -23,13 +24,14 @@ mod window;
 #[cfg(test)]
 mod tests;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use api::{ApiSettings, Limits};
 pub use budget::{BudgetSettings, OnExhausted};
 pub use dependencies::{DependencySettings, Secret, StorageSettings};
+pub use error::{ConfigError, Problem};
 pub use idempotency::IdempotencySettings;
-pub use load::ConfigError;
 pub use roles::{AggregatorSettings, LifecycleSettings, WorkerSettings};
 pub use tenancy::{
     PacingSettings, ProviderSettings, StorageQuota, TaskSettings, TenantSettings, hash_api_key,
@@ -38,7 +40,7 @@ pub use webhooks::{WebhookEndpoint, WebhookSettings};
 pub use window::parse_window;
 
 /// Everything an operator can set. Every role reads the same settings and uses what it needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Prefix of every queue name and Redis key, so several deployments (or tests) share one broker.
@@ -75,7 +77,7 @@ pub struct Settings {
     pub idempotency: IdempotencySettings,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `json` (default, for production) or `pretty`.

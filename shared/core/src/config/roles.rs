@@ -1,9 +1,10 @@
 //! `[worker]`, `[aggregator]` and `[lifecycle]`: the clocks and sizes of the background roles, with
 //! their defaults.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSettings {
     /// Lines called upstream at once by one worker process. The AMQP prefetch is twice the
@@ -86,7 +87,7 @@ pub struct WorkerSettings {
     pub pacing_coalesce_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorSettings {
     /// Period of the safety-net sweep (expiry, stuck batches, missed events).
@@ -122,7 +123,7 @@ pub struct AggregatorSettings {
 }
 
 /// How long files and batch records are kept, and how much a tenant may store.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LifecycleSettings {
     /// Lifetime of an uploaded `batch` file whose upload sets no `expires_after` (OpenAI: 30 days).
