@@ -21,6 +21,7 @@ pub struct BudgetSettings {
     pub tokens_per_month: Option<u64>,
     /// What a running batch's remaining lines do once the budget is spent.
     pub on_exhausted: OnExhausted,
+    #[schemars(extend("x-advanced" = "a test clock; leave it unset in production"))]
     /// Test clock: a "day" lasts this many seconds (windows aligned on multiples of it since the
     /// Unix epoch) and a "month" 30 of them, so a test reaches a reset in seconds. Unset in
     /// production: UTC days and calendar months.

@@ -13,7 +13,9 @@ use super::{Problem, Settings};
 /// A tenant's storage quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StorageQuota {
+    /// Most bytes of stored files.
     pub bytes: u64,
+    /// Most stored files.
     pub files: u64,
 }
 
@@ -49,6 +51,7 @@ impl Settings {
     }
 }
 
+/// `[[providers]]`: one upstream model server, the models it serves and its fleet-wide pacing.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderSettings {
@@ -89,7 +92,8 @@ pub struct PacingSettings {
     /// back by one per window of successes (AIMD).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
-    /// Burst tolerance of the rate limits, as time at the limit rate (ms); default 1000.
+    #[schemars(extend("x-advanced" = "rate-limiter burst tolerance"))]
+    /// Burst tolerance of the rate limits, as time at the limit rate (ms); unset: 1000.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub burst_ms: Option<u64>,
     /// Largest token cost charged to the limiter for one call (the provider's context size is a
@@ -111,12 +115,14 @@ fn yes() -> bool {
     true
 }
 
+/// `[[tenants]]`: one tenant, its API key digests and its own limits.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSettings {
     /// Tenant id: owns every object created with one of its keys.
     pub id: String,
     /// Hex SHA-256 digests of the tenant's API keys (`sluice hash-key <key>` prints one).
+    #[schemars(extend("x-secret" = true))]
     pub api_key_sha256: Vec<String>,
     /// Status word this tenant's batch objects use for a completed batch (`"succeeded"` for
     /// clients written against APIs that say so); `request_counts` then also carries that word.

@@ -18,21 +18,24 @@ pub struct WebhookEndpoint {
     pub secret: Secret,
 }
 
+/// `[webhooks]`: how signed batch events are delivered to the tenants' endpoints.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookSettings {
     /// Whether endpoints may resolve to loopback, private, link-local or other non-public
     /// addresses. Off by default: an endpoint URL must not reach into Sluice's own network.
     pub allow_private: bool,
-    /// TCP connect (and TLS handshake) of one delivery attempt.
+    /// TCP connect (and TLS handshake) of one delivery attempt (ms).
     pub connect_timeout_ms: u64,
-    /// Deadline of one delivery attempt, up to the response headers.
+    /// Deadline of one delivery attempt, up to the response headers (ms).
     pub timeout_ms: u64,
-    /// Wait before the second attempt; doubles per attempt up to `backoff_max_ms`.
+    /// Wait before the second attempt (ms); doubles per attempt up to `backoff_max_ms`.
     pub backoff_base_ms: u64,
+    /// Longest wait between two delivery attempts (ms).
     pub backoff_max_ms: u64,
-    /// How long an event is retried, from when it was raised; then it is dead-lettered.
+    /// How long an event is retried, from when it was raised (seconds); then it is dead-lettered.
     pub max_elapsed_secs: u64,
+    #[schemars(extend("x-advanced" = "delivery parallelism of one aggregator"))]
     /// Deliveries sent at once by one aggregator process.
     pub concurrency: u16,
 }
