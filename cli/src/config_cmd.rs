@@ -1,7 +1,7 @@
 //! `sluice config`: the configuration reference generated from the setting types, and the check
 //! of a configuration file without starting a role.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -72,16 +72,20 @@ fn effective_toml(settings: &Settings) -> anyhow::Result<String> {
 /// The configuration reference as Markdown: operator settings, then advanced tuning, one table
 /// per section.
 pub(crate) fn reference_markdown() -> String {
-    let (sections, keys) = reference();
     let mut md = String::new();
+    write_reference(&mut md).expect("writing to a String cannot fail");
+    md
+}
+
+fn write_reference(md: &mut String) -> fmt::Result {
+    let (sections, keys) = reference();
     md.push_str(INTRO);
     let (advanced, operator): (Vec<&KeyDoc>, Vec<&KeyDoc>) =
         keys.iter().partition(|k| k.advanced.is_some());
     md.push_str("\n## Operator settings\n");
-    render_part(&mut md, &sections, &operator, false);
+    write_part(md, &sections, &operator, false)?;
     md.push_str(ADVANCED_INTRO);
-    render_part(&mut md, &sections, &advanced, true);
-    md
+    write_part(md, &sections, &advanced, true)
 }
 
 const INTRO: &str = "\
@@ -111,7 +115,13 @@ const ADVANCED_INTRO: &str = "
 Change these only to fix a measured problem: each one's default is chosen for the reason given.
 ";
 
-fn render_part(md: &mut String, sections: &[SectionDoc], keys: &[&KeyDoc], advanced: bool) {
+/// One table per section of `keys`; the operator part also gives each section's description.
+fn write_part(
+    md: &mut String,
+    sections: &[SectionDoc],
+    keys: &[&KeyDoc],
+    advanced: bool,
+) -> fmt::Result {
     let tops = sections.iter().filter(|s| !s.key.contains('.'));
     for section in tops {
         let name = section.key.trim_end_matches("[]");
@@ -124,14 +134,14 @@ fn render_part(md: &mut String, sections: &[SectionDoc], keys: &[&KeyDoc], advan
             (_, true) => format!("`[[{name}]]`"),
             (_, false) => format!("`[{name}]`"),
         };
-        let _ = write!(md, "\n### {title}\n\n");
+        write!(md, "\n### {title}\n\n")?;
         if !advanced {
-            let _ = writeln!(md, "{}\n", section.description);
+            writeln!(md, "{}\n", section.description)?;
             for sub in sections
                 .iter()
                 .filter(|s| s.key.starts_with(&format!("{}.", section.key)))
             {
-                let _ = writeln!(md, "- `{}`: {}", sub.key, sub.description);
+                writeln!(md, "- `{}`: {}", sub.key, sub.description)?;
             }
             if sections
                 .iter()
@@ -145,9 +155,9 @@ fn render_part(md: &mut String, sections: &[SectionDoc], keys: &[&KeyDoc], advan
         for key in in_section {
             let mut description = key.description.clone();
             if let Some(why) = &key.advanced {
-                let _ = write!(description, " *Advanced: {why}.*");
+                description.push_str(&format!(" *Advanced: {why}.*"));
             }
-            let _ = writeln!(
+            writeln!(
                 md,
                 "| `{}` | {} | {} | {} | {} |",
                 key.key,
@@ -157,9 +167,10 @@ fn render_part(md: &mut String, sections: &[SectionDoc], keys: &[&KeyDoc], advan
                     .as_deref()
                     .map_or_else(|| "—".to_owned(), |v| format!("`{v}`")),
                 cell(&description),
-            );
+            )?;
         }
     }
+    Ok(())
 }
 
 fn type_cell(key: &KeyDoc) -> String {
@@ -199,7 +210,7 @@ fn binary_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes;
     let mut unit = 0;
-    while value >= 1024 && value % 1024 == 0 && unit + 1 < UNITS.len() {
+    while value >= 1024 && value.is_multiple_of(1024) && unit + 1 < UNITS.len() {
         value /= 1024;
         unit += 1;
     }
@@ -254,7 +265,8 @@ mod tests {
         assert_eq!(code, 1);
         assert_eq!(
             out,
-            "limits.max_line: unknown key\nworker.concurency: unknown key\n"
+            "limits.max_line: unknown key (did you mean `max_lines`?)\n\
+             worker.concurency: unknown key (did you mean `concurrency`?)\n"
         );
     }
 

@@ -42,7 +42,10 @@ fn config_check_prints_ok_or_every_problem_with_its_key() {
     );
     assert_eq!(
         sluice_config_check(&typo),
-        (1, "worker.concurency: unknown key\n".to_owned())
+        (
+            1,
+            "worker.concurency: unknown key (did you mean `concurrency`?)\n".to_owned()
+        )
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -24,7 +24,12 @@ impl Settings {
         if !unknown.is_empty() {
             return Err(unknown
                 .into_iter()
-                .map(|key| Problem::new(key, "unknown key"))
+                .map(|key| match key.nearest {
+                    Some(nearest) => {
+                        Problem::new(key.path, format!("unknown key (did you mean `{nearest}`?)"))
+                    }
+                    None => Problem::new(key.path, "unknown key"),
+                })
                 .collect());
         }
         let settings: Settings = figment.extract().map_err(|e| load_problems(file, e))?;
@@ -113,9 +118,9 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "tenants[t].wieght: unknown key",
-                "worker.batch_windw: unknown key",
-                "worker.concurency: unknown key",
+                "tenants[t].wieght: unknown key (did you mean `weight`?)",
+                "worker.batch_windw: unknown key (did you mean `batch_window`?)",
+                "worker.concurency: unknown key (did you mean `concurrency`?)",
             ]
         );
     }
@@ -147,7 +152,10 @@ mod tests {
             assert_eq!(problems[0].key, "worker.concurrency");
             jail.set_env("SLUICE_WORKER__CONCURENCY", "3");
             let problems = Settings::check(Path::new("s.toml")).unwrap_err();
-            assert_eq!(problems[0].to_string(), "worker.concurency: unknown key");
+            assert_eq!(
+                problems[0].to_string(),
+                "worker.concurency: unknown key (did you mean `concurrency`?)"
+            );
             Ok(())
         });
     }

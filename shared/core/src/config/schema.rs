@@ -140,9 +140,18 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
+/// A key no setting has.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct UnknownKey {
+    /// Its dotted path.
+    pub(super) path: String,
+    /// The known key of the same table it is most likely a typo of.
+    pub(super) nearest: Option<String>,
+}
+
 /// Every key of `value` (a configuration as loaded from the file and the environment) that no
-/// setting has, as a dotted path. Serde stops at the first unknown key; this finds them all.
-pub(super) fn unknown_keys(value: &Value) -> Vec<String> {
+/// setting has. Serde stops at the first unknown key; this finds them all.
+pub(super) fn unknown_keys(value: &Value) -> Vec<UnknownKey> {
     let view = SchemaView::settings();
     let mut found = Vec::new();
     find_unknown(view, value, view.root(), "", &mut found);
@@ -154,7 +163,7 @@ fn find_unknown<'a>(
     value: &Value,
     schema: &'a Value,
     path: &str,
-    found: &mut Vec<String>,
+    found: &mut Vec<UnknownKey>,
 ) {
     match value {
         Value::Object(table) => {
@@ -165,7 +174,10 @@ fn find_unknown<'a>(
                 let at = join(path, key);
                 match known.get(key) {
                     Some(s) => find_unknown(view, v, s, &at, found),
-                    None => found.push(at),
+                    None => found.push(UnknownKey {
+                        path: at,
+                        nearest: nearest(key, known.keys()),
+                    }),
                 }
             }
         }
@@ -179,6 +191,36 @@ fn find_unknown<'a>(
         }
         _ => {}
     }
+}
+
+/// The candidate within two edits of `typo` (a letter missed, doubled, swapped or wrong), if any.
+fn nearest<'k>(typo: &str, candidates: impl Iterator<Item = &'k String>) -> Option<String> {
+    candidates
+        .map(|c| (edit_distance(typo, c), c))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.clone())
+}
+
+/// Levenshtein distance, a transposition counting as one edit.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut rows = vec![vec![0; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    rows[0] = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let substitution = rows[i - 1][j - 1] + usize::from(a[i - 1] != b[j - 1]);
+            let mut best = substitution.min(rows[i - 1][j] + 1).min(rows[i][j - 1] + 1);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = best;
+        }
+    }
+    rows[a.len()][b.len()]
 }
 
 /// Replaces every secret in `value` (a serialized [`Settings`]) with [`REDACTED`].
@@ -239,18 +281,27 @@ mod tests {
             "providers": [{"name": "p", "pacing": {"rmp": 1}}],
             "tenants": [{"id": "t", "budget": {"tokens_per_dya": 1}}],
         });
-        let mut found = unknown_keys(&value);
+        let mut found: Vec<(String, Option<String>)> = unknown_keys(&value)
+            .into_iter()
+            .map(|k| (k.path, k.nearest))
+            .collect();
         found.sort();
+        let some = |k: &str| Some(k.to_owned());
         assert_eq!(
             found,
             [
-                "providers[p].pacing.rmp",
-                "storage.regoin",
-                "tenants[t].budget.tokens_per_dya",
-                "worker.concurency",
-                "workr",
+                ("providers[p].pacing.rmp".into(), some("rpm")),
+                ("storage.regoin".into(), some("region")),
+                (
+                    "tenants[t].budget.tokens_per_dya".into(),
+                    some("tokens_per_day")
+                ),
+                ("worker.concurency".into(), some("concurrency")),
+                ("workr".into(), some("worker")),
             ]
         );
+        let far = unknown_keys(&json!({"worker": {"threads": 1}}));
+        assert_eq!(far[0].nearest, None);
     }
 
     #[test]
