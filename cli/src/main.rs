@@ -1,8 +1,11 @@
 //! `sluice`: one binary, one subcommand per role, and client subcommands for people.
 
+mod config_cmd;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use config_cmd::ConfigCommand;
 use sluice_cli::client::{self, BatchesCommand, Connection, SubmitArgs};
 use sluice_cli::demo::{DemoServices, add_demo, private_services};
 use sluice_cli::mock_upstream::{MockConfig, MockUpstream};
@@ -57,6 +60,11 @@ enum Role {
     },
     /// Prints the SHA-256 digest of an API key, for `tenants[].api_key_sha256`.
     HashKey { key: String },
+    /// Configuration: the reference of every key, and checking a file without starting a role.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Client: uploads a JSONL file and creates a batch; with --wait, follows it and downloads
     /// the results (exit code 0 only if every line succeeded).
     Submit {
@@ -91,6 +99,8 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", hash_api_key(&key));
             return Ok(());
         }
+        // Reads only the file it is given (and the environment); exit code 1 on any problem.
+        Role::Config { command } => std::process::exit(config_cmd::run(command)?),
         // Clients: no configuration file, no logging set-up, their own exit codes.
         Role::Submit { args, connection } => {
             std::process::exit(client::run(connection, client::Command::Submit(args)).await)
@@ -152,7 +162,7 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!(%listen, "Mock upstream listening.");
             Ok(MockUpstream::new(config).serve(listener, stop).await?)
         }
-        Role::HashKey { .. } | Role::Submit { .. } | Role::Batches { .. } => {
+        Role::HashKey { .. } | Role::Config { .. } | Role::Submit { .. } | Role::Batches { .. } => {
             unreachable!("handled before configuration is loaded")
         }
     }

@@ -3,14 +3,16 @@
 
 use std::net::SocketAddr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[api]`: the HTTP server's addresses, timeouts, connection limits and result pages.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
-    /// Address of the public HTTP API.
+    /// Address (`host:port`) of the public HTTP API.
     pub listen: SocketAddr,
-    /// Address of `/metrics`, `/livez` and `/readyz` for every role.
+    /// Address (`host:port`) of `/metrics`, `/livez` and `/readyz` for every role.
     pub metrics_listen: SocketAddr,
     /// How long a client may take to send a request's headers, and how long an idle keep-alive
     /// connection is kept waiting for its next request (ms); the connection is closed after it.
@@ -32,19 +34,21 @@ pub struct ApiSettings {
     pub results_default_limit: u64,
     /// Largest `limit` `GET /v1/batches/{id}/results` accepts (400 past it).
     pub results_max_limit: u64,
+    #[schemars(extend("x-advanced" = "bounds the API's memory per results page"))]
     /// A `/results` page ends early once it holds this many bytes (the next cursor says where to
     /// go on), so a page of large rows stays bounded in memory.
     pub results_page_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[limits]`: what one request, upload or batch may hold, and the admission rules of a create.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest accepted upload, in bytes (413 above it).
     pub max_upload_bytes: u64,
     /// Most request lines in one batch.
     pub max_lines: u64,
-    /// Longest accepted input line, in bytes.
+    /// Longest accepted input line, in bytes (at most `max_upload_bytes`).
     pub max_line_bytes: u64,
     /// Shortest accepted `completion_window`, e.g. `"60s"`.
     pub min_completion_window: String,
@@ -59,7 +63,7 @@ pub struct Limits {
     pub max_retries_per_batch: u64,
     /// `"off"`, or `"strict"`: a create whose batch cannot finish within its completion window
     /// on its rate-limited provider, given the work due no later, is refused with 429
-    /// `insufficient_capacity` (README, Scheduling).
+    /// `insufficient_capacity`.
     pub admission: String,
     /// Most line errors listed in a failed batch's `errors.data` (and a create's `error.errors`);
     /// one more entry (`too_many_errors`) says how many lines were bad in all.
@@ -81,8 +85,10 @@ pub struct Limits {
     pub max_id_chars: u64,
     /// Longest upload filename, in characters.
     pub max_filename_chars: u64,
+    #[schemars(extend("x-advanced" = "hardening of the form parser; the default fits every client"))]
     /// Most parts in one `POST /v1/files` form.
     pub max_multipart_parts: u64,
+    #[schemars(extend("x-advanced" = "hardening of the form parser; the default fits every client"))]
     /// Largest header block of one part of a `POST /v1/files` form, in bytes.
     pub max_part_header_bytes: u64,
     /// Whether every line of a batch must name the same model (OpenAI's rule). `false` lets the

@@ -1,10 +1,13 @@
 //! `tenants[].budget`: the token and request budget of one tenant, per UTC day and month.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use super::validate::Problems;
 
 /// A tenant's budget. Every limit is optional (unset = unlimited); usage is counted fleet-wide in
 /// Redis from the answers' `usage`, one request per line sent upstream.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetSettings {
     /// Tokens (`usage.total_tokens`) per UTC day.
@@ -18,6 +21,7 @@ pub struct BudgetSettings {
     pub tokens_per_month: Option<u64>,
     /// What a running batch's remaining lines do once the budget is spent.
     pub on_exhausted: OnExhausted,
+    #[schemars(extend("x-advanced" = "a test clock; leave it unset in production"))]
     /// Test clock: a "day" lasts this many seconds (windows aligned on multiples of it since the
     /// Unix epoch) and a "month" 30 of them, so a test reaches a reset in seconds. Unset in
     /// production: UTC days and calendar months.
@@ -26,7 +30,7 @@ pub struct BudgetSettings {
 }
 
 /// What a line does when its tenant's budget is spent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnExhausted {
     /// Wait in a delay queue until the window resets (the batch's `expires_at` still ends it).
@@ -55,25 +59,23 @@ impl BudgetSettings {
     }
 }
 
-/// Range checks `(key, value, min, max)` of one tenant's budget, for the configuration check.
-pub(super) fn budget_ranges(tenant: &str, budget: &BudgetSettings) -> Vec<(String, u64, u64, u64)> {
+/// Range checks of one tenant's budget.
+pub(super) fn check_budget(tenant: &str, budget: &BudgetSettings, found: &mut Problems) {
     const MAX_AMOUNT: u64 = 1 << 53;
     const MAX_WINDOW_SECS: u64 = 31 * 86_400;
     let key = |k: &str| format!("tenants[{tenant}].budget.{k}");
-    let mut checks = Vec::new();
     for (k, v) in [
         ("tokens_per_day", budget.tokens_per_day),
         ("requests_per_day", budget.requests_per_day),
         ("tokens_per_month", budget.tokens_per_month),
     ] {
         if let Some(v) = v {
-            checks.push((key(k), v, 0, MAX_AMOUNT));
+            found.within(key(k), v, 0..=MAX_AMOUNT);
         }
     }
     if let Some(v) = budget.window_secs {
-        checks.push((key("window_secs"), v, 1, MAX_WINDOW_SECS));
+        found.within(key("window_secs"), v, 1..=MAX_WINDOW_SECS);
     }
-    checks
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::path::Path;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 
-use super::Settings;
+use super::{ConfigError, Settings};
 
 /// Top-level keys of [`Settings`], the only ones read from `SLUICE_…` variables.
 const SETTINGS_KEYS: &[&str] = &[
@@ -27,13 +27,9 @@ const SETTINGS_KEYS: &[&str] = &[
     "dependencies",
 ];
 
-/// A configuration error, naming the offending key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("invalid configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
+/// Whether `SLUICE_…` variables can set keys under the top-level key `top`.
+pub(super) fn env_sets(top: &str) -> bool {
+    SETTINGS_KEYS.iter().any(|k| top.eq_ignore_ascii_case(k))
 }
 
 impl Settings {
@@ -51,16 +47,13 @@ impl Settings {
     }
 
     /// The file and environment layers, without defaults.
-    fn layers(file: Option<&Path>) -> Result<Figment, ConfigError> {
+    pub(super) fn layers(file: Option<&Path>) -> Result<Figment, ConfigError> {
         // No serialized-defaults layer: `#[serde(default)]` fills gaps, and a defaults layer would
         // leak fields of the default variant into another (`storage.path` into `kind = "s3"`).
         let mut figment = Figment::new();
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError::Invalid(format!(
-                    "config file {} does not exist",
-                    file.display()
-                )));
+                return Err(ConfigError::MissingFile(file.to_owned()));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -70,7 +63,7 @@ impl Settings {
             Env::prefixed("SLUICE_")
                 .filter(|key| {
                     let top = key.as_str().split("__").next().unwrap_or_default();
-                    SETTINGS_KEYS.iter().any(|k| top.eq_ignore_ascii_case(k))
+                    env_sets(top)
                 })
                 .split("__"),
         ))

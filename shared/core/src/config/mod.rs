@@ -6,15 +6,29 @@
 //! The sections live in submodules by area and are re-exported here, so every type keeps its
 //! `config::X` path: [`api`] (HTTP server and request limits), [`dependencies`] (object storage and
 //! the timeouts towards RabbitMQ, Redis and storage), [`tenancy`] (providers, tenants, task
-//! models), [`roles`] (worker, aggregator, lifecycle), [`load`] (layering), [`validate`] (relations
-//! and ranges), [`window`] (completion windows) and [`idempotency`] (`Idempotency-Key` on creates).
+//! models), [`roles`] (worker, aggregator, lifecycle), [`budget`] (tenant budgets), [`webhooks`]
+//! (event delivery), [`window`] (completion windows) and [`idempotency`] (`Idempotency-Key` on
+//! creates).
+//!
+//! Around them: [`load`] (layering), [`validate`] (relations and ranges, one step per section),
+//! [`error`] (what a refusal says), [`schema`] (the JSON Schema derived from these types, and the
+//! walks along it that find unknown keys and secrets), [`check`] (`sluice config check`) and
+//! [`reference`] (`sluice config reference`). A setting's doc comment is its documentation: the
+//! reference prints it. A field marked `#[schemars(extend("x-advanced" = "why"))]` is an expert
+//! tuning knob, listed apart with that reason; one marked `x-secret` is never printed.
+
+#![warn(missing_docs)]
 
 mod api;
 mod budget;
+mod check;
 mod dependencies;
+mod error;
 mod idempotency;
 mod load;
+mod reference;
 mod roles;
+mod schema;
 mod tenancy;
 mod validate;
 mod webhooks;
@@ -23,14 +37,17 @@ mod window;
 #[cfg(test)]
 mod tests;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use api::{ApiSettings, Limits};
 pub use budget::{BudgetSettings, OnExhausted};
 pub use dependencies::{DependencySettings, Secret, StorageSettings};
+pub use error::{ConfigError, Problem};
 pub use idempotency::IdempotencySettings;
-pub use load::ConfigError;
+pub use reference::{DefaultDoc, KeyDoc, SectionDoc, reference};
 pub use roles::{AggregatorSettings, LifecycleSettings, WorkerSettings};
+pub use schema::{REDACTED, settings_schema};
 pub use tenancy::{
     PacingSettings, ProviderSettings, StorageQuota, TaskSettings, TenantSettings, hash_api_key,
 };
@@ -38,24 +55,32 @@ pub use webhooks::{WebhookEndpoint, WebhookSettings};
 pub use window::parse_window;
 
 /// Everything an operator can set. Every role reads the same settings and uses what it needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Prefix of every queue name and Redis key, so several deployments (or tests) share one broker.
     pub namespace: String,
-    /// AMQP URL of RabbitMQ.
+    /// AMQP URL of RabbitMQ; may carry the broker's user and password.
+    #[schemars(extend("x-secret" = true))]
     pub amqp_url: String,
     /// Redis URL; with `redis_cluster`, the comma-separated URLs of some of the cluster's nodes.
+    /// May carry a password.
+    #[schemars(extend("x-secret" = true))]
     pub redis_url: String,
     /// Whether `redis_url` names a Redis Cluster rather than one server.
     pub redis_cluster: bool,
     /// Start even when Redis evicts keys (`maxmemory-policy` other than `noeviction`). Sluice keeps
     /// batches, rows and file records in Redis: an evicting policy loses them under memory pressure.
     pub redis_allow_eviction: bool,
+    /// The HTTP server: addresses, timeouts, connection and page limits.
     pub api: ApiSettings,
+    /// Where uploaded files, result files and compacted segments live.
     pub storage: StorageSettings,
+    /// What one request, upload or batch may hold.
     pub limits: Limits,
+    /// Upstream calls, retries, the circuit breaker, and how lines are queued and paced.
     pub worker: WorkerSettings,
+    /// Compaction, result files, terminal statuses and the safety-net sweep.
     pub aggregator: AggregatorSettings,
     /// Retention of files and batch records, and the per-tenant storage quota.
     pub lifecycle: LifecycleSettings,
@@ -67,6 +92,7 @@ pub struct Settings {
     pub tasks: TaskSettings,
     /// Delivery of signed batch events to the endpoints of `tenants[].webhooks`.
     pub webhooks: WebhookSettings,
+    /// Log format and filter.
     pub log: LogSettings,
     /// Timeouts towards RabbitMQ, Redis and object storage, and what a role does at start while
     /// one of them cannot be reached.
@@ -75,7 +101,8 @@ pub struct Settings {
     pub idempotency: IdempotencySettings,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[log]`: how every role writes its log lines.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `json` (default, for production) or `pretty`.

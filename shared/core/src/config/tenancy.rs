@@ -3,15 +3,19 @@
 
 use std::collections::HashMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::Settings;
+use super::validate::Problems;
+use super::{Problem, Settings};
 
 /// A tenant's storage quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StorageQuota {
+    /// Most bytes of stored files.
     pub bytes: u64,
+    /// Most stored files.
     pub files: u64,
 }
 
@@ -47,7 +51,8 @@ impl Settings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[[providers]]`: one upstream model server, the models it serves and its fleet-wide pacing.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderSettings {
     /// Name used in logs and metrics.
@@ -74,7 +79,7 @@ pub struct ProviderSettings {
 }
 
 /// Fleet-wide limits of one provider, enforced in Redis across every worker. Unset = unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PacingSettings {
     /// Requests per minute.
@@ -87,7 +92,8 @@ pub struct PacingSettings {
     /// back by one per window of successes (AIMD).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
-    /// Burst tolerance of the rate limits, as time at the limit rate (ms); default 1000.
+    #[schemars(extend("x-advanced" = "rate-limiter burst tolerance"))]
+    /// Burst tolerance of the rate limits, as time at the limit rate (ms); unset: 1000.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub burst_ms: Option<u64>,
     /// Largest token cost charged to the limiter for one call (the provider's context size is a
@@ -109,12 +115,14 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[[tenants]]`: one tenant, its API key digests and its own limits.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSettings {
     /// Tenant id: owns every object created with one of its keys.
     pub id: String,
     /// Hex SHA-256 digests of the tenant's API keys (`sluice hash-key <key>` prints one).
+    #[schemars(extend("x-secret" = true))]
     pub api_key_sha256: Vec<String>,
     /// Status word this tenant's batch objects use for a completed batch (`"succeeded"` for
     /// clients written against APIs that say so); `request_counts` then also carries that word.
@@ -169,7 +177,7 @@ impl Default for TenantSettings {
 }
 
 /// The task models of the batch router and the model that runs them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskSettings {
     /// Backing model (routed like any model, e.g. `"openai/gpt-4o-mini"`); unset = no task models
@@ -227,15 +235,18 @@ pub fn hash_api_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-/// Configuration check of one provider.
-pub(super) fn check_provider(provider: &ProviderSettings) -> Result<(), String> {
+/// Configuration check of one provider's endpoints and flavors.
+pub(super) fn check_provider(provider: &ProviderSettings, found: &mut Problems) {
+    let at = |k: &str| format!("providers[{}].{k}", provider.name);
     for endpoint in &provider.endpoints {
         if !crate::domain::SUPPORTED_ENDPOINTS.contains(&endpoint.as_str()) {
-            return Err(format!(
-                "providers[{}].endpoints holds {endpoint:?}, which is not one of {}",
-                provider.name,
-                crate::domain::SUPPORTED_ENDPOINTS.join(", ")
-            ));
+            found.push(
+                at("endpoints"),
+                format!(
+                    "holds {endpoint:?}, which is not one of {}",
+                    crate::domain::SUPPORTED_ENDPOINTS.join(", ")
+                ),
+            );
         }
     }
     if let Some(flavor) = provider
@@ -243,21 +254,21 @@ pub(super) fn check_provider(provider: &ProviderSettings) -> Result<(), String> 
         .iter()
         .find(|f| f.is_empty() || f.contains(':'))
     {
-        return Err(format!(
-            "providers[{}].flavors holds {flavor:?}: a flavor is a non-empty word without ':'",
-            provider.name
-        ));
+        found.push(
+            at("flavors"),
+            format!("holds {flavor:?}: a flavor is a non-empty word without ':'"),
+        );
     }
-    Ok(())
 }
 
 /// Configuration check of `[tasks]`.
-pub(super) fn check_tasks(tasks: &TaskSettings) -> Result<(), String> {
+pub(super) fn check_tasks(tasks: &TaskSettings) -> Result<(), Problem> {
     if let Some(model) = &tasks.model
         && (model.is_empty() || crate::domain::task_model(model).is_some())
     {
-        return Err(format!(
-            "tasks.model is {model:?}: it must name a provider's model, not a task model"
+        return Err(Problem::new(
+            "tasks.model",
+            format!("is {model:?}: it must name a provider's model, not a task model"),
         ));
     }
     Ok(())

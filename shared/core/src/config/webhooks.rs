@@ -1,12 +1,14 @@
 //! `[webhooks]` (delivery of signed batch events) and the endpoints tenants list in
 //! `tenants[].webhooks`.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::validate::Problems;
 use super::{Secret, Settings};
 
 /// One endpoint a tenant's batch events are sent to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookEndpoint {
     /// `http://` or `https://` URL called with `POST`; the only address Sluice ever calls for
@@ -16,21 +18,24 @@ pub struct WebhookEndpoint {
     pub secret: Secret,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[webhooks]`: how signed batch events are delivered to the tenants' endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookSettings {
     /// Whether endpoints may resolve to loopback, private, link-local or other non-public
     /// addresses. Off by default: an endpoint URL must not reach into Sluice's own network.
     pub allow_private: bool,
-    /// TCP connect (and TLS handshake) of one delivery attempt.
+    /// TCP connect (and TLS handshake) of one delivery attempt (ms).
     pub connect_timeout_ms: u64,
-    /// Deadline of one delivery attempt, up to the response headers.
+    /// Deadline of one delivery attempt, up to the response headers (ms).
     pub timeout_ms: u64,
-    /// Wait before the second attempt; doubles per attempt up to `backoff_max_ms`.
+    /// Wait before the second attempt (ms); doubles per attempt up to `backoff_max_ms`.
     pub backoff_base_ms: u64,
+    /// Longest wait between two delivery attempts (ms).
     pub backoff_max_ms: u64,
-    /// How long an event is retried, from when it was raised; then it is dead-lettered.
+    /// How long an event is retried, from when it was raised (seconds); then it is dead-lettered.
     pub max_elapsed_secs: u64,
+    #[schemars(extend("x-advanced" = "delivery parallelism of one aggregator"))]
     /// Deliveries sent at once by one aggregator process.
     pub concurrency: u16,
 }
@@ -60,7 +65,7 @@ impl Settings {
 }
 
 /// Configuration check of `[webhooks]` and every tenant's endpoints.
-pub(super) fn check_webhooks(settings: &Settings) -> Result<(), String> {
+pub(super) fn check_webhooks(settings: &Settings, found: &mut Problems) {
     let w = &settings.webhooks;
     for (key, value) in [
         ("connect_timeout_ms", w.connect_timeout_ms),
@@ -69,18 +74,25 @@ pub(super) fn check_webhooks(settings: &Settings) -> Result<(), String> {
         ("backoff_max_ms", w.backoff_max_ms),
     ] {
         if value == 0 || value > 86_400_000 {
-            return Err(format!(
-                "webhooks.{key} must be between 1 and 86400000 (ms), not {value}"
-            ));
+            found.push(
+                format!("webhooks.{key}"),
+                format!("must be between 1 and 86400000 (ms), not {value}"),
+            );
         }
     }
     if w.backoff_base_ms > w.backoff_max_ms {
-        return Err("webhooks.backoff_base_ms exceeds webhooks.backoff_max_ms".into());
+        found.push(
+            "webhooks.backoff_base_ms",
+            "exceeds webhooks.backoff_max_ms",
+        );
     }
-    if w.concurrency == 0 || w.max_elapsed_secs == 0 || w.max_elapsed_secs > 30 * 86_400 {
-        return Err(
-            "webhooks.concurrency must be at least 1 and webhooks.max_elapsed_secs between 1 and 2592000"
-                .into(),
+    if w.concurrency == 0 {
+        found.push("webhooks.concurrency", "must be at least 1");
+    }
+    if w.max_elapsed_secs == 0 || w.max_elapsed_secs > 30 * 86_400 {
+        found.push(
+            "webhooks.max_elapsed_secs",
+            format!("must be between 1 and 2592000, not {}", w.max_elapsed_secs),
         );
     }
     for tenant in &settings.tenants {
@@ -93,17 +105,17 @@ pub(super) fn check_webhooks(settings: &Settings) -> Result<(), String> {
                     matches!(scheme, "http" | "https") && !rest.is_empty()
                 });
             if !scheme_ok {
-                return Err(format!("{at}.url must be an http:// or https:// URL"));
+                found.push(format!("{at}.url"), "must be an http:// or https:// URL");
             }
             if crate::webhooks::signing_key(&endpoint.secret.0).is_none() {
                 // The secret itself is never echoed.
-                return Err(format!(
-                    "{at}.secret must be \"whsec_\" followed by the base64 of a key"
-                ));
+                found.push(
+                    format!("{at}.secret"),
+                    "must be \"whsec_\" followed by the base64 of a key",
+                );
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
