@@ -3,18 +3,18 @@
 # ("session 12", "issue 16", "stop 20", "seed 002", "contract §1.1"), instead of the product itself.
 # History belongs in git; a measured figure cites the commit it was measured on.
 #
-#   deploy/scripts/check-product-words.sh            # every tracked file outside tests/
+#   deploy/scripts/check-product-words.sh            # every tracked file
 #   deploy/scripts/check-product-words.sh FILE...     # just these files
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-pattern='\b(sessions?|stops?|issues?|seeds?|tasks?) ?#?[0-9]+\b|§ ?[0-9]|\b(this|that|the previous|the next|an earlier|a later|start-of|end-of)[- ]session\b|\b(peers|reliability|design-sketch|ecosystem|perf-anchors|openai-batch-contract)\.md\b|\bthe brief\b'
+pattern='\b(sessions?|stops?|issues?|seeds?|tasks?) ?#?[0-9]+\b|§ ?[0-9]|\b(this|that|the previous|the next|an earlier|a later|start-of|end-of)[- ]session\b|\b(peers|reliability|design-sketch|ecosystem|perf-anchors|openai-batch-contract)\.md\b|\bthe brief\b|\bthe (issue|seed|contract)\x27s\b'
 
 if [[ $# -gt 0 ]]; then
   files=("$@")
 else
-  # Tests may quote history in fixtures; lock files and the fuzz corpus are generated.
-  mapfile -t files < <(git ls-files -- . ':!tests/' ':!fuzz/corpus/' ':!*.lock' ':!*package-lock.json' \
+  # Lock files and the fuzz corpus are generated.
+  mapfile -t files < <(git ls-files -- . ':!fuzz/corpus/' ':!*.lock' ':!*package-lock.json' \
     ':!deploy/scripts/check-product-words.sh' | while read -r f; do [[ -f $f ]] && echo "$f"; done)
 fi
 

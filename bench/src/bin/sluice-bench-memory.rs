@@ -1,5 +1,5 @@
 //! `sluice-bench-memory`: Redis memory, finalize time, time to first result and aggregator RSS of
-//! one large batch, for BENCHMARKS.md.
+//! one large batch, for docs/benchmarks.md.
 //!
 //! It starts `sluice api`, `sluice worker` and `sluice aggregator` as release processes with an
 //! in-process mock upstream, runs one batch (`--kind embeddings`: 1,536-dimension vectors, or

@@ -1,4 +1,4 @@
-//! `sluice-bench-pacing`: the upstream pacing figures of BENCHMARKS.md, measured from the
+//! `sluice-bench-pacing`: the upstream pacing figures of docs/benchmarks.md, measured from the
 //! upstream's side against real RabbitMQ and Redis.
 //!
 //! Each scenario starts `sluice api`, `sluice aggregator` and N `sluice worker` release processes on

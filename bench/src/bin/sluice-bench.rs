@@ -1,4 +1,4 @@
-//! `sluice-bench`: end-to-end figures for BENCHMARKS.md, measured against real RabbitMQ and Redis.
+//! `sluice-bench`: end-to-end figures for docs/benchmarks.md, measured against real RabbitMQ and Redis.
 //!
 //! It starts `sluice api`, `sluice worker` (×N) and `sluice aggregator` as separate release
 //! processes (so their memory can be read from /proc) and an in-process mock upstream, then:

@@ -1,5 +1,5 @@
 //! `sluice-hostile`: what each hostile input a tenant can send costs a running Sluice, for
-//! BENCHMARKS.md. It starts `sluice api`, `sluice worker` and `sluice aggregator` from
+//! docs/benchmarks.md. It starts `sluice api`, `sluice worker` and `sluice aggregator` from
 //! `--sluice PATH` (default: the binary beside this one) as separate processes, with a minimal
 //! configuration that any build reads, and an in-process mock upstream; then, one scenario at a
 //! time, it sends the input and prints the answer's status, the batch object's size and each

@@ -14,8 +14,6 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
-// documented with the generated configuration reference
-#[allow(missing_docs)]
 pub mod config;
 pub mod connect;
 pub mod domain;

@@ -16,7 +16,7 @@ const NO_EVICTION: &str = "noeviction";
 
 /// Reads `maxmemory-policy` and refuses an evicting one unless `allow_eviction`. A server that
 /// refuses `CONFIG GET` (managed Redis often does) is logged and accepted: the operator is then
-/// responsible for the policy, as the README says.
+/// responsible for the policy, as the operator guide says (docs/operator-guide.md).
 pub async fn check_eviction_policy(store: &Store, allow_eviction: bool) -> anyhow::Result<()> {
     let reply: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
         .arg("GET")

@@ -4,7 +4,7 @@
 //!
 //! Timings are asserted loosely (a loaded 2-core machine must not flake them): upper bounds on
 //! what a limiter guarantees, wide quiet windows around pauses. Precise figures are measured by
-//! `sluice-bench pacing` (BENCHMARKS.md).
+//! `sluice-bench pacing` (docs/benchmarks.md).
 
 use std::time::{Duration, Instant};
 

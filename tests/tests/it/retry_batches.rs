@@ -297,7 +297,7 @@ async fn cancelled_rows_are_retried_and_a_running_batch_is_refused() {
     assert_eq!(status, 404, "{body:#}");
 }
 
-/// The README's SDK example: the official Python SDK has no retry method, and its generic `post`
+/// The user guide's SDK example: the official Python SDK has no retry method, and its generic `post`
 /// answers the new batch as a `Batch`, `retry_of` kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_python_sdk_retries_through_its_generic_post() {

@@ -23,8 +23,10 @@ const SETTINGS_KEYS: &[&str] = &[
     "providers",
     "tenants",
     "tasks",
+    "webhooks",
     "log",
     "dependencies",
+    "idempotency",
 ];
 
 /// Whether `SLUICE_…` variables can set keys under the top-level key `top`.
