@@ -4,16 +4,16 @@
 //! This is the only module that reads the process environment (provider keys are resolved here too).
 //!
 //! The sections live in submodules by area and are re-exported here, so every type keeps its
-//! `config::X` path: [`api`] (HTTP server and request limits), [`dependencies`] (object storage and
-//! the timeouts towards RabbitMQ, Redis and storage), [`tenancy`] (providers, tenants, task
-//! models), [`roles`] (worker, aggregator, lifecycle), [`budget`] (tenant budgets), [`webhooks`]
-//! (event delivery), [`window`] (completion windows) and [`idempotency`] (`Idempotency-Key` on
+//! `config::X` path: `api` (HTTP server and request limits), `dependencies` (object storage and
+//! the timeouts towards RabbitMQ, Redis and storage), `tenancy` (providers, tenants, task
+//! models), `roles` (worker, aggregator, lifecycle), `budget` (tenant budgets), `webhooks`
+//! (event delivery), `window` (completion windows) and `idempotency` (`Idempotency-Key` on
 //! creates).
 //!
-//! Around them: [`load`] (layering), [`validate`] (relations and ranges, one step per section),
-//! [`error`] (what a refusal says), [`schema`] (the JSON Schema derived from these types, and the
-//! walks along it that find unknown keys and secrets), [`check`] (`sluice config check`) and
-//! [`reference`] (`sluice config reference`). A setting's doc comment is its documentation: the
+//! Around them: `load` (layering), `validate` (relations and ranges, one step per section),
+//! `error` (what a refusal says), `schema` (the JSON Schema derived from these types, and the
+//! walks along it that find unknown keys and secrets), `check` (`sluice config check`) and
+//! `reference` (`sluice config reference`). A setting's doc comment is its documentation: the
 //! reference prints it. A field marked `#[schemars(extend("x-advanced" = "why"))]` is an expert
 //! tuning knob, listed apart with that reason; one marked `x-secret` is never printed.
 
