@@ -1,3 +1,4 @@
+#![warn(missing_docs, unreachable_pub)]
 //! The `sluice` binary's library: role start-up, the client subcommands, and the mock upstream that the demo, the tests and
 //! the benchmarks use. The production roles live in `sluice-api` and `sluice-worker`, which depend
 //! only on the crates under `shared/`; this crate is the one place that composes them.

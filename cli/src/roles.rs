@@ -40,6 +40,8 @@ pub async fn run_api(
     app.run_until_stopped(stop).await
 }
 
+/// Serves the operations endpoint and runs the worker role, the aggregator role or both, until
+/// `stop`.
 pub async fn run_backend(
     settings: Settings,
     metrics: Metrics,

@@ -12,6 +12,7 @@ use super::progress::Counts;
 use super::wait::{self, exit};
 use super::{Output, print_created, print_json};
 
+/// `sluice batches …`.
 #[derive(Debug, clap::Subcommand)]
 pub enum BatchesCommand {
     /// The most recent batches, newest first.
@@ -24,12 +25,19 @@ pub enum BatchesCommand {
         after: Option<String>,
     },
     /// One batch.
-    Get { id: String },
+    Get {
+        /// The batch id.
+        id: String,
+    },
     /// Cancels a batch.
-    Cancel { id: String },
+    Cancel {
+        /// The batch id.
+        id: String,
+    },
     /// Runs a finished batch's failed, expired or cancelled lines again as a new batch (servers
     /// with a retry endpoint); with --wait, follows the new batch like `wait`.
     Retry {
+        /// The id of the finished batch whose lines run again.
         id: String,
         /// Only lines with this outcome: failed, expired or cancelled (repeatable; default all).
         #[arg(long = "status", value_parser = ["failed", "expired", "cancelled"])]
@@ -53,7 +61,9 @@ pub enum BatchesCommand {
     },
     /// Waits for a batch to end with a progress bar; with --out, downloads its results.
     Wait {
+        /// The batch id.
         id: String,
+        /// Download the batch's output and error files into this directory once it ends.
         #[arg(long)]
         out: Option<PathBuf>,
         /// On Ctrl-C, stop waiting without asking whether to cancel the batch.
@@ -62,6 +72,7 @@ pub enum BatchesCommand {
     },
     /// The rows finished so far, as JSONL on standard output (servers with a results endpoint).
     Results {
+        /// The batch id.
         id: String,
         /// Only `succeeded` or `failed` rows.
         #[arg(long)]
@@ -78,7 +89,11 @@ pub enum BatchesCommand {
     },
 }
 
-pub async fn run(api: &Api, command: BatchesCommand, output: Output) -> Result<i32, ClientError> {
+pub(super) async fn run(
+    api: &Api,
+    command: BatchesCommand,
+    output: Output,
+) -> Result<i32, ClientError> {
     match command {
         BatchesCommand::List { limit, after } => {
             let mut request = api
@@ -191,7 +206,7 @@ pub async fn run(api: &Api, command: BatchesCommand, output: Output) -> Result<i
 }
 
 /// A human table of batches: id, status, progress, failures, endpoint.
-pub fn table(batches: &[Value]) -> String {
+pub(super) fn table(batches: &[Value]) -> String {
     let mut rows = vec![[
         "ID".to_owned(),
         "STATUS".to_owned(),

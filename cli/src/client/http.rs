@@ -9,13 +9,21 @@ pub enum ClientError {
     /// The server answered with an error status.
     #[error("{message} (HTTP {status}{detail})")]
     Api {
+        /// The HTTP status.
         status: u16,
+        /// The error's `message` (or the body when it has none).
         message: String,
+        /// The error's `code` and `param`, when given, for the end of the line.
         detail: String,
     },
     /// No answer at all.
     #[error("cannot reach {url}: {reason}")]
-    Unreachable { url: String, reason: String },
+    Unreachable {
+        /// What was asked for.
+        url: String,
+        /// Why no answer came.
+        reason: String,
+    },
     /// An answer that is not what the Batch API sends.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
@@ -33,6 +41,7 @@ pub struct Api {
 }
 
 impl Api {
+    /// A client of the Batch API at `base`, authenticated with `key`.
     pub fn new(base: &str, key: &str) -> Self {
         Self {
             base: base.trim_end_matches('/').to_owned(),
@@ -71,6 +80,7 @@ impl Api {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// `GET path` (relative to the base), as JSON.
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.json(self.request(Method::GET, path)).await
     }
@@ -96,7 +106,7 @@ async fn read_capped(response: Response, cap: usize) -> Vec<u8> {
 }
 
 /// The one line an error answer becomes: the envelope's message, its code and param.
-pub fn api_error(status: StatusCode, body: &str) -> ClientError {
+pub(super) fn api_error(status: StatusCode, body: &str) -> ClientError {
     let envelope: Option<Value> = serde_json::from_str(body).ok();
     let error = envelope.as_ref().and_then(|v| v.get("error"));
     let text = |field: &str| {

@@ -38,6 +38,7 @@ pub struct Connection {
 /// How results are shown.
 #[derive(Debug, Clone, Copy)]
 pub struct Output {
+    /// Print the server's JSON objects instead of tables and summaries.
     pub json: bool,
     /// Standard error is a terminal: progress bars and questions; else plain lines.
     pub interactive: bool,
@@ -45,7 +46,9 @@ pub struct Output {
 
 /// A client subcommand.
 pub enum Command {
+    /// `sluice submit`: upload a file and create a batch over it.
     Submit(SubmitArgs),
+    /// `sluice batches …`: list, inspect, follow, cancel or retry batches.
     Batches(BatchesCommand),
 }
 

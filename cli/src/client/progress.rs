@@ -11,14 +11,14 @@ const PLAIN_EVERY: Duration = Duration::from_secs(10);
 
 /// The counts a batch object reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
+pub(super) struct Counts {
     pub total: u64,
     pub completed: u64,
     pub failed: u64,
 }
 
 impl Counts {
-    pub fn of(batch: &Value) -> Self {
+    pub(super) fn of(batch: &Value) -> Self {
         let n = |k: &str| batch["request_counts"][k].as_u64().unwrap_or(0);
         Self {
             total: n("total"),
@@ -27,13 +27,13 @@ impl Counts {
         }
     }
 
-    pub fn done(self) -> u64 {
+    pub(super) fn done(self) -> u64 {
         self.completed + self.failed
     }
 }
 
 /// A byte bar for an upload (hidden off a terminal).
-pub fn upload_bar(len: u64, name: &str, interactive: bool) -> ProgressBar {
+pub(super) fn upload_bar(len: u64, name: &str, interactive: bool) -> ProgressBar {
     if !interactive {
         eprintln!("Uploading {name} ({len} bytes)");
         return ProgressBar::hidden();
@@ -51,7 +51,7 @@ pub fn upload_bar(len: u64, name: &str, interactive: bool) -> ProgressBar {
 }
 
 /// Progress of one batch while the client waits for it.
-pub struct BatchProgress {
+pub(super) struct BatchProgress {
     id: String,
     bar: Option<ProgressBar>,
     last: Option<(String, Counts)>,
@@ -59,7 +59,7 @@ pub struct BatchProgress {
 }
 
 impl BatchProgress {
-    pub fn new(id: &str, interactive: bool) -> Self {
+    pub(super) fn new(id: &str, interactive: bool) -> Self {
         let bar = interactive.then(|| {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             bar.set_style(
@@ -81,7 +81,7 @@ impl BatchProgress {
     }
 
     /// Shows the batch's latest state.
-    pub fn update(&mut self, batch: &Value) {
+    pub(super) fn update(&mut self, batch: &Value) {
         let status = batch["status"].as_str().unwrap_or("unknown").to_owned();
         let counts = Counts::of(batch);
         match &self.bar {
@@ -113,7 +113,7 @@ impl BatchProgress {
     }
 
     /// Clears the bar for a question or a message, until the next update.
-    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+    pub(super) fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
         match &self.bar {
             Some(bar) => bar.suspend(f),
             None => f(),
@@ -121,7 +121,7 @@ impl BatchProgress {
     }
 
     /// Leaves the final state on screen.
-    pub fn finish(&mut self, batch: &Value) {
+    pub(super) fn finish(&mut self, batch: &Value) {
         self.update(batch);
         if let Some(bar) = self.bar.take() {
             bar.finish();

@@ -39,7 +39,7 @@ pub struct SubmitArgs {
     pub detach: bool,
 }
 
-pub async fn run(api: &Api, args: SubmitArgs, output: Output) -> Result<i32, ClientError> {
+pub(super) async fn run(api: &Api, args: SubmitArgs, output: Output) -> Result<i32, ClientError> {
     let metadata = parse_metadata(&args.metadata)?;
     let endpoint = match &args.endpoint {
         Some(e) => e.clone(),

@@ -29,7 +29,7 @@ pub mod exit {
 }
 
 /// The statuses after which a batch never changes again.
-pub fn is_terminal(status: &str) -> bool {
+pub(super) fn is_terminal(status: &str) -> bool {
     matches!(status, "completed" | "failed" | "expired" | "cancelled")
 }
 
@@ -95,7 +95,7 @@ async fn wait(
 
 /// Waits for batch `id` to end, downloads its results into `out` (if given) and prints the
 /// outcome; returns the exit code. Ctrl-C asks whether to cancel, or with `detach` leaves it running.
-pub async fn follow(
+pub(super) async fn follow(
     api: &Api,
     id: &str,
     output: Output,
@@ -160,7 +160,7 @@ async fn download_results(
 }
 
 /// Streams file `file_id`'s content to `path`.
-pub async fn download(api: &Api, file_id: &str, path: &Path) -> Result<(), ClientError> {
+pub(super) async fn download(api: &Api, file_id: &str, path: &Path) -> Result<(), ClientError> {
     let local = |e: std::io::Error| ClientError::Local(format!("{}: {e}", path.display()));
     let response = api
         .send(api.request(Method::GET, &format!("/files/{file_id}/content")))
@@ -199,7 +199,7 @@ fn summary(batch: &Value) -> String {
 }
 
 /// The batch's first validation errors (`errors.data`), one per line.
-pub fn error_lines(batch: &Value) -> String {
+pub(super) fn error_lines(batch: &Value) -> String {
     let Some(errors) = batch["errors"]["data"].as_array() else {
         return String::new();
     };

@@ -155,6 +155,7 @@ struct Arrival {
 }
 
 impl MockUpstream {
+    /// A mock upstream answering as `config` says; serve it with [`MockUpstream::serve`].
     pub fn new(config: MockConfig) -> Self {
         let state = Mutex::new(Recorded::new(config.seed));
         Self {
