@@ -50,7 +50,11 @@ pub(crate) async fn cancel(
         .context("Failed to mark a batch cancelling")?;
     match outcome {
         Transition::Applied(_) => {
+            // Read before the aggregator hears of it: a quick aggregator could otherwise end the
+            // batch first, and the cancel would answer `cancelled` instead of `cancelling`.
+            let meta = reload(&state, &batch_id).await?;
             announce(&state, &state.keys().finalize_queue(), &batch_id).await;
+            return Ok(Json(present(&state, &tenant, &meta)));
         }
         // Already stopping: cancelled twice, or expiring (the expiry wins; it ends the same way).
         Transition::Refused(Some(
