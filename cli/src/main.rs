@@ -58,8 +58,12 @@ enum Role {
         #[arg(long, default_value_t = 500)]
         fail_status: u16,
     },
-    /// Prints the SHA-256 digest of an API key, for `tenants[].api_key_sha256`.
-    HashKey { key: String },
+    /// Prints the SHA-256 digest of an API key, for `tenants[].api_key_sha256`; reads the key
+    /// as one line from stdin (`printf %s "$KEY" | sluice hash-key`).
+    HashKey {
+        /// Deprecated: a key given here is visible in shell history and `ps`.
+        key: Option<String>,
+    },
     /// Configuration: the reference of every key, and checking a file without starting a role.
     Config {
         #[command(subcommand)]
@@ -92,13 +96,40 @@ async fn main() {
     }
 }
 
+/// `sluice hash-key`: the key from stdin (or, for compatibility, the argument, with a warning);
+/// returns the exit code, 2 for an empty key or unreadable stdin.
+fn hash_key(argument: Option<String>) -> i32 {
+    let key = match argument {
+        Some(key) => {
+            eprintln!(
+                "Warning: a key given on the command line is visible in shell history and `ps`; pipe it instead: printf %s \"$KEY\" | sluice hash-key"
+            );
+            key
+        }
+        None => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("Error: cannot read the key from stdin: {e}");
+                return 2;
+            }
+            let key = line.strip_suffix('\n').unwrap_or(&line);
+            key.strip_suffix('\r').unwrap_or(key).to_owned()
+        }
+    };
+    if key.is_empty() {
+        eprintln!(
+            "Error: the key is empty (pipe it on stdin: printf %s \"$KEY\" | sluice hash-key)"
+        );
+        return 2;
+    }
+    println!("{}", hash_api_key(&key));
+    0
+}
+
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.role {
-        Role::HashKey { key } => {
-            println!("{}", hash_api_key(&key));
-            return Ok(());
-        }
+        Role::HashKey { key } => std::process::exit(hash_key(key)),
         // Reads only the file it is given (and the environment); exit code 1 on any problem.
         Role::Config { command } => std::process::exit(config_cmd::run(command)?),
         // Clients: no configuration file, no logging set-up, their own exit codes.

@@ -121,7 +121,7 @@ fn yes() -> bool {
 pub struct TenantSettings {
     /// Tenant id: owns every object created with one of its keys.
     pub id: String,
-    /// Hex SHA-256 digests of the tenant's API keys (`sluice hash-key <key>` prints one).
+    /// Hex SHA-256 digests of the tenant's API keys (`sluice hash-key` prints one, reading the key from stdin).
     #[schemars(extend("x-secret" = true))]
     pub api_key_sha256: Vec<String>,
     /// Status word this tenant's batch objects use for a completed batch (`"succeeded"` for
