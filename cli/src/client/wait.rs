@@ -143,20 +143,39 @@ async fn download_results(
     batch: &Value,
     dir: &Path,
 ) -> Result<Vec<PathBuf>, ClientError> {
+    let id = batch["id"].as_str().unwrap_or("batch");
+    // Every name is checked before anything is created or written.
+    let mut files = Vec::new();
+    for (field, suffix) in [("output_file_id", "output"), ("error_file_id", "errors")] {
+        if let Some(file_id) = batch[field].as_str() {
+            files.push((file_id, result_path(dir, id, suffix)?));
+        }
+    }
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| ClientError::Local(format!("cannot create {}: {e}", dir.display())))?;
-    let id = batch["id"].as_str().unwrap_or("batch");
     let mut written = Vec::new();
-    for (field, suffix) in [("output_file_id", "output"), ("error_file_id", "errors")] {
-        let Some(file_id) = batch[field].as_str() else {
-            continue;
-        };
-        let path = dir.join(format!("{id}_{suffix}.jsonl"));
+    for (file_id, path) in files {
         download(api, file_id, &path).await?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// The path in `dir` of batch `batch_id`'s `suffix` file (`<id>_<suffix>.jsonl`). The id comes
+/// from the server, so anything but `[A-Za-z0-9_-]{1,128}` is refused: no answer can name a file
+/// outside `dir`.
+fn result_path(dir: &Path, batch_id: &str, suffix: &str) -> Result<PathBuf, ClientError> {
+    let safe = (1..=128).contains(&batch_id.len())
+        && batch_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !safe {
+        return Err(ClientError::Protocol(format!(
+            "batch id {batch_id:?} is not a safe file name (expected [A-Za-z0-9_-], at most 128 characters); nothing was written"
+        )));
+    }
+    Ok(dir.join(format!("{batch_id}_{suffix}.jsonl")))
 }
 
 /// Streams file `file_id`'s content to `path`.
@@ -213,4 +232,78 @@ pub(super) fn error_lines(batch: &Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_files_are_named_only_from_a_safe_batch_id() {
+        let dir = Path::new("/results");
+        assert_eq!(
+            result_path(dir, "batch_01J-x", "output").unwrap(),
+            Path::new("/results/batch_01J-x_output.jsonl")
+        );
+        let longest = "b".repeat(128);
+        assert!(result_path(dir, &longest, "errors").is_ok());
+        for hostile in [
+            "",
+            "../../etc/x",
+            "..",
+            "/etc/passwd",
+            "a/b",
+            "a\\b",
+            "batch.1",
+            "batch 1",
+            "batch\n1",
+            "batch\u{0}",
+            "bätch",
+            &"b".repeat(129),
+        ] {
+            let refused = result_path(dir, hostile, "output").unwrap_err();
+            assert!(
+                matches!(refused, ClientError::Protocol(_)),
+                "{hostile:?}: {refused}"
+            );
+            assert!(!refused.to_string().contains('\n'), "one line: {refused}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hostile_batch_id_writes_nothing() {
+        // A server that serves any file's content, so only the name check stops the write.
+        let app = axum::Router::new().route(
+            "/v1/files/{id}/content",
+            axum::routing::get(|| async { "{}\n" }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let api = Api::new(&format!("http://{address}/v1"), "sk-test");
+
+        let base = std::env::temp_dir().join(format!("sluice-wait-hostile-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let out = base.join("out");
+        let batch = serde_json::json!({
+            "id": "../escaped",
+            "status": "completed",
+            "output_file_id": "file-1",
+            "error_file_id": "file-2",
+        });
+        let refused = download_results(&api, &batch, &out).await;
+        let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
+        std::fs::remove_dir_all(&base).unwrap();
+        assert!(refused.is_err());
+        assert!(left.is_empty(), "written: {left:?}");
+
+        // The same server and a safe id: the files are written in `out`.
+        let base = std::env::temp_dir().join(format!("sluice-wait-safe-{}", std::process::id()));
+        let batch = serde_json::json!({"id": "batch_1", "output_file_id": "file-1"});
+        let written = download_results(&api, &batch, &base).await.unwrap();
+        let content = std::fs::read_to_string(base.join("batch_1_output.jsonl"));
+        std::fs::remove_dir_all(&base).unwrap();
+        assert_eq!(written, vec![base.join("batch_1_output.jsonl")]);
+        assert_eq!(content.unwrap(), "{}\n");
+    }
 }
