@@ -3,7 +3,7 @@
 //!
 //! Handlers are grouped by resource: [`files`], [`batches`], [`usage`], [`health`] and the
 //! [`console`] page. What several resources share sits beside them: [`bounds`] on client input,
-//! [`visibility`] across tenants and [`listing`] pagination.
+//! [`visibility`] across tenants, [`listing`] pagination and [`download`] headers.
 
 use std::sync::Arc;
 
@@ -27,6 +27,7 @@ use crate::state::AppState;
 pub(crate) mod batches;
 pub(crate) mod bounds;
 mod console;
+pub(crate) mod download;
 mod files;
 mod health;
 pub(crate) mod listing;

@@ -9,6 +9,7 @@ mod compaction;
 mod compat;
 mod console;
 mod demo;
+mod downloads;
 mod fleet_view;
 mod harness;
 mod hosted_api_flows;

@@ -10,6 +10,7 @@ use super::lookup::{load_file, storage_path};
 use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
+use crate::routes::download::attachment;
 use crate::state::AppState;
 
 /// `GET /v1/files/{file_id}/content`: the stored bytes, streamed.
@@ -37,12 +38,15 @@ pub(crate) async fn content(
                 .into());
         }
     };
-    Ok((
+    let mut response = (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
             (header::CONTENT_LENGTH, size.to_string()),
         ],
         Body::from_stream(chunks),
     )
-        .into_response())
+        .into_response();
+    let filename = meta.get("filename").unwrap_or_default();
+    attachment(response.headers_mut(), filename, &file_id);
+    Ok(response)
 }

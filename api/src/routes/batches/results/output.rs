@@ -23,6 +23,7 @@ use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
 use crate::routes::batches::lookup::load_batch;
+use crate::routes::download::attachment;
 use crate::state::AppState;
 
 /// Reshaped `/output` bytes gathered before one chunk is sent.
@@ -64,7 +65,13 @@ pub(crate) async fn output(
             paths.push_back(Path::from(file.path()));
         }
     }
-    Ok(reshaped_response(state.files.clone(), paths))
+    let mut response = reshaped_response(state.files.clone(), paths);
+    attachment(
+        response.headers_mut(),
+        &format!("{batch_id}_output.jsonl"),
+        &batch_id,
+    );
+    Ok(response)
 }
 
 /// A streamed `application/jsonl` response of the result files at `paths`, each line reshaped.

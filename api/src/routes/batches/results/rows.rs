@@ -24,6 +24,7 @@ use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::extract::{ApiPath, ApiQuery, int_param};
 use crate::routes::batches::lookup::load_batch;
+use crate::routes::download::no_sniff;
 use crate::state::AppState;
 
 /// Header naming the `after` of the next page.
@@ -164,6 +165,7 @@ fn respond(page: Page) -> Response {
     ));
     let mut resp = ([(header::CONTENT_TYPE, "application/jsonl")], body).into_response();
     let h = resp.headers_mut();
+    no_sniff(h);
     if let Some(next) = page.next_after {
         h.insert(NEXT_AFTER, HeaderValue::from(next));
     }
