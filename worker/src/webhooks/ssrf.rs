@@ -48,21 +48,39 @@ pub(crate) fn is_public(ip: IpAddr) -> bool {
                 return is_public_v4(v4);
             }
             let s = v6.segments();
-            // NAT64 (64:ff9b::/96) reaches the IPv4 address in its last 32 bits.
-            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                let [a, b] = s[6].to_be_bytes();
-                let [c, d] = s[7].to_be_bytes();
-                return is_public_v4(Ipv4Addr::new(a, b, c, d));
+            // IPv4-compatible (::/96, deprecated; also holds :: and ::1): never a public
+            // destination, whatever IPv4 address it embeds.
+            if s[..6] == [0, 0, 0, 0, 0, 0] {
+                return false;
+            }
+            // SIIT IPv4-translated (::ffff:0:0/96) and NAT64 (64:ff9b::/96) reach the IPv4
+            // address in their last 32 bits.
+            if s[..6] == [0, 0, 0, 0, 0xffff, 0] || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public_v4(embedded_v4(s[6], s[7]));
+            }
+            // 6to4 (2002::/16) reaches the IPv4 address in bits 16 to 48.
+            if s[0] == 0x2002 {
+                return is_public_v4(embedded_v4(s[1], s[2]));
             }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo: tunnels to any IPv4 address
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // NAT64 local use (64:ff9b:1::/48)
                 || v6 == Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 1))
         }
     }
+}
+
+/// The IPv4 address held in two 16-bit segments of an IPv6 address.
+fn embedded_v4(high: u16, low: u16) -> Ipv4Addr {
+    let [a, b] = high.to_be_bytes();
+    let [c, d] = low.to_be_bytes();
+    Ipv4Addr::new(a, b, c, d)
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
@@ -113,6 +131,51 @@ mod tests {
             "64:ff9b::808:808",
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_are_judged_by_their_embedded_ipv4_or_refused() {
+        let cases: &[(&str, bool)] = &[
+            // IPv4-compatible (::/96, deprecated): the whole range is refused.
+            ("::127.0.0.1", false),
+            ("::10.0.0.1", false),
+            ("::169.254.169.254", false),
+            ("::8.8.8.8", false),
+            // SIIT IPv4-translated (::ffff:0:0/96): the embedded IPv4 is judged.
+            ("::ffff:0:127.0.0.1", false),
+            ("::ffff:0:10.0.0.1", false),
+            ("::ffff:0:169.254.169.254", false),
+            ("::ffff:0:8.8.8.8", true),
+            // NAT64 well-known prefix: the embedded IPv4 is judged; local-use prefix refused.
+            ("64:ff9b::127.0.0.1", false),
+            ("64:ff9b::8.8.8.8", true),
+            ("64:ff9b:1::808:808", false),
+            ("64:ff9b:1:ffff::1", false),
+            // 6to4 (2002::/16): the IPv4 in bits 16-48 is judged.
+            ("2002:7f00:1::1", false),
+            ("2002:a00:1::", false),
+            ("2002:a9fe:a9fe::1", false),
+            ("2002:c0a8:101::1", false),
+            ("2002:808:808::1", true),
+            // Teredo (2001::/32): refused.
+            ("2001::1", false),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", false),
+            // Site-local (fec0::/10, deprecated): refused.
+            ("fec0::1", false),
+            ("feff:ffff::1", false),
+            // Neighbours of the refused ranges stay public.
+            ("2001:4860:4860::8888", true),
+            ("2003::1", true),
+            ("64:ff9b:2::1", true),
+        ];
+        for &(ip, public) in cases {
+            assert_eq!(
+                is_public(ip.parse().unwrap()),
+                public,
+                "{ip} must be {}",
+                if public { "allowed" } else { "refused" }
+            );
         }
     }
 

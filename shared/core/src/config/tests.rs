@@ -291,3 +291,49 @@ fn the_task_backing_model_cannot_be_a_task_model() {
         .is_ok()
     );
 }
+
+#[test]
+fn a_tenant_id_listed_twice_is_refused_naming_both_positions() {
+    let mut s = Settings::default();
+    for (id, key) in [("acme", "sk-a"), ("beta", "sk-b"), ("acme", "sk-c")] {
+        s.tenants.push(TenantSettings {
+            id: id.into(),
+            api_key_sha256: vec![hash_api_key(key)],
+            ..Default::default()
+        });
+    }
+    let err = s.validate().unwrap_err().to_string();
+    assert!(err.contains("tenants[2].id"), "{err}");
+    assert!(err.contains("tenants[0]"), "{err}");
+    assert!(!err.contains("tenants[1].id"), "{err}");
+    s.tenants[2].id = "gamma".into();
+    s.validate().unwrap();
+}
+
+#[test]
+fn one_key_digest_under_two_tenants_or_twice_is_refused_naming_both_positions() {
+    let tenant = |id: &str, keys: &[&str]| TenantSettings {
+        id: id.into(),
+        api_key_sha256: keys.iter().map(|k| hash_api_key(k)).collect(),
+        ..Default::default()
+    };
+    // Under two tenants, in either case of hex digits.
+    let mut s = Settings::default();
+    s.tenants.push(tenant("acme", &["sk-a", "sk-shared"]));
+    s.tenants.push(tenant("beta", &["sk-b"]));
+    s.tenants[1]
+        .api_key_sha256
+        .push(hash_api_key("sk-shared").to_ascii_uppercase());
+    let err = s.validate().unwrap_err().to_string();
+    assert!(err.contains("tenants[1].api_key_sha256[1]"), "{err}");
+    assert!(err.contains("tenants[0].api_key_sha256[1]"), "{err}");
+    // Twice under one tenant.
+    let mut s = Settings::default();
+    s.tenants.push(tenant("acme", &["sk-a", "sk-b", "sk-a"]));
+    let err = s.validate().unwrap_err().to_string();
+    assert!(err.contains("tenants[0].api_key_sha256[2]"), "{err}");
+    assert!(err.contains("tenants[0].api_key_sha256[0]"), "{err}");
+    // Distinct keys pass.
+    s.tenants[0].api_key_sha256.pop();
+    s.validate().unwrap();
+}

@@ -2,6 +2,7 @@
 //! every number an operator sets. One step per section; each step reports every problem it finds,
 //! naming its key, so `sluice config check` can list them all.
 
+use std::collections::HashMap;
 use std::ops::RangeInclusive;
 
 use super::tenancy::{EMPTY_KEY_SHA256, check_provider, check_tasks};
@@ -294,6 +295,44 @@ fn check_tenants(s: &Settings, found: &mut Problems) {
         }
         if let Some(budget) = &tenant.budget {
             super::budget::check_budget(&tenant.id, budget, found);
+        }
+    }
+    check_tenants_unique(s, found);
+}
+
+/// A tenant id names one tenant and a key belongs to one tenant: a second `[[tenants]]` with the
+/// same id, or a digest listed twice, would make which tenant a key opens depend on the order of
+/// the file. Both positions are named by index, since the id itself is what repeats.
+fn check_tenants_unique(s: &Settings, found: &mut Problems) {
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut digests: HashMap<String, (usize, usize)> = HashMap::new();
+    for (t, tenant) in s.tenants.iter().enumerate() {
+        if let Some(&first) = ids.get(tenant.id.as_str()) {
+            found.push(
+                format!("tenants[{t}].id"),
+                format!(
+                    "is {:?}, the id of tenants[{first}] too: tenant ids must be unique",
+                    tenant.id
+                ),
+            );
+        } else {
+            ids.insert(&tenant.id, t);
+        }
+        for (k, digest) in tenant.api_key_sha256.iter().enumerate() {
+            // Hex digits in either case decode to the same key.
+            let digest = digest.to_ascii_lowercase();
+            if let Some(&(ft, fk)) = digests.get(&digest) {
+                found.push(
+                    format!("tenants[{t}].api_key_sha256[{k}]"),
+                    format!(
+                        "is the same key digest as tenants[{ft}].api_key_sha256[{fk}] \
+                         (tenant {:?}): a key must be listed once, under one tenant",
+                        s.tenants[ft].id
+                    ),
+                );
+            } else {
+                digests.insert(digest, (t, k));
+            }
         }
     }
 }

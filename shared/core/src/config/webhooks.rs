@@ -14,7 +14,7 @@ pub struct WebhookEndpoint {
     /// `http://` or `https://` URL called with `POST`; the only address Sluice ever calls for
     /// this tenant's events.
     pub url: String,
-    /// Standard Webhooks signing secret: `whsec_` then the base64 of the key.
+    /// Standard Webhooks signing secret: `whsec_` then the base64 of a key of at least 16 bytes.
     pub secret: Secret,
 }
 
@@ -64,6 +64,10 @@ impl Settings {
     }
 }
 
+/// Shortest signing key an endpoint may have, decoded from its `whsec_` base64 form: a shorter
+/// HMAC key could be guessed from signed events.
+const MIN_SECRET_BYTES: usize = 16;
+
 /// Configuration check of `[webhooks]` and every tenant's endpoints.
 pub(super) fn check_webhooks(settings: &Settings, found: &mut Problems) {
     let w = &settings.webhooks;
@@ -107,12 +111,21 @@ pub(super) fn check_webhooks(settings: &Settings, found: &mut Problems) {
             if !scheme_ok {
                 found.push(format!("{at}.url"), "must be an http:// or https:// URL");
             }
-            if crate::webhooks::signing_key(&endpoint.secret.0).is_none() {
-                // The secret itself is never echoed.
-                found.push(
+            // The secret itself is never echoed.
+            match crate::webhooks::signing_key(&endpoint.secret.0) {
+                None => found.push(
                     format!("{at}.secret"),
                     "must be \"whsec_\" followed by the base64 of a key",
-                );
+                ),
+                Some(key) if key.len() < MIN_SECRET_BYTES => found.push(
+                    format!("{at}.secret"),
+                    format!(
+                        "holds a key of {} bytes; it must be at least {MIN_SECRET_BYTES} bytes \
+                         (before base64)",
+                        key.len()
+                    ),
+                ),
+                Some(_) => {}
             }
         }
     }
@@ -156,6 +169,37 @@ mod tests {
         assert!(!err.contains("plain-secret-value"), "{err}");
         let printed = format!("{:?}", with_endpoint("https://hooks.example/x", good));
         assert!(!printed.contains("MfKQ9r8G"), "Debug shows the secret");
+    }
+
+    #[test]
+    fn a_signing_key_shorter_than_16_bytes_is_refused_by_key_path() {
+        use base64::Engine;
+        let whsec = |len: usize| {
+            format!(
+                "whsec_{}",
+                base64::engine::general_purpose::STANDARD.encode(vec![0x5a; len])
+            )
+        };
+        for len in [1, 8, 15] {
+            let err = with_endpoint("https://hooks.example/x", &whsec(len))
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("tenants[t].webhooks[0].secret"),
+                "{len}: {err}"
+            );
+            assert!(err.contains("16 bytes"), "{len}: {err}");
+            assert!(
+                !err.contains(&whsec(len)[6..]),
+                "{len}: echoes the secret: {err}"
+            );
+        }
+        for len in [16, 24, 32, 64] {
+            with_endpoint("https://hooks.example/x", &whsec(len))
+                .validate()
+                .unwrap();
+        }
     }
 
     #[test]
