@@ -139,7 +139,63 @@ pub(crate) fn with_limits(app: Router, state: &AppState) -> Router {
         request_timeout: Duration::from_millis(api.request_timeout_ms),
         body_idle: Duration::from_millis(api.body_idle_timeout_ms),
     };
-    app.layer(middleware::from_fn_with_state(limits, limit_request))
+    let app = app.layer(middleware::from_fn_with_state(limits, limit_request));
+    with_allowed_hosts(app, &api.allowed_hosts)
+}
+
+/// Adds the `api.allowed_hosts` check (outermost) when the list is not empty.
+fn with_allowed_hosts(app: Router, allowed: &[String]) -> Router {
+    if allowed.is_empty() {
+        return app;
+    }
+    let hosts: Arc<[String]> = allowed.iter().map(|h| host_name(h)).collect();
+    app.layer(middleware::from_fn_with_state(hosts, refuse_foreign_host))
+}
+
+/// With `api.allowed_hosts` set, a request naming another host (a DNS-rebound name, say) is
+/// refused before anything else looks at it.
+async fn refuse_foreign_host(
+    State(hosts): State<Arc<[String]>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    if host.is_some_and(|h| host_allowed(&hosts, h)) {
+        return next.run(request).await;
+    }
+    ApiError::Coded {
+        status: StatusCode::FORBIDDEN,
+        message: "This server does not answer requests for this host (api.allowed_hosts); \
+                  use one of its allowed names, such as http://127.0.0.1."
+            .into(),
+        param: None,
+        code: "host_not_allowed",
+        errors: None,
+    }
+    .into_response()
+}
+
+/// Whether `host` (a `Host` header, port optional) is one of `allowed` (names from
+/// [`host_name`]).
+fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let name = host_name(host);
+    allowed.contains(&name)
+}
+
+/// The host name of a `Host` value, lower-cased, without port or IPv6 brackets.
+fn host_name(host: &str) -> String {
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        // A bare IPv6 address has several colons and no port.
+        None if host.matches(':').count() > 1 => host,
+        None => host.split(':').next().unwrap_or(host),
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 #[derive(Clone)]
@@ -324,6 +380,69 @@ impl Drop for UploadSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    async fn status_and_code(app: &Router, host: &str) -> (StatusCode, Value) {
+        use tower::ServiceExt;
+        let request = Request::get("/ping")
+            .header(header::HOST, host)
+            .body(Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn allowed_hosts_refuse_any_other_host_in_the_envelope() {
+        let loopback = ["localhost", "127.0.0.1", "[::1]"].map(String::from);
+        let app = with_allowed_hosts(
+            Router::new().route("/ping", axum::routing::get(|| async { "pong" })),
+            &loopback,
+        );
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.1",
+        ] {
+            let (status, body) = status_and_code(&app, host).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{host}");
+            let error = &body["error"];
+            assert_eq!(error["code"], "host_not_allowed", "{host}: {body}");
+            assert_eq!(error["type"], "invalid_request_error", "{body}");
+            assert!(
+                error["message"].is_string() && error.get("param").is_some(),
+                "{body}"
+            );
+        }
+        for host in [
+            "127.0.0.1:8080",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:8080",
+            "127.0.0.1",
+        ] {
+            assert_eq!(
+                status_and_code(&app, host).await.0,
+                StatusCode::OK,
+                "{host}"
+            );
+        }
+        // Empty: any host.
+        let open = with_allowed_hosts(
+            Router::new().route("/ping", axum::routing::get(|| async { "pong" })),
+            &[],
+        );
+        assert_eq!(
+            status_and_code(&open, "evil.example").await.0,
+            StatusCode::OK
+        );
+    }
 
     #[test]
     fn upload_slots_are_per_tenant_and_given_back_on_drop() {

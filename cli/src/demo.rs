@@ -183,10 +183,14 @@ pub async fn add_demo(
             ..Default::default()
         });
     }
+    // A web page could reach the fixed key on loopback by DNS rebinding; its `Host` gives it away.
+    if demo_key && !Settings::sets(config, "api.allowed_hosts") {
+        settings.api.allowed_hosts = LOOPBACK_HOSTS.map(String::from).to_vec();
+    }
     let listen = settings.api.listen;
     let exposed = !listen.ip().is_loopback();
     if demo_key && exposed {
-        tracing::warn!(%listen, "Demo mode: the fixed key sk-demo is active on a non-loopback address; anyone who can reach it can submit batches.");
+        tracing::warn!(%listen, "Demo mode: the fixed key sk-demo is active on a non-loopback address; anyone who can reach it can submit batches. It answers only loopback host names unless api.allowed_hosts lists others.");
     } else {
         tracing::info!(%listen, demo_key, "Demo mode: mock upstream serving every model.");
     }
@@ -200,6 +204,9 @@ pub async fn add_demo(
     );
     Ok(())
 }
+
+/// The host names the demo answers while its fixed key is active.
+const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
 
 /// Where the demo's API listens: the configured address if it was set explicitly, else the
 /// default port on 127.0.0.1.

@@ -78,6 +78,32 @@ async fn the_demo_runs_a_batch_on_private_services_and_stops_them_on_exit() {
         .unwrap_or_else(|| panic!("no private RabbitMQ line: {log_text}"));
     assert!(redis_port != 6379 && rabbit_port != 5672, "{log_text}");
 
+    // While the fixed key is active, a DNS-rebound name is refused; the loopback names work.
+    let rebound = http
+        .get(format!("{base}/v1/batches"))
+        .bearer_auth("sk-demo")
+        .header("host", "evil.example")
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(rebound.status(), 403);
+    let body: Value = rebound.json().await.expect("error JSON");
+    assert_eq!(body["error"]["code"], "host_not_allowed", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    for host in [
+        format!("127.0.0.1:{api_port}"),
+        format!("localhost:{api_port}"),
+    ] {
+        let listed = http
+            .get(format!("{base}/v1/batches"))
+            .bearer_auth("sk-demo")
+            .header("host", &host)
+            .send()
+            .await
+            .expect("list");
+        assert_eq!(listed.status(), 200, "{host}");
+    }
+
     let lines: Vec<Value> = (0..20)
         .map(|i| chat_line(&format!("demo-{i}"), "hello"))
         .collect();

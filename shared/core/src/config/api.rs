@@ -38,6 +38,11 @@ pub struct ApiSettings {
     /// A `/results` page ends early once it holds this many bytes (the next cursor says where to
     /// go on), so a page of large rows stays bounded in memory.
     pub results_page_bytes: u64,
+    /// Host names (`Host` header, port ignored, e.g. `"localhost"`, `"127.0.0.1"`, `"[::1]"`)
+    /// the API answers; any other gets 403 `host_not_allowed`. Empty (the default) answers any
+    /// host. `sluice all --demo` sets the loopback names while its fixed key is active, so a web
+    /// page cannot reach the demo by DNS rebinding.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[limits]`: what one request, upload or batch may hold, and the admission rules of a create.
@@ -113,6 +118,7 @@ impl Default for ApiSettings {
             results_default_limit: 100,
             results_max_limit: 1_000,
             results_page_bytes: 16 * 1024 * 1024,
+            allowed_hosts: Vec::new(),
         }
     }
 }
