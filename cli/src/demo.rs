@@ -169,6 +169,7 @@ pub async fn add_demo(
         batch: true,
         flavors: vec!["batch".into()],
         pacing: Default::default(),
+        refused_body_fields: Vec::new(),
     });
     // Task models (extract, summarize, classify) run on the demo upstream too.
     settings

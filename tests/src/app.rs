@@ -118,6 +118,7 @@ pub fn test_settings(upstream_base: &str) -> Settings {
         batch: true,
         flavors: Vec::new(),
         pacing: Default::default(),
+        refused_body_fields: Vec::new(),
     }];
     s.tenants = vec![
         TenantSettings {

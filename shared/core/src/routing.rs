@@ -274,6 +274,7 @@ mod tests {
             batch: true,
             flavors: Vec::new(),
             pacing: Default::default(),
+            refused_body_fields: Vec::new(),
         }
     }
 

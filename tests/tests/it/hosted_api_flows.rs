@@ -55,6 +55,7 @@ pub(crate) fn provider(name: &str, base_url: &str, models: &[&str]) -> ProviderS
         batch: true,
         flavors: Vec::new(),
         pacing: Default::default(),
+        refused_body_fields: Vec::new(),
     }
 }
 

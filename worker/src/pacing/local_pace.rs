@@ -61,6 +61,7 @@ mod tests {
                 rpm,
                 ..Default::default()
             },
+            refused_body_fields: Vec::new(),
         }
     }
 

@@ -76,6 +76,11 @@ pub struct ProviderSettings {
     /// Fleet-wide pacing of calls to this provider (every worker replica together).
     #[serde(default)]
     pub pacing: PacingSettings,
+    /// Top-level request body fields a line routed here may not carry (e.g. `["api_base",
+    /// "api_key"]` for a gateway that would honour them): such a line is refused at validation
+    /// with `refused_body_field`. Empty (the default) forwards bodies as they are.
+    #[serde(default)]
+    pub refused_body_fields: Vec<String>,
 }
 
 /// Fleet-wide limits of one provider, enforced in Redis across every worker. Unset = unlimited.

@@ -171,6 +171,7 @@ fn values_that_would_panic_or_overflow_are_refused_with_their_key() {
                     burst_ms: Some(u64::MAX),
                     ..PacingSettings::default()
                 },
+                refused_body_fields: Vec::new(),
             })
         }),
     ];

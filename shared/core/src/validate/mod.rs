@@ -15,8 +15,9 @@ use crate::Settings;
 use crate::config::Limits;
 use crate::domain::BatchError;
 use crate::domain::task_model;
-use crate::routing::{RouteError, resolve_target};
+use crate::routing::{RouteError, Target, resolve_target};
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -48,10 +49,19 @@ pub struct ModelProblem {
     pub message: String,
 }
 
-/// The model check of a batch on `endpoint` under `settings`' routing (task models included).
-pub fn check_model(settings: &Settings, model: &str, endpoint: &str) -> Result<(), ModelProblem> {
+/// The model check of a batch on `endpoint` under `settings`' routing (task models included):
+/// the body fields the model's provider refuses (`providers[].refused_body_fields`), or why the
+/// model cannot run.
+pub fn check_model<'s>(
+    settings: &'s Settings,
+    model: &str,
+    endpoint: &str,
+) -> Result<&'s [String], ModelProblem> {
     match resolve_target(&settings.providers, &settings.tasks, model, endpoint) {
-        Ok(_) => Ok(()),
+        Ok(Target::Model(route) | Target::Task { backing: route, .. }) => Ok(settings
+            .providers
+            .get(route.provider)
+            .map_or(&[], |p| p.refused_body_fields.as_slice())),
         Err(RouteError::ModelNotFound { .. }) => Err(ModelProblem {
             code: "model_not_found",
             message: format!("The provided model '{model}' is not supported by the Batch API."),
@@ -63,8 +73,9 @@ pub fn check_model(settings: &Settings, model: &str, endpoint: &str) -> Result<(
     }
 }
 
-/// A model check: `Ok` when some provider runs the model for the batch.
-pub type ModelCheck<'a> = dyn Fn(&str) -> Result<(), ModelProblem> + Sync + 'a;
+/// A model check: `Ok` with the body fields its provider refuses when some provider runs the
+/// model for the batch.
+pub type ModelCheck<'a> = dyn Fn(&str) -> Result<&'a [String], ModelProblem> + Sync + 'a;
 
 /// Longest model name a line may carry: it is stored on the batch and echoed in messages.
 const MAX_MODEL_CHARS: usize = 256;
@@ -214,8 +225,9 @@ impl<'a> Validator<'a> {
         let body = body_probe(envelope.body, n)?;
         self.check_not_streaming(&body, n)?;
         // The model first: for a model that cannot run, its other fields do not matter.
-        let model = self.model_of(&body, n)?;
+        let (model, refused) = self.model_of(&body, n)?;
         check_no_document(&body, n)?;
+        check_refused_fields(envelope.body, refused, n)?;
         self.check_required_fields(&model, envelope.body, &body, n)?;
         self.note_model(model, line.number)?;
         self.note_custom_id(custom_id, line.number)
@@ -274,8 +286,13 @@ impl<'a> Validator<'a> {
         Ok(())
     }
 
-    /// `body.model`: a non-empty string, not too long, that some provider serves.
-    fn model_of(&self, body: &BodyProbe<'_>, n: Option<u64>) -> Result<String, BatchError> {
+    /// `body.model`: a non-empty string, not too long, that some provider serves; with the body
+    /// fields that provider refuses.
+    fn model_of(
+        &self,
+        body: &BodyProbe<'_>,
+        n: Option<u64>,
+    ) -> Result<(String, &'a [String]), BatchError> {
         let model = match &body.model {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             _ => {
@@ -297,10 +314,10 @@ impl<'a> Validator<'a> {
                 n,
             ));
         }
-        if let Err(problem) = (self.serves)(&model) {
-            return Err(err(problem.code, problem.message, Some("body.model"), n));
+        match (self.serves)(&model) {
+            Ok(refused) => Ok((model, refused)),
+            Err(problem) => Err(err(problem.code, problem.message, Some("body.model"), n)),
         }
-        Ok(model)
     }
 
     /// The fields the request cannot do without: a task model's own fields, else the endpoint's
@@ -515,6 +532,37 @@ fn body_probe(body: &RawValue, n: Option<u64>) -> Result<BodyProbe<'_>, BatchErr
 }
 
 /// `body.document` / `body.document_mime_type`: absent (batches take pre-extracted text).
+/// No top-level body field the model's provider refuses (`providers[].refused_body_fields`).
+fn check_refused_fields(
+    body: &RawValue,
+    refused: &[String],
+    n: Option<u64>,
+) -> Result<(), BatchError> {
+    if refused.is_empty() {
+        return Ok(());
+    }
+    // Not an object: no top-level field to refuse (the other checks judge the body itself).
+    let Ok(fields) = serde_json::from_str::<HashMap<String, IgnoredAny>>(body.get()) else {
+        return Ok(());
+    };
+    match refused.iter().find(|f| fields.contains_key(f.as_str())) {
+        Some(field) => {
+            let param = format!("body.{field}");
+            Err(err(
+                "refused_body_field",
+                format!(
+                    "The request body sets '{}', which this server does not accept for this \
+                     model's provider; remove it.",
+                    clip(field, MAX_PARAM_BYTES)
+                ),
+                Some(&param),
+                n,
+            ))
+        }
+        None => Ok(()),
+    }
+}
+
 fn check_no_document(body: &BodyProbe<'_>, n: Option<u64>) -> Result<(), BatchError> {
     if body.document.is_some() || body.document_mime_type.is_some() {
         let param = if body.document.is_some() {

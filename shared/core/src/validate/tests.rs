@@ -34,7 +34,7 @@ fn run_with(lines: &[&str], limits: &Limits) -> (Vec<BatchError>, u64, Option<St
                 message: "no".into(),
             })
         } else {
-            Ok(())
+            Ok(&[][..])
         }
     };
     let mut v = Validator::new("/v1/chat/completions", limits, &serves);
@@ -158,7 +158,7 @@ fn a_batch_allowed_several_models_takes_them_and_has_no_single_model() {
     let codes: Vec<_> = errors.iter().map(|e| (e.code.as_str(), e.line)).collect();
     assert_eq!(codes, [("model_not_found", Some(3))]);
     // The builder overrides the default either way.
-    let serves = |_: &str| Ok(());
+    let serves = |_: &str| Ok(&[][..]);
     let mut v = Validator::new("/v1/chat/completions", &mixing, &serves).one_model_per_batch(true);
     v.check(&line(1, OK));
     v.check(&line(2, &other));
@@ -255,4 +255,54 @@ fn clipping_keeps_characters_whole() {
 fn an_empty_file_fails() {
     let (errors, _, _) = run(&[]);
     assert_eq!(errors[0].code, "empty_file");
+}
+
+#[test]
+fn a_body_field_its_provider_refuses_fails_the_line_naming_field_and_line() {
+    use crate::config::ProviderSettings;
+    let provider = |name: &str, models: &[&str], refused: &[&str]| ProviderSettings {
+        name: name.into(),
+        base_url: format!("http://{name}/v1"),
+        api_key_env: None,
+        models: models.iter().map(|m| (*m).into()).collect(),
+        endpoints: Vec::new(),
+        batch: true,
+        flavors: Vec::new(),
+        pacing: Default::default(),
+        refused_body_fields: refused.iter().map(|f| (*f).into()).collect(),
+    };
+    let settings = Settings {
+        providers: vec![
+            provider("gateway", &["gw-model"], &["api_base", "api_key"]),
+            provider("open", &["*"], &[]),
+        ],
+        ..Settings::default()
+    };
+    let serves = |m: &str| check_model(&settings, m, "/v1/chat/completions");
+    let limits = limits(10, 100);
+    let mut v = Validator::new("/v1/chat/completions", &limits, &serves).one_model_per_batch(false);
+    let gw = OK.replace("\"m\"", "\"gw-model\"");
+    let lines = [
+        gw.clone(),
+        gw.replace("\"a\"", "\"b\"")
+            .replace("\"messages\"", "\"api_key\":\"sk-x\",\"messages\""),
+        // Another provider's line may carry it; a nested field is not top-level.
+        OK.replace("\"a\"", "\"c\"")
+            .replace("\"messages\"", "\"api_base\":\"http://x\",\"messages\""),
+        gw.replace("\"a\"", "\"d\"").replace(
+            "\"messages\":[]",
+            "\"messages\":[],\"metadata\":{\"api_base\":1}",
+        ),
+    ];
+    for (i, l) in lines.iter().enumerate() {
+        v.check(&line(i as u64 + 1, l));
+    }
+    let errors = v.finish().errors;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let e = &errors[0];
+    assert_eq!(
+        (e.code.as_str(), e.param.as_deref(), e.line),
+        ("refused_body_field", Some("body.api_key"), Some(2))
+    );
+    assert!(e.message.contains("'api_key'"), "{}", e.message);
 }

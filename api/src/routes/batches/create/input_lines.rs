@@ -240,6 +240,7 @@ const LINE_CODES: &[&str] = &[
     "invalid_request",
     "invalid_url",
     "streaming_unsupported",
+    "refused_body_field",
     "model_not_found",
     "model_mismatch",
     "duplicate_custom_id",
