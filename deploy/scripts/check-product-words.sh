@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fails when a product file speaks of the project's history or of documents outside the repository
-# ("session 12", "issue 16", "stop 20", "seed 002", "contract §1.1"), instead of the product itself.
+# (a numbered work session, stop, tracker issue or seed document, or a section sign citing an outside
+# contract) instead of the product itself.
 # History belongs in git; a measured figure cites the commit it was measured on.
 #
 #   deploy/scripts/check-product-words.sh            # every tracked file
@@ -14,8 +15,7 @@ if [[ $# -gt 0 ]]; then
   files=("$@")
 else
   # Lock files and the fuzz corpus are generated.
-  mapfile -t files < <(git ls-files -- . ':!fuzz/corpus/' ':!*.lock' ':!*package-lock.json' \
-    ':!deploy/scripts/check-product-words.sh' | while read -r f; do [[ -f $f ]] && echo "$f"; done)
+  mapfile -t files < <(git ls-files -- . ':!fuzz/corpus/' ':!*.lock' ':!*package-lock.json' | while read -r f; do [[ -f $f ]] && echo "$f"; done)
 fi
 
 if grep -nIiP -- "$pattern" "${files[@]}"; then

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Opens a channel on `conn` consuming `queue_name` with `prefetch` unacked deliveries at most.
 /// Each step waits at most `dependencies.connect_timeout_ms`: a broker that stops answering fails
-/// the session (and its supervisor retries) instead of wedging it.
+/// the connection (and its supervisor reconnects) instead of wedging it.
 pub async fn consume(
     conn: &Connection,
     settings: &Settings,
@@ -93,16 +93,17 @@ where
     Ok(())
 }
 
-/// Runs `session` again after every failure (broker restart, dropped connection) with capped
-/// backoff, until `shutdown` is cancelled and a session ends cleanly.
-pub async fn supervise<F, Fut>(name: &str, shutdown: CancellationToken, mut session: F)
+/// Runs `connection` (connect, consume until the connection ends) again after every failure
+/// (broker restart, dropped connection) with capped backoff, until `shutdown` is cancelled and a
+/// run ends cleanly.
+pub async fn supervise<F, Fut>(name: &str, shutdown: CancellationToken, mut connection: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match session().await {
+        match connection().await {
             Ok(()) if shutdown.is_cancelled() => return,
             Ok(()) => tracing::warn!(role = name, "Consumer ended; reconnecting."),
             Err(e) => tracing::warn!(role = name, error = %e, "Consumer failed; reconnecting."),
