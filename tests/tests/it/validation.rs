@@ -318,3 +318,43 @@ async fn empty_oversized_and_missing_inputs_fail_their_batch() {
     let expected: Vec<String> = req_ids(5);
     assert_exactly_once(&output, &errors, &expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_field_the_provider_refuses_fails_its_line_and_nothing_runs() {
+    let app = spawn_app_with(AppOptions::default(), |s| {
+        for provider in &mut s.providers {
+            provider.refused_body_fields = vec!["api_base".into(), "api_key".into()];
+        }
+    })
+    .await;
+    let mut refused = chat_body(MODEL);
+    refused["api_key"] = json!("sk-elsewhere");
+    // A nested field of that name is the request's own business.
+    let mut nested = chat_body(MODEL);
+    nested["metadata"] = json!({"api_key": "x"});
+    let content = [
+        line(
+            Some("ok"),
+            Some("POST"),
+            Some(CHAT),
+            Some(chat_body(MODEL)),
+        ),
+        line(Some("refused"), Some("POST"), Some(CHAT), Some(refused)),
+        line(Some("nested"), Some("POST"), Some(CHAT), Some(nested)),
+    ]
+    .join("\n");
+    let batch = run_file(&app, content.into_bytes()).await;
+    let errors = failed_errors(&batch);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0]["code"], "refused_body_field", "{errors:#?}");
+    assert_eq!(errors[0]["param"], "body.api_key", "{errors:#?}");
+    assert_eq!(errors[0]["line"], 2, "{errors:#?}");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("api_key"),
+        "{errors:#?}"
+    );
+    assert_eq!(app.mock.stats().calls, 0, "no line reached the upstream");
+}
