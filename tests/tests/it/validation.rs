@@ -333,12 +333,7 @@ async fn a_body_field_the_provider_refuses_fails_its_line_and_nothing_runs() {
     let mut nested = chat_body(MODEL);
     nested["metadata"] = json!({"api_key": "x"});
     let content = [
-        line(
-            Some("ok"),
-            Some("POST"),
-            Some(CHAT),
-            Some(chat_body(MODEL)),
-        ),
+        line(Some("ok"), Some("POST"), Some(CHAT), Some(chat_body(MODEL))),
         line(Some("refused"), Some("POST"), Some(CHAT), Some(refused)),
         line(Some("nested"), Some("POST"), Some(CHAT), Some(nested)),
     ]
